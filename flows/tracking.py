@@ -1,0 +1,96 @@
+"""MLflow logging, in one place: one parent run per flow run, one child per benchmark row.
+
+Default store: `sqlite:///mlflow.db` in the project (no server). `tracking.tracking_uri` in
+params or `MLFLOW_TRACKING_URI` point it at a server instead. The client API with explicit
+`mlflow.parentRunId` tags is used rather than the fluent `start_run`, whose nesting is
+thread-local and silently makes children top-level runs in other threads.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from tasks.config import EdgeoptConfig
+from tasks.fingerprint import tool_versions
+
+TRACKED_TOOLS = ("edgeopt", "torch", "transformers", "onnx", "onnxruntime", "prefect", "dvc", "mlflow", "pandera")
+ROW_METRICS = (
+    "size_mb",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "latency_mean_ms",
+    "latency_std_ms",
+    "cold_start_ms",
+    "stsb_spearman",
+    "cosine_to_fp32_mean",
+    "cosine_to_fp32_min",
+)
+ROW_PARAMS = ("model", "variant", "device", "seq_len", "threads", "precision", "artifact", "artifact_sha256",
+              "dvc_stage", "timed_runs", "stsb_pairs", "engine_version")
+
+
+def tracking_uri(cfg: EdgeoptConfig, root: Path) -> str:
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _flatten(prefix: str, value, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = str(value)
+
+
+def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[dict], stage_states: dict[str, str]) -> str:
+    """Log the run; returns the parent run id."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg, root))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(
+            cfg.tracking.experiment,
+            artifact_location=None if "://" in tracking_uri(cfg, root) and not tracking_uri(cfg, root).startswith("sqlite")
+            else (root / "mlartifacts").resolve().as_uri(),
+        )
+    )
+    versions = {f"version.{k}": v for k, v in tool_versions(TRACKED_TOOLS).items()}
+    machine = {"machine.cpu": platform.processor() or platform.machine(), "machine.cores": str(os.cpu_count())}
+    now = int(time.time() * 1000)
+
+    params: dict[str, str] = {}
+    _flatten("", cfg.model_dump(mode="json"), params)
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={**versions, **machine, **{f"stage.{k}": v for k, v in stage_states.items()}},
+    )
+    pid = parent.info.run_id
+    client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
+    for name in ("benchmark.csv", "summary.json"):
+        if (report_dir / name).is_file():
+            client.log_artifact(pid, str(report_dir / name))
+    if (root / "params.yaml").is_file():
+        client.log_artifact(pid, str(root / "params.yaml"))
+
+    for row in rows:
+        child = client.create_run(
+            experiment_id,
+            run_name=row["dvc_stage"],
+            tags={"mlflow.parentRunId": pid, **versions, **machine},
+        )
+        client.log_batch(
+            child.info.run_id,
+            metrics=[Metric(m, float(row[m]), now, 0) for m in ROW_METRICS],
+            params=[Param(p, str(row[p])) for p in ROW_PARAMS],
+        )
+        client.set_terminated(child.info.run_id)
+    client.set_terminated(pid)
+    return pid

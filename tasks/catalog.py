@@ -1,0 +1,61 @@
+"""Every artifact path, named once (relative to the project root).
+
+`dvc.yaml` declares the same paths; `tests/test_dvc_yaml.py` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+METRICS = Path("metrics")
+
+
+def fetch_model_dir() -> Path:
+    return ARTIFACTS / "fetch_model"
+
+
+def model_folder(fetch_dir: Path) -> Path:
+    """The Hugging Face folder (config, tokenizer, safetensors) inside a fetch_model output."""
+    return fetch_dir / "model"
+
+
+def export_onnx_dir(seq_len: int) -> Path:
+    return ARTIFACTS / "export_onnx" / f"seq{seq_len}"
+
+
+def onnx_model(export_dir: Path) -> Path:
+    return export_dir / "model.onnx"
+
+
+def variant_model(variant: str, seq_len: int) -> Path:
+    """The model file a variant benchmarks (later stages add quantized variants here)."""
+    if variant == "fp32":
+        return onnx_model(export_onnx_dir(seq_len))
+    raise KeyError(variant)
+
+
+def benchmark_dir(variant: str, device: str, seq_len: int) -> Path:
+    return ARTIFACTS / "benchmark" / f"{variant}-{device}-{seq_len}"
+
+
+def benchmark_root() -> Path:
+    return ARTIFACTS / "benchmark"
+
+
+def report_dir() -> Path:
+    """The report stage owns `metrics/`: benchmark.csv, summary.json and its stage.json."""
+    return METRICS
+
+
+def benchmark_csv() -> Path:
+    return report_dir() / "benchmark.csv"
+
+
+def benchmark_summary() -> Path:
+    return report_dir() / "summary.json"
+
+
+def dvc_stage_name(stage: str, **matrix: object) -> str:
+    """DVC's name for one matrix/foreach instance, e.g. `benchmark@fp32-ort_cpu-128`."""
+    return f"{stage}@{'-'.join(str(v) for v in matrix.values())}" if matrix else stage

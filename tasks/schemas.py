@@ -1,0 +1,51 @@
+"""pandera schemas for every table that crosses a stage boundary."""
+
+from __future__ import annotations
+
+import pandera.pandas as pa
+
+STSB_PAIRS = pa.DataFrameSchema(
+    {
+        "score": pa.Column(float, pa.Check.in_range(0.0, 5.0)),
+        "sentence1": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "sentence2": pa.Column(str, pa.Check.str_length(min_value=1)),
+    },
+    strict=True,
+    coerce=True,
+    name="stsb_pairs",
+)
+
+BENCHMARK_ROWS = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "variant": pa.Column(str),
+        "device": pa.Column(str),
+        "seq_len": pa.Column(int, pa.Check.gt(0)),
+        "artifact": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "artifact_sha256": pa.Column(str, pa.Check.str_length(64, 64)),
+        "size_mb": pa.Column(float, pa.Check.gt(0)),
+        "latency_p50_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_p90_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_p99_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_mean_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_std_ms": pa.Column(float, pa.Check.ge(0)),
+        "timed_runs": pa.Column(int, pa.Check.ge(50)),
+        "cold_start_ms": pa.Column(float, pa.Check.gt(0)),
+        "threads": pa.Column(int, pa.Check.ge(1)),
+        "precision": pa.Column(str),
+        "stsb_pairs": pa.Column(int, pa.Check.gt(0)),
+        "stsb_spearman": pa.Column(float, pa.Check.in_range(-100.0, 100.0)),
+        "cosine_to_fp32_mean": pa.Column(float, pa.Check.in_range(-1.0001, 1.0001)),
+        "cosine_to_fp32_min": pa.Column(float, pa.Check.in_range(-1.0001, 1.0001)),
+        "engine_version": pa.Column(str),
+        "dvc_stage": pa.Column(str),
+    },
+    checks=pa.Check(
+        lambda df: ~df.duplicated(["model", "variant", "device", "seq_len"]),
+        error="one row per (model, variant, device, seq_len)",
+    ),
+    strict=True,
+    coerce=True,
+    ordered=True,
+    name="benchmark_rows",
+)
