@@ -14,7 +14,7 @@ import pandera.errors
 
 from tasks.errors import StageError
 from tasks.fingerprint import atomic_output_dir, read_stamp, write_json_atomic, write_stamp
-from tasks.schemas import BENCHMARK_ROWS
+from tasks.schemas import BENCHMARK_ROWS, describe
 
 TOOLS = ("pandas", "pandera")
 SUMMARY_METRICS = ("latency_p50_ms", "latency_p99_ms", "cold_start_ms", "size_mb", "stsb_spearman", "cosine_to_fp32_min")
@@ -29,8 +29,8 @@ def collect_rows(benchmark_dirs: list[Path]) -> pd.DataFrame:
         rows.append(stamp["row"])
     try:
         return BENCHMARK_ROWS.validate(pd.DataFrame(rows, columns=list(BENCHMARK_ROWS.columns)))
-    except pandera.errors.SchemaError as exc:
-        raise StageError(f"benchmark rows fail the schema: {str(exc).splitlines()[0]}") from exc
+    except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        raise StageError(f"benchmark rows fail the schema: {describe(exc)}") from exc
 
 
 def run(benchmark_dirs: list[Path], out_dir: Path, key: str) -> dict:

@@ -49,3 +49,17 @@ BENCHMARK_ROWS = pa.DataFrameSchema(
     ordered=True,
     name="benchmark_rows",
 )
+
+
+def describe(exc: Exception) -> str:
+    """One line for a pandera SchemaError/SchemaErrors: which column failed which check, on what value."""
+    cases = getattr(exc, "failure_cases", None)
+    if cases is not None and len(cases):
+        first = cases.iloc[0]
+        column = first.get("column", getattr(getattr(exc, "schema", None), "name", None))
+        check = first.get("check", getattr(exc, "check", None))
+        value = first.get("failure_case")
+        value = value.item() if hasattr(value, "item") else value
+        more = f" (+{len(cases) - 1} more)" if len(cases) > 1 else ""
+        return f"column {column!r} fails {check} on {value!r}{more}"
+    return str(exc).splitlines()[0]

@@ -13,7 +13,7 @@ import pandas as pd
 import pandera.errors
 
 from tasks.errors import InputError
-from tasks.schemas import STSB_PAIRS
+from tasks.schemas import STSB_PAIRS, describe
 
 SPLITS = ("train", "dev", "test")
 
@@ -43,6 +43,6 @@ def read_pairs(path: Path, limit: int | None = None) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["score", "sentence1", "sentence2"])
     try:
         frame = STSB_PAIRS.validate(frame, lazy=False)
-    except (pandera.errors.SchemaError, ValueError) as exc:
-        raise InputError(f"{path}: {str(exc).splitlines()[0]}") from exc
+    except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        raise InputError(f"{path}: {describe(exc)}") from exc
     return frame.head(limit) if limit else frame

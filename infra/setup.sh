@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install edgeopt with everything it runs and tests with. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip check >/dev/null
+echo "edgeopt installed in .venv ($(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("edgeopt"))'))"

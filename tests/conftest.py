@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random encoders and throwaway project workspaces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny_models import make_tiny_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+STSB_DIR = (REPO.parent / "shared" / "data" / "stsb").resolve()
+# What a project checkout needs to run the pipeline (the rest is docs, tests and CI).
+PROJECT_FILES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness():
+    """One temporary Prefect backend for the whole session (starting one takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "bert", "bert")
+
+
+def tiny_params(model_dir: Path, **overrides) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["seq_lens"] = [16, 32]
+    params["data"]["stsb_dir"] = str(STSB_DIR)
+    params["fetch_model"].update(source="path", path=str(model_dir))
+    params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, stsb_pairs=40)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def write_params(workspace: Path, params: dict) -> None:
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_bert, monkeypatch) -> Path:
+    """A fresh project checkout (git + dvc initialised) configured for the tiny BERT."""
+    ws = tmp_path / "project"
+    ws.mkdir()
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, ws / name)
+    write_params(ws, tiny_params(tiny_bert))
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=ws, check=True)
+    # Stage subprocesses (dvc repro, benchmark workers) import this checkout's code.
+    monkeypatch.setenv("PYTHONPATH", str(ws) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.chdir(ws)
+    return ws

@@ -1,0 +1,72 @@
+"""dvc.yaml and the flow must describe the same stages, code deps, params and output paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dvc.repo import Repo
+
+from flows import stages
+from tasks.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dvc_stages():
+    with Repo(str(REPO)) as repo:
+        return {s.addressing: s for s in repo.index.stages}
+
+
+@pytest.fixture(scope="module")
+def flow_calls():
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cfg = load_config(REPO / "params.yaml")
+        return cfg, {
+            c.name: c
+            for c in [
+                stages.fetch_model(cfg),
+                *(stages.export_onnx(cfg, s) for s in cfg.seq_lens),
+                *stages.benchmark_calls(cfg),
+                stages.report(cfg),
+            ]
+        }
+    finally:
+        os.chdir(cwd)
+
+
+def test_same_stage_instances(dvc_stages, flow_calls):
+    _, calls = flow_calls
+    assert set(dvc_stages) == set(calls)
+
+
+def test_same_outputs_and_code_deps(dvc_stages, flow_calls):
+    _, calls = flow_calls
+    for name, call in calls.items():
+        stage = dvc_stages[name]
+        outs = {Path(o.def_path) for o in stage.outs}
+        assert outs == {call.out_dir}, name
+        deps = {Path(d.def_path) for d in stage.deps}
+        assert {Path(f) for f in call.code} <= deps, f"{name}: dvc.yaml misses code deps"
+        code_deps = {d for d in deps if d.parts[0] == "tasks"}
+        assert code_deps == {Path(f) for f in call.code}, f"{name}: dvc.yaml lists code the flow does not hash"
+        # fetch_model's source lives outside the project (site-packages, a hub cache): DVC tracks
+        # fetch_model by its params and code, the flow additionally by the source's content.
+        data_inputs = {Path(p) for k, p in call.inputs.items() if p is not None and k != "source_dir"}
+        resolved_deps = {Path(d.fs_path) for d in stage.deps}
+        assert {p.resolve() for p in data_inputs} <= {(REPO / d).resolve() for d in resolved_deps}, name
+
+
+def test_params_section_per_stage(dvc_stages, flow_calls):
+    _, calls = flow_calls
+    for name, call in calls.items():
+        declared = {key for p in dvc_stages[name].deps if hasattr(p, "params") for key in p.params}
+        if call.stage == "report":
+            assert declared == {"seq_lens", "variants", "devices"}
+        else:
+            assert declared == {call.stage}, name

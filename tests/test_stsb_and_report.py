@@ -1,0 +1,87 @@
+"""STS-B as distributed, and the benchmark.csv results contract."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tasks.errors import InputError, StageError
+from tasks.report import collect_rows, run as report_run
+from tasks.stsb import read_pairs
+
+from conftest import STSB_DIR
+
+
+def test_reads_all_test_pairs_despite_quotes_crlf_and_extra_fields():
+    pairs = read_pairs(STSB_DIR / "sts-test.csv")
+    assert len(pairs) == 1379
+    assert pairs["score"].between(0, 5).all()
+    assert not pairs["sentence2"].str.endswith("\r").any()
+    assert len(read_pairs(STSB_DIR / "sts-train.csv")) == 5749
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no sentence pairs"),
+        (b"a\tb\tc\n", "expected 7 tab-separated fields"),
+        (b"g\ts\t2012\t1\tfive\tA.\tB.\n", "score"),
+        (b"g\ts\t2012\t1\t9.0\tA.\tB.\n", "score"),
+        (b"g\ts\t2012\t1\t1.0\t\xff\xfe\tB.\n", "not UTF-8"),
+    ],
+)
+def test_bad_stsb_files(tmp_path, content, message):
+    path = tmp_path / "sts-test.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as err:
+        read_pairs(path)
+    assert str(path) in str(err.value)
+
+
+def _row(**overrides):
+    row = {
+        "model": "m", "variant": "fp32", "device": "ort_cpu", "seq_len": 128,
+        "artifact": "artifacts/export_onnx/seq128/model.onnx", "artifact_sha256": "0" * 64, "size_mb": 90.3,
+        "latency_p50_ms": 20.0, "latency_p90_ms": 22.0, "latency_p99_ms": 25.0, "latency_mean_ms": 20.5,
+        "latency_std_ms": 1.0, "timed_runs": 100, "cold_start_ms": 400.0, "threads": 2, "precision": "fp32",
+        "stsb_pairs": 1379, "stsb_spearman": 82.03, "cosine_to_fp32_mean": 1.0, "cosine_to_fp32_min": 1.0,
+        "engine_version": "1.31.1", "dvc_stage": "benchmark@fp32-ort_cpu-128",
+    }
+    return {**row, **overrides}
+
+
+def _bench_dir(tmp_path, name, row):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "row": row}))
+    return folder
+
+
+def test_report_writes_validated_csv_and_summary(tmp_path):
+    dirs = [_bench_dir(tmp_path, "a", _row()), _bench_dir(tmp_path, "b", _row(seq_len=512))]
+    report_run(dirs, tmp_path / "metrics", key="k")
+    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv")
+    assert list(table["seq_len"]) == [128, 512]
+    summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
+    assert summary["fp32/ort_cpu/512"]["stsb_spearman"] == pytest.approx(82.03)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [_row(latency_p50_ms=-1.0), _row(timed_runs=10), _row(artifact_sha256="abc")],
+)
+def test_rows_breaking_the_contract_are_refused(tmp_path, bad):
+    with pytest.raises(StageError, match="schema"):
+        collect_rows([_bench_dir(tmp_path, "a", bad)])
+
+
+def test_duplicate_rows_are_refused(tmp_path):
+    with pytest.raises(StageError, match="schema"):
+        collect_rows([_bench_dir(tmp_path, "a", _row()), _bench_dir(tmp_path, "b", _row())])
+
+
+def test_missing_benchmark_output(tmp_path):
+    with pytest.raises(StageError, match="run its benchmark stage first"):
+        collect_rows([tmp_path / "never-ran"])
