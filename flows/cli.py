@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -30,6 +31,17 @@ def _user_errors() -> Iterator[None]:
         yield
     except EdgeoptError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        where = exc.filename or "the project folder"
+        err_console.print(
+            f"[bold red]error:[/] cannot write {where}: {exc.strerror}; free space or fix permissions, then rerun "
+            "(finished stages are reused, nothing half-written was kept)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -64,7 +76,9 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
         stages.add_row(name, f"[green]{state}[/]" if state == "Cached" else state)
     console.print(stages)
     console.print(_rows_table(result["rows"]))
-    console.print(f"MLflow parent run {result['mlflow_run_id']}: `edgeopt ui` to browse")
+    if result.get("mlflow_fallback_reason"):
+        err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
+    console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
 
 
 @app.command()
@@ -96,9 +110,13 @@ def stage(
         }
         if name not in builders:
             raise ConfigError(f"unknown stage {name!r}; known: {', '.join(builders)}")
+        from flows.locking import workspace_lock
+
         call = builders[name]()
-        result = call.execute()
-        record_result(call, result, root=params.resolve().parent)
+        # `dvc repro` holds DVC's own lock; this one keeps a concurrent `edgeopt run` out.
+        with workspace_lock(params.resolve().parent, on_wait=err_console.print):
+            result = call.execute()
+            record_result(call, result, root=params.resolve().parent)
     console.print(f"{call.name}: done")
 
 

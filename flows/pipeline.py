@@ -10,6 +10,7 @@ from prefect.serializers import JSONSerializer
 
 from flows import stages
 from flows.caching import StageCachePolicy, results_dir
+from flows.locking import workspace_lock
 from flows.tracking import log_pipeline
 from tasks import catalog
 from tasks.config import load_config
@@ -49,12 +50,13 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
     cfg = load_config(params_file)
     states: dict[str, str] = {}
 
-    _run(stages.fetch_model(cfg), states)
-    for seq_len in cfg.seq_lens:
-        _run(stages.export_onnx(cfg, seq_len), states)
-    rows = [_run(call, states)["row"] for call in stages.benchmark_calls(cfg)]
-    _run(stages.report(cfg), states)
+    with workspace_lock(root):
+        _run(stages.fetch_model(cfg), states)
+        for seq_len in cfg.seq_lens:
+            _run(stages.export_onnx(cfg, seq_len), states)
+        rows = [_run(call, states)["row"] for call in stages.benchmark_calls(cfg)]
+        _run(stages.report(cfg), states)
+        dvc_synced = sync_dvc_lock(root)
 
-    dvc_synced = sync_dvc_lock(root)
-    run_id = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states)
-    return {"stages": states, "rows": rows, "mlflow_run_id": run_id, "dvc_synced": dvc_synced}
+    tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states)
+    return {"stages": states, "rows": rows, "dvc_synced": dvc_synced, **tracked}

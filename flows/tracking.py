@@ -33,8 +33,26 @@ ROW_PARAMS = ("model", "variant", "device", "seq_len", "threads", "precision", "
               "dvc_stage", "timed_runs", "stsb_pairs", "engine_version")
 
 
+def local_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
 def tracking_uri(cfg: EdgeoptConfig, root: Path) -> str:
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(root)
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why an http(s) tracking server cannot be used, or None. Checked up front: MLflow's own
+    client retries for minutes before giving up."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        return f"MLflow server {uri} unreachable ({exc.__class__.__name__})"
+    return None
 
 
 def _flatten(prefix: str, value, out: dict[str, str]) -> None:
@@ -45,20 +63,26 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> None:
         out[prefix] = str(value)
 
 
-def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[dict], stage_states: dict[str, str]) -> str:
-    """Log the run; returns the parent run id."""
-    from mlflow.entities import Metric, Param, RunTag
+def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[dict], stage_states: dict[str, str]) -> dict:
+    """Log the run. A configured server that cannot be reached does not fail the pipeline: the run
+    is logged to the local store instead and the returned `mlflow_fallback_reason` says so."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg, root))
+    uri = tracking_uri(cfg, root)
+    fallback_reason = _unreachable(uri)
+    if fallback_reason:
+        uri = local_uri(root)
+        fallback_reason += f"; logged to {uri} instead"
+    client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (
         experiment.experiment_id
         if experiment
         else client.create_experiment(
             cfg.tracking.experiment,
-            artifact_location=None if "://" in tracking_uri(cfg, root) and not tracking_uri(cfg, root).startswith("sqlite")
-            else (root / "mlartifacts").resolve().as_uri(),
+            # A local store keeps artifacts beside it; a server decides for itself.
+            artifact_location=(root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None,
         )
     )
     versions = {f"version.{k}": v for k, v in tool_versions(TRACKED_TOOLS).items()}
@@ -93,4 +117,4 @@ def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[di
         )
         client.set_terminated(child.info.run_id)
     client.set_terminated(pid)
-    return pid
+    return {"mlflow_run_id": pid, "mlflow_tracking_uri": uri, "mlflow_fallback_reason": fallback_reason}

@@ -115,6 +115,11 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run killed mid-write (runs of one project are serialised by a lock).
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     scratch.chmod(0o755)  # mkdtemp makes 0700; outputs should read like any other folder
     try:

@@ -118,3 +118,35 @@ def test_stale_or_partial_output_is_never_a_hit(workspace, stale):
         (out / "embeddings.npy").unlink()
     # The benchmark reruns; its fresh latencies change the report's input, so the report reruns too.
     assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@fp32-ort_cpu-32", "report"}
+
+
+def test_unreachable_mlflow_server_falls_back_to_local_store(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    result = pipeline(project_dir=str(workspace))
+    assert "unreachable" in result["mlflow_fallback_reason"]
+    assert result["mlflow_tracking_uri"].startswith("sqlite:///")
+    client = MlflowClient(tracking_uri=result["mlflow_tracking_uri"])
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_second_run_waits_for_the_first(workspace):
+    import threading
+    import time
+
+    from flows.locking import workspace_lock
+
+    messages: list[str] = []
+    order: list[str] = []
+
+    def second():
+        with workspace_lock(workspace, on_wait=messages.append, poll_s=0.05):
+            order.append("second")
+
+    with workspace_lock(workspace):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second"]
+    assert messages and "held by pid" in messages[0]

@@ -1,0 +1,314 @@
+"""Stage compile: one deployable artifact per (model, device, target SoC), checked against the CPU.
+
+Reads: an ONNX model (QDQ for integer NPU precision) and, for the verification inputs, either
+`compile.verify_inputs` (an npz of feeds, one row per input) or the fetched HF folder's tokenizer
+(`model_dir`, fixed sentences below). A model whose inputs are all float needs neither (seeded noise).
+Writes, in `out_dir`: the device artifact (qnn_htp: `model_ctx.onnx` EPContext model + `model_ctx_qnn.bin`
+context binary unless embedded), `placement.json` (nodes per execution provider; CPU-fallback op types
+and node names) and `stage.json` (compile time, exact tool/SDK versions, options, verification cosines).
+
+The device does the work through its backend's `compile(model, out_dir, options) -> dict` method;
+this module resolves the per-device options, gates CPU fallback and verifies the result: the compiled
+artifact, run by the backend, must reproduce the source model run on the ONNX Runtime CPU EP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import BackendUnavailableError, ConfigError, InputError, StageError
+from tasks.fingerprint import atomic_output_dir, write_json_atomic, write_stamp
+
+TOOLS = ("onnx", "onnxruntime", "numpy", "transformers")
+PLACEMENT = "placement.json"
+CPU_EP = "CPUExecutionProvider"
+
+# Verification sentences (tokenized to the model's static length): short to long, plain to odd.
+VERIFY_SENTENCES = (
+    "A man is playing a guitar.",
+    "A woman is slicing an onion in the kitchen.",
+    "Two dogs run across a snowy field toward their owner.",
+    "The stock market fell sharply after the announcement of new tariffs on imported steel.",
+    "Is the train to Lyon delayed again this morning?",
+    "Edge devices run static graphs; every input is padded to the same length before inference.",
+    "3 kids, 2 bikes & 1 very patient parent at the park.",
+    " ".join(["Long inputs are truncated to the sequence length the model was exported with."] * 12),
+    "The cat sleeps.",
+    "Researchers measured the latency of the quantized encoder on a mobile neural processor.",
+    "A child in a red coat feeds ducks beside the river.",
+    "Nobody expected the committee to approve the proposal so quickly.",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QnnSoc(_Section):
+    """One Qualcomm SoC as QNN names it: the `soc_model` and `htp_arch` provider options."""
+
+    chipset: str = Field(description="Qualcomm part number, for the record")
+    soc_model: int = Field(gt=0, description="QNN Qnn_SocModel_t value")
+    htp_arch: int = Field(ge=68, description="Hexagon HTP architecture (QnnHtpDevice_Arch_t): 68, 69, 73, 75, 79, 81")
+
+
+# soc_model: Qnn_SocModel_t in the QNN SDK header include/QNN/QnnTypes.h (SM8550 = 43, SM8650 = 57,
+#   SC8380XP = 60, SM8750 = 69; e.g. the copy in github.com/chuzcjoe/qnnx). The ONNX Runtime QNN EP
+#   docs point to the QAIRT "supported Snapdragon devices" table for the same numbers.
+# htp_arch: Qualcomm's SoC table in google-ai-edge/LiteRT litert/vendors/qualcomm/core/schema/soc_table.cc
+#   (SM8550 V73, SM8650 V75, SM8750 V79, SC8380XP V73); Olive's QAIRT pass documents the X Elite as
+#   'dsp_arch:v73;soc_model:60' (olive/passes/qairt/gen_ai_builder.py).
+# Snapdragon X Elite: SC8380XP was renamed X1E80100 (linux-arm-msm, Nov 2023: "refers to the exact same
+#   SoC"); QNN keeps the SC8380XP name.
+QNN_SOCS: dict[str, QnnSoc] = {
+    "snapdragon_8_gen_2": QnnSoc(chipset="SM8550", soc_model=43, htp_arch=73),
+    "snapdragon_8_gen_3": QnnSoc(chipset="SM8650", soc_model=57, htp_arch=75),
+    "snapdragon_8_elite": QnnSoc(chipset="SM8750", soc_model=69, htp_arch=79),
+    "snapdragon_x_elite": QnnSoc(chipset="X1E80100 (SC8380XP)", soc_model=60, htp_arch=73),
+}
+
+
+class DeviceCompileParams(_Section):
+    """What every device section shares; each device adds its options and `backend_options`."""
+
+    max_cpu_fallback_nodes: int = Field(
+        0, ge=0, description="fail the stage when more source nodes than this run on the CPU EP"
+    )
+
+    def backend_options(self, target: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class QnnHtpCompileParams(DeviceCompileParams):
+    targets: dict[str, QnnSoc] = Field(
+        default_factory=lambda: dict(QNN_SOCS), description="SoC name -> QNN soc_model/htp_arch"
+    )
+    embed_context: bool = Field(False, description="context binary inside the ONNX file (one file) or beside it")
+    offload_graph_io_quantization: bool = Field(
+        False, description="true: graph-input Q / output DQ run on the CPU EP (the EP default); false: in the context"
+    )
+    enable_htp_fp16_precision: bool = Field(True, description="run fp32 models in fp16 (HTP has no fp32 path)")
+    htp_graph_finalization_optimization_mode: Literal[0, 1, 2, 3] = Field(
+        3, description="0 default, 1 fastest prepare, 3 slowest prepare / most optimal graph"
+    )
+    vtcm_mb: int = Field(0, ge=0, description="VTCM size in MB; 0 = the SoC's default")
+
+    def backend_options(self, target: str | None) -> dict[str, Any]:
+        if target not in self.targets:
+            raise ConfigError(
+                f"compile.qnn_htp: unknown target SoC {target!r}; known: {', '.join(sorted(self.targets))} "
+                "(add one under compile.qnn_htp.targets)"
+            )
+        soc = self.targets[target]
+        return {
+            "soc_model": soc.soc_model,
+            "htp_arch": soc.htp_arch,
+            "embed_context": self.embed_context,
+            "offload_graph_io_quantization": self.offload_graph_io_quantization,
+            "enable_htp_fp16_precision": self.enable_htp_fp16_precision,
+            "htp_graph_finalization_optimization_mode": self.htp_graph_finalization_optimization_mode,
+            "vtcm_mb": self.vtcm_mb,
+        }
+
+
+class CompileParams(_Section):
+    qnn_htp: QnnHtpCompileParams = QnnHtpCompileParams()
+    verify_inputs: Path | None = Field(
+        None, description="npz of verification feeds (arrays named like the model inputs, one row each)"
+    )
+    verify_count: int = Field(8, ge=8, description="inputs the compiled artifact must reproduce")
+    verify_min_cosine: float = Field(0.999, gt=0, le=1, description="per input, compiled vs source on the CPU EP")
+    threads: int = Field(2, ge=1, le=256, description="threads for the verification sessions")
+
+
+def get_compile_backend(device: str):
+    """The device's backend, which must offer `compile`."""
+    from tasks.backends import get_backend
+
+    try:
+        backend = get_backend(device)
+    except KeyError:
+        # Until tasks/backends/__init__.py lists qnn_htp, import it directly.
+        if device != "qnn_htp":
+            raise ConfigError(f"compile: unknown device {device!r}") from None
+        from tasks.backends import qnn_htp
+
+        backend = qnn_htp.BACKEND
+    if not callable(getattr(backend, "compile", None)):
+        raise ConfigError(f"compile: device {device!r} has no compile step; benchmark its ONNX model directly")
+    return backend
+
+
+def tools(device: str) -> tuple[str, ...]:
+    """Tools whose versions key this stage: the shared ones plus the device's engine."""
+    return (*TOOLS, get_compile_backend(device).engine_package)
+
+
+def _input_specs(model: Path) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    specs = []
+    for inp in graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = tuple(d.dim_value for d in t.shape.dim)
+        if any(d <= 0 for d in dims):
+            raise InputError(f"{model}: input {inp.name} has a dynamic shape {dims}; NPUs need static shapes")
+        specs.append((inp.name, np.dtype(tensor_dtype_to_np_dtype(t.elem_type)), dims))
+    return specs
+
+
+def verification_feeds(model: Path, params: CompileParams, model_dir: Path | None) -> tuple[str, list[dict]]:
+    """`params.verify_count` single-row feeds and where they came from (npz, tokenizer or noise)."""
+    specs = _input_specs(model)
+    names = [name for name, _, _ in specs]
+    n = params.verify_count
+    if params.verify_inputs is not None:
+        path = Path(params.verify_inputs)
+        try:
+            with np.load(path) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"compile.verify_inputs: cannot read {path} ({exc.__class__.__name__})") from exc
+        missing = [k for k in names if k not in arrays]
+        if missing:
+            raise InputError(f"compile.verify_inputs: {path} lacks inputs {missing} (has {sorted(arrays)})")
+        rows = min(len(arrays[k]) for k in names)
+        if rows < n:
+            raise InputError(f"compile.verify_inputs: {path} has {rows} rows, verify_count needs {n}")
+        source = f"npz:{path.name}"
+    elif model_dir is not None:
+        from transformers import AutoTokenizer
+
+        from tasks.export_onnx import tokenize
+
+        if n > len(VERIFY_SENTENCES):
+            raise InputError(f"compile.verify_count={n} exceeds the {len(VERIFY_SENTENCES)} built-in sentences; "
+                             "set compile.verify_inputs")
+        seq_len = specs[0][2][-1]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{model_dir}: cannot load the tokenizer ({exc.__class__.__name__})") from exc
+        arrays = tokenize(tokenizer, VERIFY_SENTENCES[:n], seq_len)
+        missing = [k for k in names if k not in arrays]
+        if missing:
+            raise InputError(f"{model}: inputs {missing} are not tokenizer outputs; set compile.verify_inputs")
+        source = f"tokenizer:{len(VERIFY_SENTENCES[:n])} sentences"
+    elif all(dtype.kind == "f" for _, dtype, _ in specs):
+        rng = np.random.default_rng(0)
+        arrays = {name: rng.standard_normal((n, *dims[1:])).astype(dtype) for name, dtype, dims in specs}
+        source = "noise:standard normal, seed 0"
+    else:
+        raise InputError(
+            f"{model}: integer inputs need real verification data; pass model_dir (a tokenizer folder) "
+            "or set compile.verify_inputs"
+        )
+    feeds = []
+    for i in range(n):
+        feeds.append({name: np.asarray(arrays[name][i : i + 1]).astype(dtype) for name, dtype, _ in specs})
+    return source, feeds
+
+
+def check_fallback(placement: dict, limit: int, where: str) -> None:
+    """StageError naming the op types and nodes left on the CPU EP when there are more than `limit`."""
+    fallback = placement["cpu_fallback"]
+    if fallback["count"] <= limit:
+        return
+    ops = ", ".join(f"{op} x{k}" for op, k in fallback["op_types"].items())
+    names = [node["name"] for node in fallback["nodes"]]
+    shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    raise StageError(
+        f"{where}: {fallback['count']} node(s) fall back to the CPU (max_cpu_fallback_nodes={limit}): "
+        f"op types {ops}; nodes {shown}. Rewrite or re-export those ops, or raise the limit"
+    )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+
+
+def verify(backend, artifact: Path, source: Path, feeds: list[dict], threads: int) -> list[float]:
+    """Per-feed cosine between the compiled artifact (on the device backend) and the source (CPU EP)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    reference = ort.InferenceSession(str(source), options, providers=[CPU_EP])
+    output = reference.get_outputs()[0].name
+    compiled = backend.load(artifact, threads)
+    return [_cosine(compiled.run(feed), reference.run([output], feed)[0]) for feed in feeds]
+
+
+def run(
+    model: Path,
+    device: str,
+    target: str | None,
+    params: CompileParams,
+    out_dir: Path,
+    key: str,
+    model_dir: Path | None = None,
+) -> dict:
+    """Compile `model` for `device`/`target` into `out_dir`; returns the stage.json payload.
+
+    `model_dir` (optional): the fetched HF folder whose tokenizer builds the verification inputs when
+    `params.verify_inputs` is not set.
+    """
+    model = Path(model)
+    backend = get_compile_backend(device)
+    device_params = getattr(params, device, None)
+    if not isinstance(device_params, DeviceCompileParams):
+        raise ConfigError(f"compile: no options section for device {device!r}; add compile.{device}")
+    options = device_params.backend_options(target)
+    reason = backend.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(f"device {device}: {reason}")
+    if not model.is_file():
+        raise InputError(f"{model}: model not found; run the stage that writes it first")
+    where = f"compile {device}" + (f"/{target}" if target else "")
+    feed_source, feeds = verification_feeds(model, params, model_dir)
+
+    with atomic_output_dir(out_dir) as scratch:
+        result = backend.compile(model, scratch, options)
+        placement = result["placement"]
+        write_json_atomic(scratch / PLACEMENT, placement)
+        check_fallback(placement, device_params.max_cpu_fallback_nodes, where)
+
+        cosines = verify(backend, scratch / result["artifact"], model, feeds, params.threads)
+        worst = min(cosines)
+        if worst < params.verify_min_cosine:
+            raise StageError(
+                f"{where}: the compiled artifact disagrees with the source on the CPU EP (cosine {worst:.6f} < "
+                f"{params.verify_min_cosine} on input {cosines.index(worst)} of {len(cosines)}); check the "
+                "quantization (e.g. attention-mask fill values) or compile with enable_htp_fp16_precision"
+            )
+        payload = {
+            "device": device,
+            "target": target,
+            "artifact": result["artifact"],
+            "files": result["files"],
+            "size_mb": sum((scratch / f).stat().st_size for f in result["files"]) / 1e6,
+            "precision": result.get("precision"),
+            "simulated": bool(getattr(backend, "simulated", False)),
+            "compile_seconds": result["compile_seconds"],
+            "options": result["options"],
+            "versions": result["versions"],
+            "nodes_per_ep": placement["nodes_per_ep"],
+            "cpu_fallback_nodes": placement["cpu_fallback"]["count"],
+            "cpu_fallback_op_types": placement["cpu_fallback"]["op_types"],
+            "verify_source": feed_source,
+            "verify_cosines": cosines,
+            "verify_min_cosine": worst,
+        }
+        write_stamp(scratch, key, payload)
+    return payload
