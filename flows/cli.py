@@ -81,12 +81,22 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
     console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
 
 
+def _target(cfg, variant: str, device: str):
+    """(index, target) of the params.yaml target with this variant and device."""
+    from tasks.errors import ConfigError
+
+    for index, target in enumerate(cfg.targets):
+        if (target.variant, target.device) == (variant, device):
+            return index, target
+    raise ConfigError(f"no target {{variant: {variant}, device: {device}}} in params.yaml targets")
+
+
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="fetch_model | export_onnx | benchmark | report")],
-    seq_len: Annotated[int | None, typer.Option(help="for export_onnx and benchmark")] = None,
-    variant: Annotated[str | None, typer.Option(help="for benchmark")] = None,
-    device: Annotated[str | None, typer.Option(help="for benchmark")] = None,
+    name: Annotated[str, typer.Argument(help="fetch_model | export_onnx | reference | benchmark | report")],
+    seq_len: Annotated[int | None, typer.Option(help="for export_onnx, reference and benchmark")] = None,
+    variant: Annotated[str | None, typer.Option(help="for benchmark: a target's variant")] = None,
+    device: Annotated[str | None, typer.Option(help="for benchmark: a target's device")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one stage instance: the `cmd` of each stage in dvc.yaml."""
@@ -97,7 +107,7 @@ def stage(
         from tasks.errors import ConfigError
 
         cfg = load_config(params)
-        needed = {"export_onnx": ("seq_len",), "benchmark": ("variant", "device", "seq_len")}.get(name, ())
+        needed = {"export_onnx": ("seq_len",), "reference": ("seq_len",), "benchmark": ("variant", "device", "seq_len")}.get(name, ())
         given = {"seq_len": seq_len, "variant": variant, "device": device}
         missing = [f"--{k.replace('_', '-')}" for k in needed if given[k] is None]
         if missing:
@@ -105,7 +115,8 @@ def stage(
         builders = {
             "fetch_model": lambda: stages.fetch_model(cfg),
             "export_onnx": lambda: stages.export_onnx(cfg, seq_len),
-            "benchmark": lambda: stages.benchmark(cfg, variant, device, seq_len),
+            "reference": lambda: stages.reference(cfg, seq_len),
+            "benchmark": lambda: stages.benchmark(cfg, *_target(cfg, variant, device), seq_len),
             "report": lambda: stages.report(cfg),
         }
         if name not in builders:

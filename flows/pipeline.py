@@ -1,4 +1,4 @@
-"""The edgeopt Prefect flow: wiring only. fetch → export (per seq_len) → benchmark → report."""
+"""The edgeopt Prefect flow: wiring only. fetch → export → reference → benchmark → report."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
         _run(stages.fetch_model(cfg), states)
         for seq_len in cfg.seq_lens:
             _run(stages.export_onnx(cfg, seq_len), states)
+            _run(stages.reference(cfg, seq_len), states)
         rows = [_run(call, states)["row"] for call in stages.benchmark_calls(cfg)]
         _run(stages.report(cfg), states)
         dvc_synced = sync_dvc_lock(root)

@@ -20,8 +20,9 @@ from tasks import benchmark as benchmark_stage
 from tasks import catalog
 from tasks import export_onnx as export_stage
 from tasks import fetch_model as fetch_stage
+from tasks import reference as reference_stage
 from tasks import report as report_stage
-from tasks.config import EdgeoptConfig
+from tasks.config import EdgeoptConfig, Target
 from tasks.fingerprint import stage_key
 from tasks.stsb import split_path
 
@@ -30,6 +31,16 @@ SHARED_CODE = ("tasks/fingerprint.py",)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch_model": ("tasks/fetch_model.py", *SHARED_CODE),
     "export_onnx": ("tasks/export_onnx.py", *SHARED_CODE),
+    "reference": (
+        "tasks/reference.py",
+        "tasks/bench_worker.py",
+        "tasks/stsb.py",
+        "tasks/schemas.py",
+        "tasks/backends/__init__.py",
+        "tasks/backends/base.py",
+        "tasks/backends/ort_cpu.py",
+        *SHARED_CODE,
+    ),
     "benchmark": (
         "tasks/benchmark.py",
         "tasks/bench_worker.py",
@@ -112,46 +123,56 @@ def export_onnx(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
     )
 
 
+def reference(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+    return StageCall(
+        stage="reference",
+        name=catalog.dvc_stage_name("reference", seq_len=seq_len),
+        fn=reference_stage.run,
+        out_dir=catalog.reference_dir(seq_len),
+        inputs={
+            "model": catalog.variant_model("fp32", seq_len),
+            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+            "stsb_test": split_path(cfg.data.stsb_dir, "test"),
+        },
+        params=cfg.reference,
+        args={"seq_len": seq_len},
+        code=STAGE_CODE["reference"],
+        tools=reference_stage.TOOLS,
+    )
+
+
 def benchmark_code(device: str) -> tuple[str, ...]:
     return (*STAGE_CODE["benchmark"], f"tasks/backends/{device}.py")
 
 
-def benchmark(cfg: EdgeoptConfig, variant: str, device: str, seq_len: int) -> StageCall:
-    reference = cfg.benchmark.reference_variant
-    name = catalog.dvc_stage_name("benchmark", variant=variant, device=device, seq_len=seq_len)
-    reference_embeddings = (
-        None
-        if variant == reference
-        else catalog.benchmark_dir(reference, device, seq_len) / benchmark_stage.EMBEDDINGS
-    )
+def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> StageCall:
+    name = catalog.dvc_stage_name("benchmark", target=f"target{index}", seq_len=seq_len)
     return StageCall(
         stage="benchmark",
         name=name,
         fn=benchmark_stage.run,
-        out_dir=catalog.benchmark_dir(variant, device, seq_len),
+        out_dir=catalog.benchmark_dir(target.variant, target.device, seq_len),
         inputs={
-            "artifact": catalog.variant_model(variant, seq_len),
+            "artifact": catalog.variant_model(target.variant, seq_len),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
-            "reference_embeddings": reference_embeddings,
+            "reference_embeddings": catalog.reference_dir(seq_len) / reference_stage.EMBEDDINGS,
         },
         params=cfg.benchmark,
         args={
             "model_name": model_label(cfg),
-            "variant": variant,
-            "device": device,
+            "variant": target.variant,
+            "device": target.device,
             "seq_len": seq_len,
             "stage_name": name,
         },
-        code=benchmark_code(device),
-        tools=(*benchmark_stage.TOOLS,),
+        code=benchmark_code(target.device),
+        tools=benchmark_stage.TOOLS,
     )
 
 
 def benchmark_calls(cfg: EdgeoptConfig) -> list[StageCall]:
-    """Every (variant, device, seq_len), the reference variant first (others compare against it)."""
-    variants = sorted(cfg.variants, key=lambda v: v != cfg.benchmark.reference_variant)
-    return [benchmark(cfg, v, d, s) for s in cfg.seq_lens for d in cfg.devices for v in variants]
+    return [benchmark(cfg, i, t, s) for s in cfg.seq_lens for i, t in enumerate(cfg.targets)]
 
 
 def report(cfg: EdgeoptConfig) -> StageCall:

@@ -2,14 +2,16 @@
 
 Engines sharing a process skew each other (ORT ran 2x slower beside loaded OpenVINO models), so
 `tasks.benchmark` starts `python -m tasks.bench_worker REQUEST.json` once per artifact.
-Request: backend, artifact, threads, warmup_runs, timed_runs, feeds (npz), result (json),
-embeddings (npy). The first row of the feeds is the timing input; all rows are embedded.
+Request: backend, artifact, threads, warmup_runs, timed_runs (0 for embeddings only), feeds (npz),
+result (json), embeddings (npy). The first row of the feeds is the timing input; all rows are embedded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -56,6 +58,32 @@ def measure(request: dict) -> dict:
         "precision": model.precision,
         "engine_version": metadata.version(backend.engine_package),
     }
+
+
+def launch_worker(request: dict, timeout_s: float) -> dict:
+    """Run `measure(request)` in a fresh interpreter; raise BenchmarkError with its last line on failure."""
+    from tasks.errors import BenchmarkError
+
+    request_path = Path(request["result"]).with_name("request.json")
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tasks.bench_worker", str(request_path)],
+            stdout=subprocess.PIPE,
+            stderr=None if sys.stderr.isatty() else subprocess.PIPE,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchmarkError(
+            f"benchmark worker for {request['artifact']} exceeded benchmark.worker_timeout_s={timeout_s}"
+        ) from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["see the output above"]
+        raise BenchmarkError(f"benchmark worker failed on {request['artifact']} (exit {proc.returncode}): {tail[0]}")
+    return json.loads(Path(request["result"]).read_text(encoding="utf-8"))
 
 
 def main(argv: list[str]) -> int:

@@ -1,17 +1,13 @@
 """Stage benchmark: latency, cold start, size and STS-B accuracy of one artifact on one device.
 
-Reads: the artifact, the tokenizer from the fetched model folder, the STS-B test split and (for
-non-reference variants) the reference variant's embeddings. Writes: `<out>/embeddings.npy`
-(one row per unique test sentence) and `<out>/stage.json` whose `row` is one row of
-`metrics/benchmark.csv`. Timing runs in a separate process (`tasks.bench_worker`).
+Reads: the artifact, the tokenizer from the fetched model folder, the STS-B test split and the fp32
+reference embeddings (stage `reference`). Writes: `<out>/embeddings.npy` (one row per unique test
+sentence) and `<out>/stage.json` whose `row` is one row of `metrics/benchmark.csv`. Timing and
+embedding run in a separate process (`tasks.bench_worker`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,42 +16,14 @@ from scipy.stats import spearmanr
 
 from tasks.backends import get_backend
 from tasks.config import BenchmarkParams
+from tasks.bench_worker import launch_worker
 from tasks.errors import BackendUnavailableError, BenchmarkError
 from tasks.export_onnx import tokenize
 from tasks.fingerprint import atomic_output_dir, file_sha256, write_stamp
-from tasks.stsb import read_pairs
+from tasks.stsb import read_pairs, unique_sentences
 
 TOOLS = ("onnxruntime", "transformers", "scipy", "numpy")
 EMBEDDINGS = "embeddings.npy"
-
-
-def _unique_sentences(pairs) -> tuple[list[str], np.ndarray, np.ndarray]:
-    sentences = list(dict.fromkeys([*pairs["sentence1"], *pairs["sentence2"]]))
-    index = {s: i for i, s in enumerate(sentences)}
-    return sentences, pairs["sentence1"].map(index).to_numpy(), pairs["sentence2"].map(index).to_numpy()
-
-
-def _run_worker(request: dict, timeout_s: float) -> dict:
-    request_path = Path(request["result"]).with_name("request.json")
-    request_path.write_text(json.dumps(request), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tasks.bench_worker", str(request_path)],
-            stdout=subprocess.PIPE,
-            stderr=None if sys.stderr.isatty() else subprocess.PIPE,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchmarkError(
-            f"benchmark worker for {request['artifact']} exceeded benchmark.worker_timeout_s={timeout_s}"
-        ) from exc
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["see the output above"]
-        raise BenchmarkError(f"benchmark worker failed on {request['artifact']} (exit {proc.returncode}): {tail[0]}")
-    return json.loads(Path(request["result"]).read_text(encoding="utf-8"))
 
 
 def run(
@@ -63,7 +31,7 @@ def run(
     artifact: Path,
     model_dir: Path,
     stsb_test: Path,
-    reference_embeddings: Path | None,
+    reference_embeddings: Path,
     model_name: str,
     variant: str,
     device: str,
@@ -81,13 +49,13 @@ def run(
         raise BackendUnavailableError(f"device {device}: {reason}")
 
     pairs = read_pairs(stsb_test, limit=params.stsb_pairs)
-    sentences, left, right = _unique_sentences(pairs)
+    sentences, left, right = unique_sentences(pairs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     feeds = tokenize(tokenizer, sentences, seq_len)
 
     with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp:
         np.savez(Path(tmp) / "feeds.npz", **feeds)
-        measured = _run_worker(
+        measured = launch_worker(
             {
                 "backend": device,
                 "artifact": str(Path(artifact).resolve()),
@@ -105,16 +73,13 @@ def run(
             np.linalg.norm(emb[left], axis=1) * np.linalg.norm(emb[right], axis=1)
         )
         spearman = float(spearmanr(cos_pairs, pairs["score"].to_numpy()).statistic * 100)
-        if reference_embeddings is None:
-            cos_ref = np.ones(len(emb))
-        else:
-            ref = np.load(reference_embeddings)
-            if ref.shape != emb.shape:
-                raise BenchmarkError(
-                    f"{reference_embeddings}: reference has shape {ref.shape}, this run {emb.shape}; "
-                    "rerun the reference benchmark with the same benchmark.stsb_pairs"
-                )
-            cos_ref = np.sum(emb * ref, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+        ref = np.load(reference_embeddings)
+        n = min(len(ref), len(emb))  # both are prefixes of the same sentence order
+        if ref.shape[1] != emb.shape[1]:
+            raise BenchmarkError(f"{reference_embeddings}: width {ref.shape[1]} differs from this model's {emb.shape[1]}")
+        cos_ref = np.sum(emb[:n] * ref[:n], axis=1) / (
+            np.linalg.norm(emb[:n], axis=1) * np.linalg.norm(ref[:n], axis=1)
+        )
 
         lat = np.asarray(measured["latencies_ms"])
         row = {

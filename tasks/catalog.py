@@ -35,6 +35,10 @@ def variant_model(variant: str, seq_len: int) -> Path:
     raise KeyError(variant)
 
 
+def reference_dir(seq_len: int) -> Path:
+    return ARTIFACTS / "reference" / f"seq{seq_len}"
+
+
 def benchmark_dir(variant: str, device: str, seq_len: int) -> Path:
     return ARTIFACTS / "benchmark" / f"{variant}-{device}-{seq_len}"
 
@@ -57,5 +61,6 @@ def benchmark_summary() -> Path:
 
 
 def dvc_stage_name(stage: str, **matrix: object) -> str:
-    """DVC's name for one matrix/foreach instance, e.g. `benchmark@fp32-ort_cpu-128`."""
+    """DVC's name for one matrix/foreach instance, e.g. `export_onnx@128`, `benchmark@target0-128`
+    (DVC names a list-of-mappings matrix axis by position)."""
     return f"{stage}@{'-'.join(str(v) for v in matrix.values())}" if matrix else stage

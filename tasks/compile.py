@@ -226,9 +226,13 @@ def check_fallback(placement: dict, limit: int, where: str) -> None:
     ops = ", ".join(f"{op} x{k}" for op, k in fallback["op_types"].items())
     names = [node["name"] for node in fallback["nodes"]]
     shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    if set(fallback["op_types"]) <= {"QuantizeLinear", "DequantizeLinear"}:
+        fix = "keep graph I/O (de)quantization on the device (offload_graph_io_quantization: false)"
+    else:
+        fix = "rewrite or re-export those ops"
     raise StageError(
         f"{where}: {fallback['count']} node(s) fall back to the CPU (max_cpu_fallback_nodes={limit}): "
-        f"op types {ops}; nodes {shown}. Rewrite or re-export those ops, or raise the limit"
+        f"op types {ops}; nodes {shown}. Fix: {fix}, or raise max_cpu_fallback_nodes"
     )
 
 
@@ -296,7 +300,7 @@ def run(
             "device": device,
             "target": target,
             "artifact": result["artifact"],
-            "files": result["files"],
+            "artifact_files": result["files"],  # "files" is the stamp's own list (every output file)
             "size_mb": sum((scratch / f).stat().st_size for f in result["files"]) / 1e6,
             "precision": result.get("precision"),
             "simulated": bool(getattr(backend, "simulated", False)),

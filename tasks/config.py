@@ -53,13 +53,23 @@ class ExportOnnxParams(_Section):
     verify_min_cosine: float = Field(0.9999, gt=0, le=1)
 
 
+class ReferenceParams(_Section):
+    sentences: int = Field(500, ge=8, description="held-out STS-B test sentences embedded by fp32 on ORT CPU")
+
+
 class BenchmarkParams(_Section):
     threads: int = Field(2, ge=1, le=256)
     warmup_runs: int = Field(10, ge=1)
     timed_runs: int = Field(100, ge=50, description="at least 50 timed runs for stable percentiles")
     stsb_pairs: int | None = Field(None, ge=10, description="first N test pairs; null = whole test split")
-    reference_variant: Literal["fp32"] = "fp32"
     worker_timeout_s: float = Field(3600, gt=0)
+
+
+class Target(_Section):
+    """One benchmarked pair: a model variant on a device."""
+
+    variant: str
+    device: str
 
 
 class TrackingParams(_Section):
@@ -70,10 +80,11 @@ class TrackingParams(_Section):
 class EdgeoptConfig(_Section):
     seq_lens: list[int] = Field([128, 512], min_length=1)
     variants: list[str] = Field(["fp32"], min_length=1)
-    devices: list[str] = Field(["ort_cpu"], min_length=1)
+    targets: list[Target] = Field([Target(variant="fp32", device="ort_cpu")], min_length=1)
     data: DataParams = DataParams()
     fetch_model: FetchModelParams = FetchModelParams()
     export_onnx: ExportOnnxParams = ExportOnnxParams()
+    reference: ReferenceParams = ReferenceParams()
     benchmark: BenchmarkParams = BenchmarkParams()
     tracking: TrackingParams = TrackingParams()
 
@@ -93,15 +104,26 @@ class EdgeoptConfig(_Section):
         unknown = sorted(set(v) - set(KNOWN_VARIANTS))
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}; known: {list(KNOWN_VARIANTS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate variants in {v}")
         return v
 
-    @field_validator("devices")
+    @field_validator("targets")
     @classmethod
-    def _devices(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(KNOWN_DEVICES))
+    def _target_devices(cls, v: list[Target]) -> list[Target]:
+        unknown = sorted({t.device for t in v} - set(KNOWN_DEVICES))
         if unknown:
             raise ValueError(f"unknown device(s) {unknown}; known: {list(KNOWN_DEVICES)}")
+        if len({(t.variant, t.device) for t in v}) != len(v):
+            raise ValueError("a (variant, device) pair is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _targets_use_built_variants(self) -> EdgeoptConfig:
+        missing = sorted({t.variant for t in self.targets} - set(self.variants))
+        if missing:
+            raise ValueError(f"targets use variant(s) {missing} that are not in variants {self.variants}; add them there")
+        return self
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

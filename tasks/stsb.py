@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.errors
 
@@ -46,3 +47,14 @@ def read_pairs(path: Path, limit: int | None = None) -> pd.DataFrame:
     except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
         raise InputError(f"{path}: {describe(exc)}") from exc
     return frame.head(limit) if limit else frame
+
+
+def unique_sentences(pairs: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Unique sentences in pair order (s1, s2, s1, s2, ...) and each pair's two indices into them.
+
+    Pair order makes the unique sentences of the first N pairs a prefix of those of all pairs, so a
+    reference embedded on a prefix lines up with any benchmark row by row.
+    """
+    sentences = list(dict.fromkeys(s for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair))
+    index = {s: i for i, s in enumerate(sentences)}
+    return sentences, pairs["sentence1"].map(index).to_numpy(), pairs["sentence2"].map(index).to_numpy()

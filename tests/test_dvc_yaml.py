@@ -32,6 +32,7 @@ def flow_calls():
             for c in [
                 stages.fetch_model(cfg),
                 *(stages.export_onnx(cfg, s) for s in cfg.seq_lens),
+                *(stages.reference(cfg, s) for s in cfg.seq_lens),
                 *stages.benchmark_calls(cfg),
                 stages.report(cfg),
             ]
@@ -67,6 +68,6 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
     for name, call in calls.items():
         declared = {key for p in dvc_stages[name].deps if hasattr(p, "params") for key in p.params}
         if call.stage == "report":
-            assert declared == {"seq_lens", "variants", "devices"}
+            assert declared == {"seq_lens", "targets"}
         else:
             assert declared == {call.stage}, name

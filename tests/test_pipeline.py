@@ -15,11 +15,13 @@ from flows.pipeline import pipeline
 from tasks.schemas import BENCHMARK_ROWS
 
 ALL_STAGES = {
+    "reference@16",
+    "reference@32",
     "fetch_model",
     "export_onnx@16",
     "export_onnx@32",
-    "benchmark@fp32-ort_cpu-16",
-    "benchmark@fp32-ort_cpu-32",
+    "benchmark@target0-16",
+    "benchmark@target0-32",
     "report",
 }
 
@@ -67,7 +69,7 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert {c.info.run_name for c in children} == {"benchmark@fp32-ort_cpu-16", "benchmark@fp32-ort_cpu-32"}
+    assert {c.info.run_name for c in children} == {"benchmark@target0-16", "benchmark@target0-32"}
     assert all(c.data.params["artifact_sha256"] and "stsb_spearman" in c.data.metrics for c in children)
 
 
@@ -117,7 +119,7 @@ def test_stale_or_partial_output_is_never_a_hit(workspace, stale):
     else:
         (out / "embeddings.npy").unlink()
     # The benchmark reruns; its fresh latencies change the report's input, so the report reruns too.
-    assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@fp32-ort_cpu-32", "report"}
+    assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@target0-32", "report"}
 
 
 def test_unreachable_mlflow_server_falls_back_to_local_store(workspace, monkeypatch):

@@ -258,11 +258,14 @@ class QnnHtpBackend:
 
         files = [ARTIFACT]
         if not embed:
+            # Only the main EPContext node names the binary; the other partitions share its context.
             for node in ctx_nodes:
-                ref = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "ep_cache_context")
-                ref = ref.decode() if isinstance(ref, bytes) else str(ref)
-                if ref not in files:
-                    files.append(ref)
+                for a in node.attribute:
+                    if a.name == "ep_cache_context":
+                        ref = onnx.helper.get_attribute_value(a)
+                        ref = ref.decode() if isinstance(ref, bytes) else str(ref)
+                        if ref not in files:
+                            files.append(ref)
         return {
             "artifact": ARTIFACT,
             "files": files,

@@ -1,0 +1,724 @@
+"""Stage graph_surgery: make an exported BERT-family embedder ready for static quantization and NPUs.
+
+Reads: `model.onnx` from export_onnx (optionally a `calib_seq{L}.npz` from calibration_data, used
+as extra check inputs). Writes: `<out>/model.onnx` and `<out>/stage.json` whose payload reports,
+per transformation, which nodes changed, the final graph inputs and the fp32 agreement check.
+
+Transformations, in the order applied (each switchable in `GraphSurgeryParams`):
+
+1. `mask_fill_value` (default -1e4): the exporter builds the additive attention mask with the
+   float32 minimum (-3.4e38). fp32 does not care (exp(-1e4) is already 0), but a static
+   quantizer sizes the scale of every tensor on that path from it, which wipes out the attention
+   scores (STS-B Spearman of MiniLM QDQ uint8: ~39 instead of ~82). Every float constant or
+   initializer element <= -1e30 (or -inf, or the dtype minimum) is replaced by the fill value.
+2. `float_mask_input`: the int64/bool chain that turns `attention_mask` into the additive bias
+   (Cast/Flatten/Gather/And/Expand/Where in transformers 5, Unsqueeze/Cast/Sub/Mul in older
+   exports) runs on the CPU fallback of most NPUs. The tensor added to the attention scores right
+   before Softmax is replaced by a new float32 input `attention_bias` [B, 1, 1, L] (0 for real
+   tokens, the fill value for padding; it broadcasts over heads and query positions). The mean
+   pooling at the end also reads the mask: its first float cast (Unsqueeze -> Cast in our export)
+   is replaced by a float32 input `pooling_mask` (1.0 real / 0.0 padding, shape as the cast, e.g.
+   [B, L, 1]). `attention_mask` disappears when nothing else reads it; otherwise it is kept and
+   the payload says which nodes still read it. The fill value is stored in the model metadata
+   (`edgeopt.attention_bias_fill`) so `build_feeds` can make the bias.
+3. `int32_inputs`: int64 graph inputs become int32. Where every consumer accepts int32 (Gather
+   indices, Cast, Shape, or shape-only ops such as Unsqueeze/Reshape leading to those) the input
+   is simply retyped; otherwise a Cast to int64 is inserted after the input.
+4. `fold_constants` (default on): ONNX Runtime graph optimisation at ORT_ENABLE_BASIC, saved
+   offline (constant folding, Identity/Dropout/redundant-Cast elimination, shape folding of the
+   static graph), with `MatMulAddFusion` disabled so MatMul+Add are not rewritten to
+   Reshape+Gemm+Reshape; unused opset imports are dropped afterwards.
+5. `qnn_preprocess`: `onnxruntime.quantization.execution_providers.qnn.qnn_preprocess_model`
+   with LayerNorm fusion (fuses the Erf GELU into com.microsoft Gelu, ReduceL2 normalisation into
+   LpNormalization where the pattern matches).
+
+Check: the input and the output model run on ORT CPU on inputs with padding (synthetic token ids
+of lengths L, L/2, 12 and 3, plus the first rows of the calibration file if given); the minimum
+cosine between their outputs must be >= `verify_min_cosine`, else StageError.
+
+Feeds: `build_feeds(session, tokenized)` turns tokenizer arrays into whatever inputs the surgered
+model declares; use it wherever the model is run (benchmark, quantizer calibration reader).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.errors import InputError, StageError
+from tasks.fingerprint import atomic_output_dir, write_stamp
+
+TOOLS = ("onnx", "onnxruntime", "numpy")
+MASK_INPUT = "attention_mask"
+BIAS_INPUT = "attention_bias"
+POOLING_INPUT = "pooling_mask"
+META_FILL = "edgeopt.attention_bias_fill"
+META_PARAMS = "edgeopt.graph_surgery"
+HUGE = 1e30
+MAX_NAMES = 200  # cap on node names listed per transformation in stage.json
+
+# Consumers for which an int32 tensor is as good as int64.
+_INT32_INDEX_INPUT = {"Gather": 1, "GatherElements": 1, "GatherND": 1}
+_INT32_SINKS = {"Cast", "Shape", "Size"}
+_SHAPE_ONLY = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
+
+
+class GraphSurgeryParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mask_fill_value: float | None = Field(
+        -1e4, lt=0, gt=-HUGE, description="replaces the float-min attention-mask fill; null keeps it"
+    )
+    int32_inputs: bool = Field(False, description="int64 graph inputs become int32")
+    float_mask_input: bool = Field(False, description="inputs attention_bias/pooling_mask replace the mask chain")
+    fold_constants: bool = Field(True, description="ORT_ENABLE_BASIC offline optimisation (no MatMul+Add->Gemm)")
+    qnn_preprocess: bool = Field(False, description="onnxruntime qnn_preprocess_model (Gelu/LayerNorm fusion)")
+    verify_min_cosine: float = Field(0.99999, gt=0, le=1)
+
+    @field_validator("mask_fill_value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("mask_fill_value must be a finite negative number such as -1e4, or null")
+        return v
+
+
+# --------------------------------------------------------------------------- small graph helpers
+
+
+def _names(nodes: Iterable) -> list[str]:
+    names = [n.name or f"<{n.op_type}>" for n in nodes]
+    return names[:MAX_NAMES] + ([f"... {len(names) - MAX_NAMES} more"] if len(names) > MAX_NAMES else [])
+
+
+def _consumers(graph) -> dict[str, list[tuple[Any, int]]]:
+    out: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name:
+                out.setdefault(name, []).append((node, i))
+    return out
+
+
+def _graph_output_names(graph) -> set[str]:
+    return {o.name for o in graph.output}
+
+
+def _remove_dead_nodes(graph) -> list:
+    """Drop nodes none of whose outputs is used, then unused initializers; return the removed nodes."""
+    removed = []
+    keep_outputs = _graph_output_names(graph)
+    while True:
+        used = {name for node in graph.node for name in node.input} | keep_outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        dead_ids = {id(n) for n in dead}
+        kept = [n for n in graph.node if id(n) not in dead_ids]
+        removed += dead
+        del graph.node[:]
+        graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    kept_inits = [i for i in graph.initializer if i.name in used or i.name in keep_outputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    return removed
+
+
+def _drop_unused_inputs(graph, names: Iterable[str]) -> list[str]:
+    used = {name for node in graph.node for name in node.input} | _graph_output_names(graph)
+    dropped = [i.name for i in graph.input if i.name in set(names) and i.name not in used]
+    kept = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(kept)
+    return dropped
+
+
+def _tensor_types(model) -> dict[str, tuple[int, list]]:
+    """elem_type and static shape of every tensor onnx shape inference can type."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    out = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else None
+        out[vi.name] = (tt.elem_type, dims)
+    for init in model.graph.initializer:
+        out[init.name] = (init.data_type, list(init.dims))
+    return out
+
+
+def _input_info(graph) -> list[dict]:
+    import onnx
+
+    info = []
+    for i in graph.input:
+        tt = i.type.tensor_type
+        info.append(
+            {
+                "name": i.name,
+                "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))),
+                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim],
+            }
+        )
+    return info
+
+
+# --------------------------------------------------------------------------- 1. mask fill value
+
+
+def _fill_mask(arr: np.ndarray) -> np.ndarray:
+    """Boolean mask of the 'minus infinity' elements of a float array."""
+    return np.isneginf(arr) | (arr <= -HUGE) | (arr == np.finfo(arr.dtype).min)
+
+
+def fix_mask_fill(model, fill: float) -> dict:
+    """Replace float-min / -inf elements of every float constant and initializer by `fill`."""
+    from onnx import helper, numpy_helper
+
+    changed, old_values = [], set()
+
+    def patch(tensor) -> bool:
+        arr = numpy_helper.to_array(tensor)
+        if arr.dtype.kind != "f" or arr.size == 0:
+            return False
+        hit = _fill_mask(arr)
+        if not hit.any():
+            return False
+        old_values.update(float(v) for v in np.unique(arr[hit]))
+        new = arr.copy()
+        new[hit] = np.asarray(fill, dtype=arr.dtype)
+        tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+        return True
+
+    for init in model.graph.initializer:
+        if patch(init):
+            changed.append(f"initializer:{init.name}")
+    for node in model.graph.node:
+        for attr in node.attribute:
+            hit = False
+            if node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.HasField("t"):
+                hit = patch(attr.t)
+            elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats"):
+                values = np.asarray([attr.f] if attr.name == "value_float" else list(attr.floats), dtype=np.float32)
+                mask = _fill_mask(values)
+                if mask.any():
+                    old_values.update(float(v) for v in values[mask])
+                    values[mask] = fill
+                    attr.CopyFrom(
+                        helper.make_attribute(attr.name, float(values[0]) if attr.name == "value_float" else values.tolist())
+                    )
+                    hit = True
+            if hit:
+                changed.append(node.name or node.output[0])
+    return {"fill_value": fill, "replaced_values": sorted(old_values), "count": len(changed), "nodes": changed}
+
+
+# --------------------------------------------------------------------------- 2. float mask input
+
+
+def _mask_cone(graph, source: str) -> tuple[list, set[str]]:
+    """Nodes whose inputs come only from `source` and constants (and depend on `source`)."""
+    const = {i.name for i in graph.initializer} | {""}
+    dep = {source}
+    cone = []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        ins = [x for x in node.input if x]
+        if all(x in const for x in ins):
+            const.update(node.output)
+        elif all(x in const or x in dep for x in ins):
+            cone.append(node)
+            dep.update(node.output)
+    return cone, dep
+
+
+def _feeds_softmax(tensor: str, consumers, depth: int = 3) -> bool:
+    for node, _ in consumers.get(tensor, []):
+        if node.op_type == "Softmax":
+            return True
+        if depth > 0 and node.op_type in ("Add", "Reshape", "Cast", "Sub") and _feeds_softmax(node.output[0], consumers, depth - 1):
+            return True
+    return False
+
+
+def float_mask_input(model, fill: float) -> dict:
+    """Replace the attention-mask chain by float inputs `attention_bias` and `pooling_mask`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    mask_in = next((i for i in graph.input if i.name == MASK_INPUT), None)
+    if mask_in is None:
+        raise InputError(f"graph_surgery.float_mask_input: the model has no {MASK_INPUT!r} input; disable the option")
+    dims = [d.dim_value for d in mask_in.type.tensor_type.shape.dim]
+    if len(dims) != 2 or not all(dims):
+        raise InputError(f"graph_surgery.float_mask_input: {MASK_INPUT} must have a static [batch, seq] shape, got {dims}")
+    batch, seq = dims
+    types = _tensor_types(model)
+    cone, dep = _mask_cone(graph, MASK_INPUT)
+    cone_ids = {id(n) for n in cone}
+    consumers = _consumers(graph)
+
+    # The bias: a float tensor of the mask cone added to the attention scores right before Softmax.
+    bias_edges = []
+    for node in cone:
+        for out in node.output:
+            if types.get(out, (None,))[0] not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                continue
+            for consumer, idx in consumers.get(out, []):
+                if id(consumer) not in cone_ids and consumer.op_type == "Add" and _feeds_softmax(consumer.output[0], consumers):
+                    bias_edges.append((consumer, idx, out))
+    if not bias_edges:
+        raise StageError(
+            "graph_surgery.float_mask_input: found no attention-mask tensor added to the scores before a Softmax; "
+            "this export is not supported, disable float_mask_input"
+        )
+    graph.input.append(helper.make_tensor_value_info(BIAS_INPUT, TensorProto.FLOAT, [batch, 1, 1, seq]))
+    for consumer, idx, _ in bias_edges:
+        consumer.input[idx] = BIAS_INPUT
+    removed = _remove_dead_nodes(graph)
+
+    # Pooling: the first float cast of the mask reached through shape-only ops (Unsqueeze -> Cast).
+    cone, _ = _mask_cone(graph, MASK_INPUT)
+    shape_only = {MASK_INPUT}
+    casts = []
+    for node in cone:
+        if node.op_type in _SHAPE_ONLY and node.input[0] in shape_only:
+            shape_only.add(node.output[0])
+        elif (
+            node.op_type == "Cast"
+            and node.input[0] in shape_only
+            and helper.get_attribute_value(next(a for a in node.attribute if a.name == "to")) == TensorProto.FLOAT
+        ):
+            casts.append(node)
+    pooling = {"replaced": [], "shape": None}
+    shapes = {tuple(types.get(c.output[0], (None, None))[1] or ()) for c in casts}
+    if casts and len(shapes) == 1 and all(d for d in next(iter(shapes))):
+        shape = list(next(iter(shapes)))
+        graph.input.append(helper.make_tensor_value_info(POOLING_INPUT, TensorProto.FLOAT, shape))
+        consumers = _consumers(graph)
+        for cast in casts:
+            for consumer, idx in consumers.get(cast.output[0], []):
+                consumer.input[idx] = POOLING_INPUT
+            pooling["replaced"].append(cast.name or cast.output[0])
+        pooling["shape"] = shape
+        removed += _remove_dead_nodes(graph)
+    dropped = _drop_unused_inputs(graph, [MASK_INPUT])
+    still = [n.name or n.op_type for n in graph.node if MASK_INPUT in n.input]
+    model.metadata_props.append(onnx.StringStringEntryProto(key=META_FILL, value=repr(float(fill))))
+    return {
+        "bias_input": BIAS_INPUT,
+        "bias_replaced_tensors": sorted({t for _, _, t in bias_edges}),
+        "bias_consumers": _names(c for c, _, _ in bias_edges),
+        "bias_fill_value": float(fill),
+        "pooling_input": POOLING_INPUT if pooling["replaced"] else None,
+        "pooling_replaced": pooling["replaced"],
+        "attention_mask_removed": bool(dropped),
+        "attention_mask_still_read_by": still,
+        "count": len(removed),
+        "removed_op_types": dict(sorted(Counter(n.op_type for n in removed).items())),
+        "nodes": _names(removed),
+    }
+
+
+# --------------------------------------------------------------------------- 3. int32 inputs
+
+
+def _int32_safe(tensor: str, consumers, outputs: set[str], through: list) -> bool:
+    if tensor in outputs:
+        return False
+    for node, idx in consumers.get(tensor, []):
+        if _INT32_INDEX_INPUT.get(node.op_type) == idx or node.op_type in _INT32_SINKS:
+            continue
+        if node.op_type in _SHAPE_ONLY and idx == 0:
+            through.append(node)
+            if _int32_safe(node.output[0], consumers, outputs, through):
+                continue
+        return False
+    return True
+
+
+def int32_inputs(model) -> dict:
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    consumers = _consumers(graph)
+    outputs = _graph_output_names(graph)
+    retyped, cast_inserted, through_all = [], [], []
+    new_nodes = []
+    for inp in graph.input:
+        tt = inp.type.tensor_type
+        if tt.elem_type != TensorProto.INT64:
+            continue
+        through: list = []
+        if _int32_safe(inp.name, consumers, outputs, through):
+            retyped.append(inp.name)
+            through_all += through
+        else:
+            cast_out = f"{inp.name}_int64"
+            for node, idx in consumers.get(inp.name, []):
+                node.input[idx] = cast_out
+            for out in graph.output:
+                if out.name == inp.name:
+                    raise StageError(f"graph_surgery.int32_inputs: input {inp.name} is also a graph output; disable int32_inputs")
+            new_nodes.append(helper.make_node("Cast", [inp.name], [cast_out], name=f"{inp.name}_to_int64", to=TensorProto.INT64))
+            cast_inserted.append(inp.name)
+        tt.elem_type = TensorProto.INT32
+    if new_nodes:
+        nodes = [*new_nodes, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    # Tensors after retyped shape-only ops changed dtype: let shape inference recompute value_info.
+    del graph.value_info[:]
+    return {
+        "retyped": retyped,
+        "cast_inserted": cast_inserted,
+        "count": len(through_all) + len(new_nodes),
+        "nodes": _names([*through_all, *new_nodes]),
+    }
+
+
+# --------------------------------------------------------------------------- 4./5. ORT passes
+
+
+def _op_diff(before, after) -> dict:
+    b = Counter(n.op_type for n in before.graph.node)
+    a = Counter(n.op_type for n in after.graph.node)
+    names_before = {n.name for n in before.graph.node if n.name}
+    names_after = {n.name for n in after.graph.node if n.name}
+    return {
+        "nodes_before": sum(b.values()),
+        "nodes_after": sum(a.values()),
+        "op_count_change": {op: a[op] - b[op] for op in sorted(set(a) | set(b)) if a[op] != b[op]},
+        "count": len(names_before ^ names_after),
+        "removed": sorted(names_before - names_after)[:MAX_NAMES],
+        "added": sorted(names_after - names_before)[:MAX_NAMES],
+    }
+
+
+def _prune_opsets(model) -> None:
+    used = {n.domain or "" for n in model.graph.node}
+    kept = [o for o in model.opset_import if (o.domain or "") in used | {""}]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def fold_constants(model, tmp: Path):
+    import onnx
+    import onnxruntime as ort
+
+    src, dst = tmp / "fold_in.onnx", tmp / "fold_out.onnx"
+    onnx.save(model, src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+    out = onnx.load(dst)
+    _prune_opsets(out)
+    return out, _op_diff(model, out)
+
+
+def _rename_generated(model, prefix: str) -> None:
+    """Prefix the tensor/node names ORT's MatMulAddFusion generates (`gemm_input_shape`, ...).
+
+    ORT 1.31 generates the same names again when it loads the saved model at ORT_ENABLE_EXTENDED or
+    above and then fails with "AddInitializedOrtValue Attempt to replace the existing tensor".
+    """
+    graph = model.graph
+    io = {i.name for i in graph.input} | _graph_output_names(graph)
+    generated = {i.name for i in graph.initializer if i.name.startswith("gemm_")}
+    generated |= {o for n in graph.node for o in n.output if o.startswith("gemm_") and o not in io}
+    if not generated:
+        return
+    for init in graph.initializer:
+        if init.name in generated:
+            init.name = prefix + init.name
+    for vi in graph.value_info:
+        if vi.name in generated:
+            vi.name = prefix + vi.name
+    for node in graph.node:
+        if node.name.startswith("gemm_"):
+            node.name = prefix + node.name
+        for seq in (node.input, node.output):
+            for i, name in enumerate(seq):
+                if name in generated:
+                    seq[i] = prefix + name
+
+
+def qnn_preprocess(model, tmp: Path):
+    import onnx
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    src, dst = tmp / "qnn_in.onnx", tmp / "qnn_out.onnx"
+    # ORT 1.31's qnn_preprocess_model crashes on models that carry metadata_props: save without them.
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.metadata_props[:]
+    onnx.save(bare, src)
+    modified = qnn_preprocess_model(src, dst, fuse_layernorm=True)
+    out = onnx.load(dst) if modified else model
+    if modified:
+        _rename_generated(out, "qnn_preprocess/")
+        onnx.helper.set_model_props(
+            out, {**{p.key: p.value for p in out.metadata_props}, **{p.key: p.value for p in model.metadata_props}}
+        )
+    return out, {"modified": bool(modified), **_op_diff(model, out)}
+
+
+# --------------------------------------------------------------------------- feeds
+
+
+def _np_dtype(type_str: str):
+    table = {
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(bool)": np.bool_,
+    }
+    if type_str not in table:
+        raise InputError(f"model input type {type_str} is not supported by build_feeds")
+    return table[type_str]
+
+
+def _describe_inputs(source) -> tuple[list[tuple[str, Any, list]], dict[str, str]]:
+    """(name, numpy dtype, shape) of each model input, and the model's metadata, from several sources."""
+    import onnx
+
+    if isinstance(source, (str, Path)):
+        source = onnx.load(str(source), load_external_data=False)
+    if isinstance(source, onnx.ModelProto):
+        meta = {p.key: p.value for p in source.metadata_props}
+        inits = {i.name for i in source.graph.initializer}
+        inputs = []
+        for i in source.graph.input:
+            if i.name in inits:
+                continue
+            tt = i.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            inputs.append((i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).type, shape))
+        return inputs, meta
+    meta = {}
+    if hasattr(source, "get_inputs"):  # onnxruntime.InferenceSession
+        meta = dict(source.get_modelmeta().custom_metadata_map)
+        source = source.get_inputs()
+    inputs = []
+    for arg in source:  # onnxruntime NodeArg-like: .name, .type, .shape
+        shape = [d if isinstance(d, int) else None for d in arg.shape]
+        inputs.append((arg.name, _np_dtype(arg.type), shape))
+    return inputs, meta
+
+
+def build_feeds(
+    session_or_model_inputs,
+    tokenized: Mapping[str, np.ndarray],
+    *,
+    mask_fill_value: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Feeds for the model's declared inputs from tokenizer arrays (`input_ids`, `attention_mask`, ...).
+
+    `session_or_model_inputs`: an onnxruntime InferenceSession, an onnx ModelProto, a model path or a
+    list of NodeArg. `tokenized`: int64 arrays [N, L] as made by `tasks.export_onnx.tokenize`; the
+    batch dimension N is kept (slice rows yourself for a static batch of 1). Integer inputs are cast
+    to the declared dtype; `attention_bias` becomes 0 / fill over padding, shaped [N, 1, 1, L];
+    `pooling_mask` the float mask in the declared shape. The fill value comes from `mask_fill_value`,
+    else the model metadata written by this stage.
+    """
+    inputs, meta = _describe_inputs(session_or_model_inputs)
+    feeds = {}
+    mask = tokenized.get(MASK_INPUT)
+    for name, dtype, shape in inputs:
+        if name in tokenized:
+            arr = np.asarray(tokenized[name])
+            feeds[name] = arr.astype(dtype, copy=False)
+        elif name in (BIAS_INPUT, POOLING_INPUT):
+            if mask is None:
+                raise InputError(f"build_feeds: model input {name!r} needs {MASK_INPUT!r} in the tokenized arrays")
+            mask = np.asarray(mask)
+            n, length = mask.shape
+            if len(shape) and shape[-1] not in (None, length) and name == BIAS_INPUT:
+                raise InputError(f"build_feeds: {name} expects length {shape[-1]}, tokenized arrays have {length}; re-tokenize")
+            if name == BIAS_INPUT:
+                fill = mask_fill_value if mask_fill_value is not None else meta.get(META_FILL)
+                if fill is None:
+                    raise InputError(f"build_feeds: model input {BIAS_INPUT!r} but no fill value in its metadata; pass mask_fill_value")
+                arr = np.where(mask.reshape(n, 1, 1, length) > 0, 0.0, float(fill))
+            else:
+                rest = [d for d in shape[1:]]
+                if any(d is None for d in rest) or math.prod(rest) != length:
+                    raise InputError(f"build_feeds: cannot shape a [{n}, {length}] mask as {name} {shape}")
+                arr = mask.reshape([n, *rest])
+            feeds[name] = arr.astype(dtype)
+        else:
+            raise InputError(
+                f"build_feeds: model input {name!r} cannot be built from tokenized arrays {sorted(tokenized)}"
+            )
+    return feeds
+
+
+# --------------------------------------------------------------------------- check
+
+
+def _vocab_size(model) -> int:
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" and node.input[0] in inits:
+            return int(inits[node.input[0]].dims[0])
+    return 100
+
+
+def check_feeds(model, seq_len: int, calibration: Path | None, rows: int = 4) -> dict[str, np.ndarray]:
+    """Tokenizer-like int64 arrays with padding: synthetic rows of several lengths (+ calibration rows)."""
+    vocab = _vocab_size(model)
+    rng = np.random.default_rng(0)
+    lengths = sorted({seq_len, max(3, seq_len // 2), min(seq_len, 12), min(seq_len, 3)}, reverse=True)
+    ids = np.zeros((len(lengths), seq_len), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    low = min(1000, max(5, vocab // 4))
+    for r, n in enumerate(lengths):
+        ids[r, :n] = rng.integers(low, vocab, size=n)
+        mask[r, :n] = 1
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    if calibration is not None:
+        from tasks.calibration_data import load_calibration
+
+        calib = load_calibration(Path(calibration))
+        if calib["input_ids"].shape[1] != seq_len:
+            raise InputError(
+                f"{calibration}: rows have length {calib['input_ids'].shape[1]}, the model takes {seq_len}; "
+                "pass the calib_seq file of the same length"
+            )
+        arrays = {k: np.concatenate([v, calib[k][:rows]]) for k, v in arrays.items()}
+    return arrays
+
+
+def compare(reference: Path, candidate: Path, arrays: dict[str, np.ndarray]) -> float:
+    """Minimum cosine between the two models' first outputs over the rows of `arrays` (batch 1 each)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    ref = ort.InferenceSession(str(reference), so, providers=["CPUExecutionProvider"])
+    try:
+        new = ort.InferenceSession(str(candidate), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        msg = str(exc).strip().splitlines()[0][-200:] if str(exc).strip() else exc.__class__.__name__
+        raise StageError(f"graph_surgery: ONNX Runtime cannot load the rewritten model ({msg}); disable the last option") from exc
+    out_name = new.get_outputs()[0].name
+    if out_name not in {o.name for o in ref.get_outputs()}:
+        raise StageError(f"graph_surgery: output {out_name!r} missing from the input model")
+    worst = 1.0
+    for r in range(len(arrays["input_ids"])):
+        one = {k: v[r : r + 1] for k, v in arrays.items()}
+        a = ref.run([out_name], build_feeds(ref, one))[0].astype(np.float64).ravel()
+        b = new.run([out_name], build_feeds(new, one))[0].astype(np.float64).ravel()
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+        worst = min(worst, cos)
+    return worst
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def load_model(model: Path):
+    import onnx
+
+    model = Path(model)
+    if not model.is_file():
+        raise InputError(f"{model}: ONNX model not found; run export_onnx first or fix the path")
+    try:
+        proto = onnx.load(str(model))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf DecodeError, checker errors, external data errors ...
+        raise InputError(
+            f"{model}: not a valid ONNX model ({exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
+            "pass the model.onnx written by export_onnx"
+        ) from exc
+    if not proto.graph.node or not proto.graph.input:
+        raise InputError(f"{model}: not an ONNX model (no nodes or inputs); pass the model.onnx written by export_onnx")
+    return proto
+
+
+def _find_fill(model) -> float | None:
+    from onnx import numpy_helper
+
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    arr = numpy_helper.to_array(attr.t)
+                    if arr.dtype.kind == "f" and arr.size and _fill_mask(arr).any():
+                        return float(arr[_fill_mask(arr)].ravel()[0])
+    return None
+
+
+def run(model: Path, params: GraphSurgeryParams, out_dir: Path, key: str, *, calibration: Path | None = None) -> dict:
+    import onnx
+
+    model = Path(model)
+    proto = load_model(model)
+    mask_in = next((i for i in proto.graph.input if i.name == MASK_INPUT), None)
+    seq_len = mask_in.type.tensor_type.shape.dim[-1].dim_value if mask_in is not None else 0
+    if not seq_len:
+        raise InputError(f"{model}: expected a static {MASK_INPUT} input [1, L] as written by export_onnx")
+    report: dict[str, Any] = {}
+    inputs_before = _input_info(proto.graph)
+
+    if params.mask_fill_value is not None:
+        report["mask_fill_value"] = fix_mask_fill(proto, params.mask_fill_value)
+    if params.float_mask_input:
+        fill = params.mask_fill_value if params.mask_fill_value is not None else _find_fill(proto)
+        fill = float(np.finfo(np.float32).min) if fill is None else fill
+        report["float_mask_input"] = float_mask_input(proto, fill)
+    if params.int32_inputs:
+        report["int32_inputs"] = int32_inputs(proto)
+
+    with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-surgery-") as tmp:
+        tmp = Path(tmp)
+        if params.fold_constants:
+            proto, report["fold_constants"] = fold_constants(proto, tmp)
+        if params.qnn_preprocess:
+            proto, report["qnn_preprocess"] = qnn_preprocess(proto, tmp)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if params.float_mask_input:
+            meta[META_FILL] = repr(report["float_mask_input"]["bias_fill_value"])
+        meta[META_PARAMS] = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, meta)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise StageError(f"graph_surgery: the rewritten model fails onnx.checker ({str(exc).splitlines()[0]})") from exc
+        out_path = scratch / "model.onnx"
+        onnx.save(proto, out_path)
+
+        min_cos = compare(model, out_path, check_feeds(proto, seq_len, calibration))
+        if min_cos < params.verify_min_cosine:
+            enabled = [k for k in report]
+            raise StageError(
+                f"graph_surgery: output cosine to the input model {min_cos:.7f} < verify_min_cosine "
+                f"{params.verify_min_cosine} with {enabled}; disable transformations one at a time to find the culprit"
+            )
+        payload = {
+            "seq_len": int(seq_len),
+            "transformations": report,
+            "inputs_before": inputs_before,
+            "inputs": _input_info(proto.graph),
+            "outputs": [o.name for o in proto.graph.output],
+            "nodes": len(proto.graph.node),
+            "verify_min_cosine": min_cos,
+            "size_mb": out_path.stat().st_size / 1e6,
+        }
+        write_stamp(scratch, key, payload)
+    return payload

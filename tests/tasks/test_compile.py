@@ -1,0 +1,134 @@
+"""Stage compile for qnn_htp: artifact + placement report, CPU-fallback gate, verification, SoC targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tasks.compile import QNN_SOCS, CompileParams, QnnHtpCompileParams, run
+from tasks.errors import ConfigError, InputError, StageError
+from tasks.fingerprint import is_current, read_stamp
+
+# Shared tiny-model builders live beside the backend test (tests/tasks/backends has no __init__.py).
+_spec = importlib.util.spec_from_file_location(
+    "qnn_htp_models", Path(__file__).parent / "backends" / "test_qnn_htp.py"
+)
+models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(models)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def qnn_available():
+    from tasks.backends.qnn_htp import BACKEND
+
+    reason = BACKEND.unavailable_reason()
+    if reason:
+        pytest.skip(f"qnn_htp unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def tiny_qdq(tiny_bert, tmp_path_factory) -> Path:
+    return models.make_tiny_qdq(tiny_bert, tmp_path_factory.mktemp("qdq"))
+
+
+@pytest.fixture(scope="module")
+def unsupported_onnx(tmp_path_factory) -> Path:
+    return models.make_unsupported_graph(tmp_path_factory.mktemp("bad") / "shrink.onnx")
+
+
+def test_tiny_qdq_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(tiny_qdq, tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tasks.backends.qnn_htp import BACKEND
+    from tasks.export_onnx import tokenize
+
+    out = tmp_path / "compile"
+    payload = run(tiny_qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(threads=1), out, key="k1", model_dir=tiny_bert)
+
+    assert is_current(out, "k1")
+    assert sorted(read_stamp(out)["files"]) == ["model_ctx.onnx", "model_ctx_qnn.bin", "placement.json"]
+    assert payload["cpu_fallback_nodes"] == 0 and payload["nodes_per_ep"]["CPUExecutionProvider"] == 0
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["cpu_fallback"]["nodes"] == [] and placement["nodes_per_ep"]["QNNExecutionProvider"] > 100
+    assert payload["verify_source"] == "tokenizer:8 sentences"
+    assert len(payload["verify_cosines"]) == 8 and payload["verify_min_cosine"] >= 0.999
+    assert payload["options"]["soc_model"] == "57" and payload["options"]["htp_arch"] == "75"
+    assert payload["precision"] == "a16w8" and payload["simulated"] is BACKEND.simulated
+    assert payload["compile_seconds"] > 0
+    assert set(payload["versions"]) >= {"onnxruntime", "onnxruntime-qnn", "qnn_sdk", "qnn_sdk_build"}
+
+    # The deployable folder stands alone: reload the context from its final place and run it.
+    loaded = BACKEND.load(out / payload["artifact"], threads=1)
+    feeds = tokenize(AutoTokenizer.from_pretrained(tiny_bert), ["a man is playing a guitar"], models.SEQ_LEN)
+    reference = models.cpu_session(tiny_qdq).run(None, feeds)[0]
+    assert models.cosine(loaded.run(feeds), reference) >= 0.999
+
+
+def test_unsupported_op_trips_the_fallback_gate_naming_ops_and_nodes(unsupported_onnx, tmp_path):
+    out = tmp_path / "compile"
+    with pytest.raises(StageError) as err:
+        run(unsupported_onnx, "qnn_htp", "snapdragon_x_elite", CompileParams(), out, key="k")
+    message = str(err.value)
+    assert "1 node(s) fall back to the CPU (max_cpu_fallback_nodes=0)" in message
+    assert "Shrink x1" in message and models.BAD_NODE in message
+    assert "\n" not in message
+    assert not out.exists()  # nothing half-written
+
+
+def test_fallback_within_the_limit_is_recorded_and_verified(unsupported_onnx, tmp_path):
+    params = CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1, embed_context=True), threads=1)
+    out = tmp_path / "compile"
+    payload = run(unsupported_onnx, "qnn_htp", "snapdragon_x_elite", params, out, key="k")
+
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["cpu_fallback"]["nodes"] == [{"name": models.BAD_NODE, "op_type": "Shrink"}]
+    assert payload["cpu_fallback_op_types"] == {"Shrink": 1}
+    assert payload["artifact_files"] == ["model_ctx.onnx"]  # embedded context
+    assert payload["options"]["soc_model"] == "60" and payload["options"]["htp_arch"] == "73"
+    assert payload["verify_source"].startswith("noise:") and payload["verify_min_cosine"] >= 0.999
+
+
+def test_verify_inputs_npz_feeds_the_check(unsupported_onnx, tmp_path):
+    npz = tmp_path / "feeds.npz"
+    np.savez(npz, x=np.linspace(-2, 2, 8 * 16, dtype=np.float32).reshape(8, 16))
+    params = CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1), verify_inputs=npz, threads=1)
+    payload = run(unsupported_onnx, "qnn_htp", "snapdragon_8_gen_3", params, tmp_path / "out", key="k")
+    assert payload["verify_source"] == "npz:feeds.npz" and len(payload["verify_cosines"]) == 8
+
+    short = tmp_path / "short.npz"
+    np.savez(short, x=np.zeros((3, 16), np.float32))
+    with pytest.raises(InputError, match="has 3 rows, verify_count needs 8"):
+        run(unsupported_onnx, "qnn_htp", "snapdragon_8_gen_3",
+            CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1), verify_inputs=short),
+            tmp_path / "out2", key="k")
+
+
+def test_unknown_soc_is_a_one_line_error_listing_known_socs(tmp_path):
+    with pytest.raises(ConfigError) as err:  # before any file is read
+        run(tmp_path / "model.onnx", "qnn_htp", "snapdragon_9_gen_9", CompileParams(), tmp_path / "out", key="k")
+    message = str(err.value)
+    assert "\n" not in message and "'snapdragon_9_gen_9'" in message
+    assert all(name in message for name in QNN_SOCS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_inputs_need_a_tokenizer_or_npz(tiny_qdq, tmp_path):
+    with pytest.raises(InputError, match="integer inputs need real verification data"):
+        run(tiny_qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(), tmp_path / "out", key="k")
+
+
+def test_params_are_strict():
+    with pytest.raises(ValidationError, match="extra"):
+        CompileParams.model_validate({"qnn_htp": {"soc": "SM8650"}})
+    with pytest.raises(ValidationError):
+        CompileParams(verify_count=4)
+    custom = QnnHtpCompileParams.model_validate(
+        {"targets": {"my_board": {"chipset": "QCS9100", "soc_model": 77, "htp_arch": 73}}}
+    )
+    assert custom.backend_options("my_board")["soc_model"] == 77
+    assert QNN_SOCS["snapdragon_8_gen_3"].soc_model == 57 and QNN_SOCS["snapdragon_x_elite"].htp_arch == 73
