@@ -93,9 +93,9 @@ def _target(cfg, variant: str, device: str):
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="fetch_model | export_onnx | reference | benchmark | report")],
-    seq_len: Annotated[int | None, typer.Option(help="for export_onnx, reference and benchmark")] = None,
-    variant: Annotated[str | None, typer.Option(help="for benchmark: a target's variant")] = None,
+    name: Annotated[str, typer.Argument(help="a stage name in dvc.yaml, e.g. quantize")],
+    seq_len: Annotated[int | None, typer.Option(help="for per-length stages")] = None,
+    variant: Annotated[str | None, typer.Option(help="for quantize and benchmark")] = None,
     device: Annotated[str | None, typer.Option(help="for benchmark: a target's device")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -107,7 +107,13 @@ def stage(
         from tasks.errors import ConfigError
 
         cfg = load_config(params)
-        needed = {"export_onnx": ("seq_len",), "reference": ("seq_len",), "benchmark": ("variant", "device", "seq_len")}.get(name, ())
+        needed = {
+            "export_onnx": ("seq_len",),
+            "reference": ("seq_len",),
+            "graph_surgery": ("seq_len",),
+            "quantize": ("variant", "seq_len"),
+            "benchmark": ("variant", "device", "seq_len"),
+        }.get(name, ())
         given = {"seq_len": seq_len, "variant": variant, "device": device}
         missing = [f"--{k.replace('_', '-')}" for k in needed if given[k] is None]
         if missing:
@@ -116,6 +122,9 @@ def stage(
             "fetch_model": lambda: stages.fetch_model(cfg),
             "export_onnx": lambda: stages.export_onnx(cfg, seq_len),
             "reference": lambda: stages.reference(cfg, seq_len),
+            "calibration_data": lambda: stages.calibration_data(cfg),
+            "graph_surgery": lambda: stages.graph_surgery(cfg, seq_len),
+            "quantize": lambda: stages.quantize(cfg, variant, seq_len),
             "benchmark": lambda: stages.benchmark(cfg, *_target(cfg, variant, device), seq_len),
             "report": lambda: stages.report(cfg),
         }

@@ -1,4 +1,5 @@
-"""The edgeopt Prefect flow: wiring only. fetch → export → reference → benchmark → report."""
+"""The edgeopt Prefect flow, wiring only:
+fetch → export → reference → calibration data → graph surgery → quantize → benchmark → report."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
         for seq_len in cfg.seq_lens:
             _run(stages.export_onnx(cfg, seq_len), states)
             _run(stages.reference(cfg, seq_len), states)
+        _run(stages.calibration_data(cfg), states)
+        for seq_len in cfg.seq_lens:
+            _run(stages.graph_surgery(cfg, seq_len), states)
+            for variant in cfg.variants:
+                _run(stages.quantize(cfg, variant, seq_len), states)
         rows = [_run(call, states)["row"] for call in stages.benchmark_calls(cfg)]
         _run(stages.report(cfg), states)
         dvc_synced = sync_dvc_lock(root)

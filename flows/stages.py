@@ -17,9 +17,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks import benchmark as benchmark_stage
+from tasks import calibration_data as calibration_stage
 from tasks import catalog
 from tasks import export_onnx as export_stage
 from tasks import fetch_model as fetch_stage
+from tasks import graph_surgery as surgery_stage
+from tasks import quantize as quantize_stage
 from tasks import reference as reference_stage
 from tasks import report as report_stage
 from tasks.config import EdgeoptConfig, Target
@@ -31,8 +34,12 @@ SHARED_CODE = ("tasks/fingerprint.py",)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch_model": ("tasks/fetch_model.py", *SHARED_CODE),
     "export_onnx": ("tasks/export_onnx.py", *SHARED_CODE),
+    "calibration_data": ("tasks/calibration_data.py", "tasks/stsb.py", "tasks/export_onnx.py", *SHARED_CODE),
+    "graph_surgery": ("tasks/graph_surgery.py", *SHARED_CODE),
+    "quantize": ("tasks/quantize.py", *SHARED_CODE),
     "reference": (
         "tasks/reference.py",
+        "tasks/export_onnx.py",
         "tasks/bench_worker.py",
         "tasks/stsb.py",
         "tasks/schemas.py",
@@ -43,6 +50,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     ),
     "benchmark": (
         "tasks/benchmark.py",
+        "tasks/export_onnx.py",
+        "tasks/graph_surgery.py",
         "tasks/bench_worker.py",
         "tasks/stsb.py",
         "tasks/schemas.py",
@@ -130,7 +139,7 @@ def reference(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
         fn=reference_stage.run,
         out_dir=catalog.reference_dir(seq_len),
         inputs={
-            "model": catalog.variant_model("fp32", seq_len),
+            "model": catalog.onnx_model(catalog.export_onnx_dir(seq_len)),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
         },
@@ -138,6 +147,59 @@ def reference(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
         args={"seq_len": seq_len},
         code=STAGE_CODE["reference"],
         tools=reference_stage.TOOLS,
+    )
+
+
+def calibration_data(cfg: EdgeoptConfig) -> StageCall:
+    sources = [Path(src.path) for src in cfg.calibration_data.sources]
+    return StageCall(
+        stage="calibration_data",
+        name="calibration_data",
+        fn=calibration_stage.run,
+        out_dir=catalog.calibration_data_dir(),
+        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir())},
+        watch={f"source_{i}": p for i, p in enumerate(sources)},
+        params=cfg.calibration_data,
+        args={"sources": sources, "seq_lens": list(cfg.seq_lens)},
+        code=STAGE_CODE["calibration_data"],
+        tools=calibration_stage.TOOLS,
+    )
+
+
+def graph_surgery(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+    return StageCall(
+        stage="graph_surgery",
+        name=catalog.dvc_stage_name("graph_surgery", seq_len=seq_len),
+        fn=surgery_stage.run,
+        out_dir=catalog.graph_surgery_dir(seq_len),
+        inputs={"model": catalog.onnx_model(catalog.export_onnx_dir(seq_len))},
+        params=cfg.graph_surgery,
+        code=STAGE_CODE["graph_surgery"],
+        tools=surgery_stage.TOOLS,
+    )
+
+
+def quantize(cfg: EdgeoptConfig, variant: str, seq_len: int) -> StageCall:
+    settings = cfg.quantize.variant(variant)
+    unquantized = settings.method == "none"
+    # Only this variant's settings are part of the key: editing one variant reruns only that one.
+    params = cfg.quantize.model_copy(update={"variants": {variant: settings}})
+    source = catalog.export_onnx_dir(seq_len) if unquantized else catalog.graph_surgery_dir(seq_len)
+    calibration = (
+        catalog.calibration_data_dir() / calibration_stage.calib_name(seq_len)
+        if quantize_stage.needs_calibration(settings)
+        else None
+    )
+    return StageCall(
+        stage="quantize",
+        name=catalog.dvc_stage_name("quantize", variant=variant, seq_len=seq_len),
+        fn=quantize_stage.run,
+        out_dir=catalog.quantize_dir(variant, seq_len),
+        inputs={"model": catalog.onnx_model(source), "calibration": calibration},
+        params=params,
+        args={"variant": variant},
+        code=STAGE_CODE["quantize"],
+        tools=quantize_stage.TOOLS,
     )
 
 
@@ -153,7 +215,9 @@ def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> S
         fn=benchmark_stage.run,
         out_dir=catalog.benchmark_dir(target.variant, target.device, seq_len),
         inputs={
-            "artifact": catalog.variant_model(target.variant, seq_len),
+            "artifact": catalog.variant_model(
+                target.variant, seq_len, quantize_stage.artifact_name(cfg.quantize.variant(target.variant))
+            ),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
             "reference_embeddings": catalog.reference_dir(seq_len) / reference_stage.EMBEDDINGS,
@@ -184,6 +248,7 @@ def report(cfg: EdgeoptConfig) -> StageCall:
         out_dir=catalog.report_dir(),
         # Hash each configured benchmark folder; the DVC stage depends on their parent folder.
         watch={f"benchmark_{i}": d for i, d in enumerate(dirs)},
+        params=cfg.report,
         args={"benchmark_dirs": dirs},
         code=STAGE_CODE["report"],
         tools=report_stage.TOOLS,

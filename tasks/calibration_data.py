@@ -128,6 +128,8 @@ def _read_text(path: Path) -> str:
     data = path.read_bytes()
     if not data.strip():
         raise InputError(f"{path}: file is empty; point calibration_data.sources at a file with text")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise InputError(f"{path}: UTF-16 text; re-save it as UTF-8")
     nul = data.find(b"\x00")
     if nul >= 0:
         raise InputError(f"{path}: binary file (NUL byte at offset {nul}); calibration needs UTF-8 text")
@@ -142,7 +144,9 @@ def _read_text(path: Path) -> str:
 def _column(frame_columns, column: str, path: Path) -> None:
     if column not in frame_columns:
         found = ", ".join(repr(str(c)) for c in frame_columns) or "none"
-        raise InputError(f"{path}: no column {column!r} (columns found: {found}); fix calibration_data.sources[].column")
+        raise InputError(
+            f"{path}: no column {column!r} (columns found: {found}); fix calibration_data.sources[].column"
+        )
 
 
 def read_source(source: CalibrationSource, path: Path) -> list[str]:
@@ -198,7 +202,12 @@ def load_pool(sources: list[CalibrationSource], paths: list[Path]) -> tuple[pd.D
                 f"{path}: all {len(nonblank)} rows are the same sentence; calibration needs varied text"
             )
         per_source.append(
-            {"path": Path(path).as_posix(), "rows": int(len(raw)), "blank": int(len(raw) - len(nonblank)), "unique": int(len(unique))}
+            {
+                "path": Path(path).as_posix(),
+                "rows": int(len(raw)),
+                "blank": int(len(raw) - len(nonblank)),
+                "unique": int(len(unique)),
+            }
         )
         frames.append(pd.DataFrame({"sentence": unique.to_numpy(), "source": Path(path).name}))
     pool = pd.concat(frames, ignore_index=True)
@@ -215,7 +224,9 @@ def load_pool(sources: list[CalibrationSource], paths: list[Path]) -> tuple[pd.D
 # --------------------------------------------------------------------------- rows
 
 
-def _pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, specials: int, rows: int) -> tuple[list[list[int]], int]:
+def _pack_rows(
+    lengths: np.ndarray, order: np.ndarray, seq_len: int, specials: int, rows: int
+) -> tuple[list[list[int]], int]:
     """Greedy packing of whole sentences (pool indices, in `order`) into `rows` rows of <= seq_len tokens.
 
     Returns the rows and how many stream positions were consumed (> len(order) means the pool was reused).
@@ -275,7 +286,8 @@ def _plot(path: Path, n_tokens: np.ndarray, stats: dict, seq_lens: list[int]) ->
     ax.hist(n_tokens, bins=stats["histogram"]["bin_edges"], color="#4c72b0")
     for L in seq_lens:
         ax.axvline(L, color="#c44e52", linestyle="--", linewidth=1)
-        ax.text(L, ax.get_ylim()[1] * 0.95, f" L={L}\n {stats['truncated_share'][str(L)]:.1%} cut", va="top", fontsize=8)
+        label = f" L={L}\n {stats['truncated_share'][str(L)]:.1%} cut"
+        ax.text(L, ax.get_ylim()[1] * 0.95, label, va="top", fontsize=8)
     ax.set_xlim(0, max([stats["max"], *seq_lens]) * 1.05)
     ax.set_xlabel("tokens per sentence (incl. special tokens)")
     ax.set_ylabel("sentences")
@@ -308,7 +320,9 @@ def run(
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{model_dir}: cannot load tokenizer ({exc.__class__.__name__}); pass the fetched HF folder") from exc
+        raise InputError(
+            f"{model_dir}: cannot load tokenizer ({exc.__class__.__name__}); pass the fetched HF folder"
+        ) from exc
 
     sentences = pool["sentence"].tolist()
     specials = int(tokenizer.num_special_tokens_to_add(pair=False))

@@ -28,11 +28,21 @@ def onnx_model(export_dir: Path) -> Path:
     return export_dir / "model.onnx"
 
 
-def variant_model(variant: str, seq_len: int) -> Path:
-    """The model file a variant benchmarks (later stages add quantized variants here)."""
-    if variant == "fp32":
-        return onnx_model(export_onnx_dir(seq_len))
-    raise KeyError(variant)
+def calibration_data_dir() -> Path:
+    return ARTIFACTS / "calibration_data"
+
+
+def graph_surgery_dir(seq_len: int) -> Path:
+    return ARTIFACTS / "graph_surgery" / f"seq{seq_len}"
+
+
+def quantize_dir(variant: str, seq_len: int) -> Path:
+    """Every variant, fp32 included (a link to the export), lives here: one path pattern for DVC."""
+    return ARTIFACTS / "quantize" / f"{variant}-{seq_len}"
+
+
+def variant_model(variant: str, seq_len: int, artifact_name: str) -> Path:
+    return quantize_dir(variant, seq_len) / artifact_name
 
 
 def reference_dir(seq_len: int) -> Path:

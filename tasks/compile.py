@@ -191,8 +191,10 @@ def verification_feeds(model: Path, params: CompileParams, model_dir: Path | Non
         from tasks.export_onnx import tokenize
 
         if n > len(VERIFY_SENTENCES):
-            raise InputError(f"compile.verify_count={n} exceeds the {len(VERIFY_SENTENCES)} built-in sentences; "
-                             "set compile.verify_inputs")
+            raise InputError(
+                f"compile.verify_count={n} exceeds the {len(VERIFY_SENTENCES)} built-in sentences; "
+                "set compile.verify_inputs"
+            )
         seq_len = specs[0][2][-1]
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -212,9 +214,7 @@ def verification_feeds(model: Path, params: CompileParams, model_dir: Path | Non
             f"{model}: integer inputs need real verification data; pass model_dir (a tokenizer folder) "
             "or set compile.verify_inputs"
         )
-    feeds = []
-    for i in range(n):
-        feeds.append({name: np.asarray(arrays[name][i : i + 1]).astype(dtype) for name, dtype, _ in specs})
+    feeds = [{name: np.asarray(arrays[name][i : i + 1]).astype(dtype) for name, dtype, _ in specs} for i in range(n)]
     return source, feeds
 
 

@@ -12,12 +12,17 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.backends import BACKEND_MODULES
+from tasks.calibration_data import CalibrationDataParams
+from tasks.compile import CompileParams
 from tasks.errors import ConfigError
+from tasks.graph_surgery import GraphSurgeryParams
+from tasks.quantize import QuantizeParams
+from tasks.report import ReportParams
 
 # BERT-family encoders the exporter has been tested on (tiny random configs in tests/).
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
-KNOWN_DEVICES = ("ort_cpu",)
-KNOWN_VARIANTS = ("fp32",)
+KNOWN_DEVICES = tuple(BACKEND_MODULES)
 
 
 class _Section(BaseModel):
@@ -85,7 +90,12 @@ class EdgeoptConfig(_Section):
     fetch_model: FetchModelParams = FetchModelParams()
     export_onnx: ExportOnnxParams = ExportOnnxParams()
     reference: ReferenceParams = ReferenceParams()
+    calibration_data: CalibrationDataParams = CalibrationDataParams()
+    graph_surgery: GraphSurgeryParams = GraphSurgeryParams()
+    quantize: QuantizeParams = QuantizeParams()
+    compile: CompileParams = CompileParams()
     benchmark: BenchmarkParams = BenchmarkParams()
+    report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
 
     @field_validator("seq_lens")
@@ -101,9 +111,6 @@ class EdgeoptConfig(_Section):
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(KNOWN_VARIANTS))
-        if unknown:
-            raise ValueError(f"unknown variant(s) {unknown}; known: {list(KNOWN_VARIANTS)}")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate variants in {v}")
         return v
@@ -117,6 +124,15 @@ class EdgeoptConfig(_Section):
         if len({(t.variant, t.device) for t in v}) != len(v):
             raise ValueError("a (variant, device) pair is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _variants_are_defined(self) -> EdgeoptConfig:
+        unknown = sorted(set(self.variants) - set(self.quantize.variants))
+        if unknown:
+            raise ValueError(
+                f"variants: unknown variant(s) {unknown}; defined under quantize.variants: {sorted(self.quantize.variants)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _targets_use_built_variants(self) -> EdgeoptConfig:

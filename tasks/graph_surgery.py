@@ -6,20 +6,26 @@ per transformation, which nodes changed, the final graph inputs and the fp32 agr
 
 Transformations, in the order applied (each switchable in `GraphSurgeryParams`):
 
-1. `mask_fill_value` (default -1e4): the exporter builds the additive attention mask with the
-   float32 minimum (-3.4e38). fp32 does not care (exp(-1e4) is already 0), but a static
-   quantizer sizes the scale of every tensor on that path from it, which wipes out the attention
-   scores (STS-B Spearman of MiniLM QDQ uint8: ~39 instead of ~82). Every float constant or
-   initializer element <= -1e30 (or -inf, or the dtype minimum) is replaced by the fill value.
+1. `mask_fill_value` (default -100): the exporter builds the additive attention mask with the
+   float32 minimum (-3.4e38). fp32 does not care (exp(-100) is already ~0 next to the real
+   scores), but a static quantizer sizes the scale of every tensor on that path from it: the
+   score+mask Add gets a uint8 step of ~1e36 and the attention collapses (STS-B Spearman of
+   MiniLM QDQ uint8: 38.5 instead of 82). Every float constant or initializer element <= -1e30
+   (or -inf, or the dtype minimum) is replaced by the fill value. The value has to be small next
+   to the score range, not just finite: -1e4 still gives that Add a step of ~39 (Spearman 40.6
+   at seq128), -100 gives ~1 (74.9, the same as leaving the Add and Softmax unquantized); the
+   fp32 check below guards against a value so small that padding leaks into the attention.
 2. `float_mask_input`: the int64/bool chain that turns `attention_mask` into the additive bias
-   (Cast/Flatten/Gather/And/Expand/Where in transformers 5, Unsqueeze/Cast/Sub/Mul in older
-   exports) runs on the CPU fallback of most NPUs. The tensor added to the attention scores right
-   before Softmax is replaced by a new float32 input `attention_bias` [B, 1, 1, L] (0 for real
-   tokens, the fill value for padding; it broadcasts over heads and query positions). The mean
-   pooling at the end also reads the mask: its first float cast (Unsqueeze -> Cast in our export)
-   is replaced by a float32 input `pooling_mask` (1.0 real / 0.0 padding, shape as the cast, e.g.
-   [B, L, 1]). `attention_mask` disappears when nothing else reads it; otherwise it is kept and
-   the payload says which nodes still read it. The fill value is stored in the model metadata
+   (Cast/Flatten/Gather/And/Expand/Where in transformers 5; Unsqueeze/Cast/Sub/Mul in 4.x
+   exports, found by the same search but not tested here) runs on the CPU fallback of most NPUs.
+   The chain is found as the nodes computed from `attention_mask` and constants only. The tensor
+   added to the attention scores right before Softmax is replaced by a new float32 input
+   `attention_bias` [B, 1, 1, L] (0 for real tokens, the fill value for padding; it broadcasts
+   over heads and query positions). The mean pooling at the end also reads the mask: its first
+   float cast (Unsqueeze -> Cast in our export) is replaced by a float32 input `pooling_mask`
+   (1.0 real / 0.0 padding, shape as the cast, e.g. [B, L, 1]). `attention_mask` disappears when
+   nothing else reads it; otherwise it is kept and the payload says which nodes still read it.
+   The fill value is stored in the model metadata
    (`edgeopt.attention_bias_fill`) so `build_feeds` can make the bias.
 3. `int32_inputs`: int64 graph inputs become int32. Where every consumer accepts int32 (Gather
    indices, Cast, Shape, or shape-only ops such as Unsqueeze/Reshape leading to those) the input
@@ -46,7 +52,7 @@ import json
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +81,7 @@ class GraphSurgeryParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mask_fill_value: float | None = Field(
-        -1e4, lt=0, gt=-HUGE, description="replaces the float-min attention-mask fill; null keeps it"
+        -100.0, lt=0, gt=-HUGE, description="replaces the float-min attention-mask fill; null keeps it"
     )
     int32_inputs: bool = Field(False, description="int64 graph inputs become int32")
     float_mask_input: bool = Field(False, description="inputs attention_bias/pooling_mask replace the mask chain")
@@ -87,7 +93,7 @@ class GraphSurgeryParams(BaseModel):
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
-            raise ValueError("mask_fill_value must be a finite negative number such as -1e4, or null")
+            raise ValueError("mask_fill_value must be a finite negative number such as -100, or null")
         return v
 
 
@@ -150,7 +156,9 @@ def _tensor_types(model) -> dict[str, tuple[int, list]]:
     out = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else None
+        dims = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         out[vi.name] = (tt.elem_type, dims)
     for init in model.graph.initializer:
         out[init.name] = (init.data_type, list(init.dims))
@@ -214,9 +222,8 @@ def fix_mask_fill(model, fill: float) -> dict:
                 if mask.any():
                     old_values.update(float(v) for v in values[mask])
                     values[mask] = fill
-                    attr.CopyFrom(
-                        helper.make_attribute(attr.name, float(values[0]) if attr.name == "value_float" else values.tolist())
-                    )
+                    new = float(values[0]) if attr.name == "value_float" else values.tolist()
+                    attr.CopyFrom(helper.make_attribute(attr.name, new))
                     hit = True
             if hit:
                 changed.append(node.name or node.output[0])
@@ -245,7 +252,8 @@ def _feeds_softmax(tensor: str, consumers, depth: int = 3) -> bool:
     for node, _ in consumers.get(tensor, []):
         if node.op_type == "Softmax":
             return True
-        if depth > 0 and node.op_type in ("Add", "Reshape", "Cast", "Sub") and _feeds_softmax(node.output[0], consumers, depth - 1):
+        passes_on = node.op_type in ("Add", "Reshape", "Cast", "Sub")
+        if depth > 0 and passes_on and _feeds_softmax(node.output[0], consumers, depth - 1):
             return True
     return False
 
@@ -261,10 +269,12 @@ def float_mask_input(model, fill: float) -> dict:
         raise InputError(f"graph_surgery.float_mask_input: the model has no {MASK_INPUT!r} input; disable the option")
     dims = [d.dim_value for d in mask_in.type.tensor_type.shape.dim]
     if len(dims) != 2 or not all(dims):
-        raise InputError(f"graph_surgery.float_mask_input: {MASK_INPUT} must have a static [batch, seq] shape, got {dims}")
+        raise InputError(
+            f"graph_surgery.float_mask_input: {MASK_INPUT} must have a static [batch, seq] shape, got {dims}"
+        )
     batch, seq = dims
     types = _tensor_types(model)
-    cone, dep = _mask_cone(graph, MASK_INPUT)
+    cone, _ = _mask_cone(graph, MASK_INPUT)
     cone_ids = {id(n) for n in cone}
     consumers = _consumers(graph)
 
@@ -275,7 +285,8 @@ def float_mask_input(model, fill: float) -> dict:
             if types.get(out, (None,))[0] not in (TensorProto.FLOAT, TensorProto.FLOAT16):
                 continue
             for consumer, idx in consumers.get(out, []):
-                if id(consumer) not in cone_ids and consumer.op_type == "Add" and _feeds_softmax(consumer.output[0], consumers):
+                outside = id(consumer) not in cone_ids
+                if outside and consumer.op_type == "Add" and _feeds_softmax(consumer.output[0], consumers):
                     bias_edges.append((consumer, idx, out))
     if not bias_edges:
         raise StageError(
@@ -369,8 +380,11 @@ def int32_inputs(model) -> dict:
                 node.input[idx] = cast_out
             for out in graph.output:
                 if out.name == inp.name:
-                    raise StageError(f"graph_surgery.int32_inputs: input {inp.name} is also a graph output; disable int32_inputs")
-            new_nodes.append(helper.make_node("Cast", [inp.name], [cast_out], name=f"{inp.name}_to_int64", to=TensorProto.INT64))
+                    raise StageError(
+                        f"graph_surgery.int32_inputs: input {inp.name} is also a graph output; disable int32_inputs"
+                    )
+            cast = helper.make_node("Cast", [inp.name], [cast_out], name=f"{inp.name}_to_int64", to=TensorProto.INT64)
+            new_nodes.append(cast)
             cast_inserted.append(inp.name)
         tt.elem_type = TensorProto.INT32
     if new_nodes:
@@ -546,11 +560,16 @@ def build_feeds(
             mask = np.asarray(mask)
             n, length = mask.shape
             if len(shape) and shape[-1] not in (None, length) and name == BIAS_INPUT:
-                raise InputError(f"build_feeds: {name} expects length {shape[-1]}, tokenized arrays have {length}; re-tokenize")
+                raise InputError(
+                    f"build_feeds: {name} expects length {shape[-1]}, tokenized arrays have {length}; re-tokenize"
+                )
             if name == BIAS_INPUT:
                 fill = mask_fill_value if mask_fill_value is not None else meta.get(META_FILL)
                 if fill is None:
-                    raise InputError(f"build_feeds: model input {BIAS_INPUT!r} but no fill value in its metadata; pass mask_fill_value")
+                    raise InputError(
+                        f"build_feeds: model input {BIAS_INPUT!r} but no fill value in its metadata; "
+                        "pass mask_fill_value"
+                    )
                 arr = np.where(mask.reshape(n, 1, 1, length) > 0, 0.0, float(fill))
             else:
                 rest = [d for d in shape[1:]]
@@ -612,7 +631,9 @@ def compare(reference: Path, candidate: Path, arrays: dict[str, np.ndarray]) -> 
         new = ort.InferenceSession(str(candidate), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         msg = str(exc).strip().splitlines()[0][-200:] if str(exc).strip() else exc.__class__.__name__
-        raise StageError(f"graph_surgery: ONNX Runtime cannot load the rewritten model ({msg}); disable the last option") from exc
+        raise StageError(
+            f"graph_surgery: ONNX Runtime cannot load the rewritten model ({msg}); disable the last option"
+        ) from exc
     out_name = new.get_outputs()[0].name
     if out_name not in {o.name for o in ref.get_outputs()}:
         raise StageError(f"graph_surgery: output {out_name!r} missing from the input model")
@@ -640,8 +661,9 @@ def load_model(model: Path):
         proto = onnx.load(str(model))
         onnx.checker.check_model(proto)
     except Exception as exc:  # protobuf DecodeError, checker errors, external data errors ...
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise InputError(
-            f"{model}: not a valid ONNX model ({exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
+            f"{model}: not a valid ONNX model ({exc.__class__.__name__}: {detail}); "
             "pass the model.onnx written by export_onnx"
         ) from exc
     if not proto.graph.node or not proto.graph.input:
@@ -699,11 +721,14 @@ def run(model: Path, params: GraphSurgeryParams, out_dir: Path, key: str, *, cal
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
-            raise StageError(f"graph_surgery: the rewritten model fails onnx.checker ({str(exc).splitlines()[0]})") from exc
+            raise StageError(
+                f"graph_surgery: the rewritten model fails onnx.checker ({str(exc).splitlines()[0]})"
+            ) from exc
         out_path = scratch / "model.onnx"
         onnx.save(proto, out_path)
 
-        min_cos = compare(model, out_path, check_feeds(proto, seq_len, calibration))
+        check = check_feeds(proto, seq_len, calibration)
+        min_cos = compare(model, out_path, check)
         if min_cos < params.verify_min_cosine:
             enabled = [k for k in report]
             raise StageError(
@@ -718,6 +743,7 @@ def run(model: Path, params: GraphSurgeryParams, out_dir: Path, key: str, *, cal
             "outputs": [o.name for o in proto.graph.output],
             "nodes": len(proto.graph.node),
             "verify_min_cosine": min_cos,
+            "verify_rows": int(len(check["input_ids"])),
             "size_mb": out_path.stat().st_size / 1e6,
         }
         write_stamp(scratch, key, payload)

@@ -1,8 +1,9 @@
-"""Stage report: collect benchmark rows into the results contract.
+"""Stage report: collect benchmark rows into the results contract and judge the accuracy budget.
 
 Reads: the `stage.json` of each benchmark output named in the config. Writes: `<out>/benchmark.csv`
-(validated by `tasks.schemas.BENCHMARK_ROWS`), `<out>/summary.json` (DVC metrics) and
-`<out>/stage.json`.
+(validated by `tasks.schemas.REPORT_ROWS`: every benchmark row plus `spearman_drop` and
+`within_budget` against the fp32 row at the same sequence length), `<out>/summary.json` (DVC
+metrics, and the fastest within-budget row per device and length) and `<out>/stage.json`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ from pathlib import Path
 
 import pandas as pd
 import pandera.errors
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import StageError
 from tasks.fingerprint import atomic_output_dir, read_stamp, write_json_atomic, write_stamp
-from tasks.schemas import BENCHMARK_ROWS, describe
+from tasks.schemas import BENCHMARK_ROWS, REPORT_ROWS, describe
 
 TOOLS = ("pandas", "pandera")
+
+
+class ReportParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accuracy_budget: float = Field(
+        0.5, ge=0, description="max STS-B Spearman points below fp32 (same seq_len) for a row to be within budget"
+    )
 SUMMARY_METRICS = ("latency_p50_ms", "latency_p99_ms", "cold_start_ms", "size_mb", "stsb_spearman", "cosine_to_fp32_min")
 
 
@@ -33,14 +43,43 @@ def collect_rows(benchmark_dirs: list[Path]) -> pd.DataFrame:
         raise StageError(f"benchmark rows fail the schema: {describe(exc)}") from exc
 
 
-def run(benchmark_dirs: list[Path], out_dir: Path, key: str) -> dict:
-    table = collect_rows(benchmark_dirs)
+def judge_budget(table: pd.DataFrame, budget: float) -> pd.DataFrame:
+    """Add spearman_drop (fp32 minus row, same seq_len) and within_budget (drop <= budget)."""
+    fp32 = table[table["variant"] == "fp32"].sort_values("device", key=lambda d: d != "ort_cpu")
+    baseline = fp32.drop_duplicates("seq_len").set_index("seq_len")["stsb_spearman"]
+    missing = sorted(set(table["seq_len"]) - set(baseline.index))
+    if missing:
+        raise StageError(
+            f"no fp32 row at seq_len {missing}: add {{variant: fp32, device: ort_cpu}} to targets "
+            "(the accuracy budget is measured against it)"
+        )
+    drop = table["seq_len"].map(baseline) - table["stsb_spearman"]
+    return REPORT_ROWS.validate(table.assign(spearman_drop=drop, within_budget=drop <= budget))
+
+
+def best_within_budget(table: pd.DataFrame) -> dict:
+    """Fastest row within budget for each (device, seq_len): what to deploy there."""
+    best = {}
+    ok = table[table["within_budget"]].sort_values("latency_p50_ms")
+    for r in ok.drop_duplicates(["device", "seq_len"]).itertuples():
+        best[f"{r.device}/{r.seq_len}"] = {
+            "variant": r.variant,
+            "latency_p50_ms": float(r.latency_p50_ms),
+            "stsb_spearman": float(r.stsb_spearman),
+            "artifact": r.artifact,
+        }
+    return best
+
+
+def run(benchmark_dirs: list[Path], params: ReportParams, out_dir: Path, key: str) -> dict:
+    table = judge_budget(collect_rows(benchmark_dirs), params.accuracy_budget)
     summary = {
         f"{r.variant}/{r.device}/{r.seq_len}": {m: float(getattr(r, m)) for m in SUMMARY_METRICS}
         for r in table.itertuples()
     }
+    best = best_within_budget(table)
     with atomic_output_dir(out_dir) as scratch:
         table.to_csv(scratch / "benchmark.csv", index=False, float_format="%.6g")
-        write_json_atomic(scratch / "summary.json", summary)
+        write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best})
         write_stamp(scratch, key, {"rows": len(table)})
-    return {"rows": table.to_dict(orient="records"), "summary": summary}
+    return {"rows": table.to_dict(orient="records"), "summary": summary, "best_within_budget": best}

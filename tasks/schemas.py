@@ -50,6 +50,14 @@ BENCHMARK_ROWS = pa.DataFrameSchema(
     name="benchmark_rows",
 )
 
+# What the report adds to every row: the accuracy budget verdict against fp32 at the same length.
+REPORT_ROWS = BENCHMARK_ROWS.add_columns(
+    {
+        "spearman_drop": pa.Column(float),
+        "within_budget": pa.Column(bool),
+    }
+)
+
 
 def describe(exc: Exception) -> str:
     """One line for a pandera SchemaError/SchemaErrors: which column failed which check, on what value."""

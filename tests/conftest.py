@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,14 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["data"]["stsb_dir"] = str(STSB_DIR)
     params["fetch_model"].update(source="path", path=str(model_dir))
     params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, stsb_pairs=40)
+    params["reference"].update(sentences=40)
+    params["calibration_data"].update(
+        samples=16,
+        sources=[{"path": str(STSB_DIR / f"sts-{split}.csv"), "format": "stsb"} for split in ("train", "dev")],
+    )
+    # Only fp32 by default: most tests are about the DAG, not about quantization.
+    params["variants"] = ["fp32"]
+    params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
     for section, values in overrides.items():
         if isinstance(values, dict):
             params[section].update(values)
@@ -62,6 +71,9 @@ def workspace(tmp_path, tiny_bert, monkeypatch) -> Path:
         else:
             shutil.copy2(src, ws / name)
     write_params(ws, tiny_params(tiny_bert))
+    # `dvc` and the `edgeopt` it calls come from the interpreter running the tests, as they
+    # would from an activated venv; never from whatever else is on PATH.
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=ws, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=ws, check=True)

@@ -12,11 +12,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import pipeline
-from tasks.schemas import BENCHMARK_ROWS
+from tasks.schemas import REPORT_ROWS
 
 ALL_STAGES = {
     "reference@16",
     "reference@32",
+    "calibration_data",
+    "graph_surgery@16",
+    "graph_surgery@32",
+    "quantize@fp32-16",
+    "quantize@fp32-32",
     "fetch_model",
     "export_onnx@16",
     "export_onnx@32",
@@ -50,9 +55,10 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     first = pipeline(project_dir=str(workspace))
     assert executed(first) == ALL_STAGES
 
-    table = BENCHMARK_ROWS.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
+    table = REPORT_ROWS.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
     assert sorted(table["seq_len"]) == [16, 32]
-    assert (table["artifact"] == ["artifacts/export_onnx/seq16/model.onnx", "artifacts/export_onnx/seq32/model.onnx"]).all()
+    assert (table["artifact"] == ["artifacts/quantize/fp32-16/model.onnx", "artifacts/quantize/fp32-32/model.onnx"]).all()
+    assert table["within_budget"].all() and (table["spearman_drop"] == 0).all()
     assert (table["cosine_to_fp32_min"] > 0.9999).all()  # fp32 is its own reference
     assert (table["latency_p50_ms"] <= table["latency_p99_ms"]).all()
 
@@ -77,7 +83,7 @@ def test_export_param_change_reruns_export_and_downstream_only(workspace):
     pipeline(project_dir=str(workspace))
     set_param(workspace, "export_onnx", "opset", 18)
     result = pipeline(project_dir=str(workspace))
-    assert executed(result) == ALL_STAGES - {"fetch_model"}
+    assert executed(result) == ALL_STAGES - {"fetch_model", "calibration_data"}
 
 
 def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(workspace):
@@ -86,7 +92,7 @@ def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(wor
     assert dvc_ran(dvc("repro")) == set()
 
     set_param(workspace, "export_onnx", "opset", 18)
-    assert dvc_ran(dvc("repro")) == ALL_STAGES - {"fetch_model"}
+    assert dvc_ran(dvc("repro")) == ALL_STAGES - {"fetch_model", "calibration_data"}
 
     # The DVC runner left Prefect cache records: the flow redoes none of dvc's work.
     assert executed(pipeline(project_dir=str(workspace))) == set()

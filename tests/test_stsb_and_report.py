@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tasks.errors import InputError, StageError
-from tasks.report import collect_rows, run as report_run
+from tasks.report import ReportParams, collect_rows, run as report_run
 from tasks.stsb import read_pairs
 
 from conftest import STSB_DIR
@@ -60,12 +60,26 @@ def _bench_dir(tmp_path, name, row):
 
 
 def test_report_writes_validated_csv_and_summary(tmp_path):
-    dirs = [_bench_dir(tmp_path, "a", _row()), _bench_dir(tmp_path, "b", _row(seq_len=512))]
-    report_run(dirs, tmp_path / "metrics", key="k")
-    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv")
-    assert list(table["seq_len"]) == [128, 512]
+    dirs = [
+        _bench_dir(tmp_path, "a", _row()),
+        _bench_dir(tmp_path, "b", _row(seq_len=512)),
+        _bench_dir(tmp_path, "c", _row(variant="int8_ok", stsb_spearman=81.6, latency_p50_ms=8.0)),
+        _bench_dir(tmp_path, "d", _row(variant="int8_bad", stsb_spearman=38.6, latency_p50_ms=5.0)),
+    ]
+    report_run(dirs, ReportParams(accuracy_budget=0.5), tmp_path / "metrics", key="k")
+    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index("variant")
+    assert table.loc["int8_ok", "within_budget"] and not table.loc["int8_bad", "within_budget"]
+    assert table.loc["int8_bad", "spearman_drop"] == pytest.approx(82.03 - 38.6)
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
     assert summary["fp32/ort_cpu/512"]["stsb_spearman"] == pytest.approx(82.03)
+    # The faster but broken variant is never the winner.
+    assert summary["best_within_budget"]["ort_cpu/128"]["variant"] == "int8_ok"
+    assert summary["best_within_budget"]["ort_cpu/512"]["variant"] == "fp32"
+
+
+def test_budget_needs_an_fp32_row(tmp_path):
+    with pytest.raises(StageError, match="no fp32 row at seq_len"):
+        report_run([_bench_dir(tmp_path, "a", _row(variant="int8"))], ReportParams(), tmp_path / "m", key="k")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,9 @@ from tasks.backends.base import Backend
 
 BACKEND_MODULES = {
     "ort_cpu": "tasks.backends.ort_cpu",
+    "openvino_cpu": "tasks.backends.openvino_cpu",
+    "openvino_npu": "tasks.backends.openvino_npu",
+    "qnn_htp": "tasks.backends.qnn_htp",
 }
 
 

@@ -142,7 +142,9 @@ def _placement(source, compiled) -> dict[str, Any]:
         "cpu_fallback": {
             "count": len(cpu),
             "op_types": dict(sorted(Counter(n.op_type for n in cpu).items())),
-            "nodes": [{"name": n.name or f"<unnamed {n.op_type} #{i}>", "op_type": n.op_type} for i, n in enumerate(cpu)],
+            "nodes": [
+                {"name": n.name or f"<unnamed {n.op_type} #{i}>", "op_type": n.op_type} for i, n in enumerate(cpu)
+            ],
         },
     }
 

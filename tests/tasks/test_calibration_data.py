@@ -33,7 +33,9 @@ def _write_stsb(path: Path, pairs: int, seed: int) -> Path:
     lines = []
     for i in range(pairs):
         extra = "\tnote\tmore" if i % 7 == 0 else ""
-        lines.append(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{(i % 6) * 0.8:.3f}\t{s[2 * i]}\t\"{s[2 * i + 1]}{extra}")
+        score = f"{(i % 6) * 0.8:.3f}"
+        fields = ["main-captions", "MSRvid", "2012test", f"{i:04d}", score, s[2 * i], f'"{s[2 * i + 1]}']
+        lines.append("\t".join(fields) + extra)
     path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
     return path
 
@@ -42,7 +44,10 @@ def _write_stsb(path: Path, pairs: int, seed: int) -> Path:
 def stsb_sources(tmp_path) -> tuple[list[CalibrationSource], list[Path]]:
     train = _write_stsb(tmp_path / "sts-train.csv", 60, seed=1)
     dev = _write_stsb(tmp_path / "sts-dev.csv", 30, seed=2)
-    sources = [CalibrationSource(path=Path("sts-train.csv"), format="stsb"), CalibrationSource(path=Path("sts-dev.csv"), format="stsb")]
+    sources = [
+        CalibrationSource(path=Path("sts-train.csv"), format="stsb"),
+        CalibrationSource(path=Path("sts-dev.csv"), format="stsb"),
+    ]
     return sources, [train, dev]
 
 
@@ -68,7 +73,8 @@ def test_stsb_sources_write_all_outputs(tiny_bert, stsb_sources, tmp_path):
 
     stamp = json.loads((out / "stage.json").read_text())
     assert stamp["key"] == "k"
-    assert set(stamp["files"]) == {"sentences.csv", "calib_seq8.npz", "calib_seq64.npz", "token_lengths.json", "token_lengths.png"}
+    expected = {"sentences.csv", "calib_seq8.npz", "calib_seq64.npz", "token_lengths.json", "token_lengths.png"}
+    assert set(stamp["files"]) == expected
     for L in (8, 64):
         arrays = load_calibration(out / calib_name(L))
         for name, arr in arrays.items():

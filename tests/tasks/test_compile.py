@@ -48,7 +48,8 @@ def test_tiny_qdq_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(tiny_qdq
     from tasks.export_onnx import tokenize
 
     out = tmp_path / "compile"
-    payload = run(tiny_qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(threads=1), out, key="k1", model_dir=tiny_bert)
+    params = CompileParams(threads=1)
+    payload = run(tiny_qdq, "qnn_htp", "snapdragon_8_gen_3", params, out, key="k1", model_dir=tiny_bert)
 
     assert is_current(out, "k1")
     assert sorted(read_stamp(out)["files"]) == ["model_ctx.onnx", "model_ctx_qnn.bin", "placement.json"]
@@ -103,9 +104,8 @@ def test_verify_inputs_npz_feeds_the_check(unsupported_onnx, tmp_path):
     short = tmp_path / "short.npz"
     np.savez(short, x=np.zeros((3, 16), np.float32))
     with pytest.raises(InputError, match="has 3 rows, verify_count needs 8"):
-        run(unsupported_onnx, "qnn_htp", "snapdragon_8_gen_3",
-            CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1), verify_inputs=short),
-            tmp_path / "out2", key="k")
+        params = CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1), verify_inputs=short)
+        run(unsupported_onnx, "qnn_htp", "snapdragon_8_gen_3", params, tmp_path / "out2", key="k")
 
 
 def test_unknown_soc_is_a_one_line_error_listing_known_socs(tmp_path):

@@ -20,7 +20,8 @@ from tasks.graph_surgery import GraphSurgeryParams, build_feeds, run
 
 SEQ = 32
 SENTENCES = ["a man is playing a guitar.", "two dogs are running in the street with a red ball.", "a cat."]
-MASK_CHAIN_OPS = {"Where", "Expand", "And", "Unsqueeze", "Equal", "GreaterOrEqual", "Flatten", "ConstantOfShape"}
+# Ops that, in this export, only occur on the attention-mask path (the other Expand is in the L2 norm).
+MASK_CHAIN_OPS = {"Where", "And", "Unsqueeze", "Equal", "GreaterOrEqual", "Flatten", "ConstantOfShape"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,10 @@ def tokens(tiny_bert) -> dict[str, np.ndarray]:
 
 def _embed(model: Path, arrays) -> np.ndarray:
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    rows = [sess.run(None, build_feeds(sess, {k: v[i : i + 1] for k, v in arrays.items()}))[0] for i in range(len(arrays["input_ids"]))]
+    rows = [
+        sess.run(None, build_feeds(sess, {k: v[i : i + 1] for k, v in arrays.items()}))[0]
+        for i in range(len(arrays["input_ids"]))
+    ]
     return np.concatenate(rows)
 
 
@@ -52,7 +56,8 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _huge_negatives(model: onnx.ModelProto) -> int:
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    return sum(int((numpy_helper.to_array(t) < -1e30).sum()) for t in tensors if numpy_helper.to_array(t).dtype.kind == "f")
+    arrays = [numpy_helper.to_array(t) for t in tensors]
+    return sum(int((a < -1e30).sum()) for a in arrays if a.dtype.kind == "f")
 
 
 def _surgery(tiny_onnx, tmp_path, **kw) -> tuple[dict, Path]:
@@ -68,7 +73,7 @@ def test_default_replaces_float_min_fill_and_folds_constants(tiny_onnx, tokens, 
     out = onnx.load(model)
     assert _huge_negatives(out) == 0
     fix = payload["transformations"]["mask_fill_value"]
-    assert fix["count"] == 1 and fix["fill_value"] == -1e4 and fix["replaced_values"][0] < -3e38
+    assert fix["count"] == 1 and fix["fill_value"] == -100 and fix["replaced_values"][0] < -3e38
     fold = payload["transformations"]["fold_constants"]
     assert fold["nodes_after"] == len(out.graph.node) < fold["nodes_before"]
     assert "Identity" not in Counter(n.op_type for n in out.graph.node)
@@ -80,7 +85,8 @@ def test_default_replaces_float_min_fill_and_folds_constants(tiny_onnx, tokens, 
 def test_int32_inputs(tiny_onnx, tokens, tmp_path):
     payload, model = _surgery(tiny_onnx, tmp_path, int32_inputs=True)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    assert {i.name: i.type for i in sess.get_inputs()} == {n: "tensor(int32)" for n in ("input_ids", "attention_mask", "token_type_ids")}
+    types = {i.name: i.type for i in sess.get_inputs()}
+    assert types == {n: "tensor(int32)" for n in ("input_ids", "attention_mask", "token_type_ids")}
     report = payload["transformations"]["int32_inputs"]
     assert sorted(report["retyped"] + report["cast_inserted"]) == ["attention_mask", "input_ids", "token_type_ids"]
     assert all(i["dtype"] == "int32" for i in payload["inputs"])
@@ -96,6 +102,7 @@ def test_float_mask_input_removes_the_mask_chain(tiny_onnx, tokens, tmp_path):
     out = onnx.load(model)
     ops = Counter(n.op_type for n in out.graph.node)
     assert not ops.keys() & MASK_CHAIN_OPS
+    assert ops["Expand"] == before["Expand"] - 1
     assert ops["Cast"] == 0  # no int64/bool casts left anywhere
     assert payload["inputs"] == [
         {"name": "input_ids", "dtype": "int32", "shape": [1, SEQ]},
@@ -111,7 +118,8 @@ def test_float_mask_input_removes_the_mask_chain(tiny_onnx, tokens, tmp_path):
     feeds = build_feeds(sess, {k: v[2:3] for k, v in tokens.items()})
     real = int(tokens["attention_mask"][2].sum())
     assert feeds["attention_bias"].shape == (1, 1, 1, SEQ)
-    assert (feeds["attention_bias"][0, 0, 0, :real] == 0).all() and (feeds["attention_bias"][0, 0, 0, real:] == -1e4).all()
+    bias = feeds["attention_bias"][0, 0, 0]
+    assert (bias[:real] == 0).all() and (bias[real:] == -100).all()
     assert feeds["pooling_mask"].shape == (1, SEQ, 1) and feeds["pooling_mask"].sum() == real
     assert _min_cosine(_embed(tiny_onnx, tokens), _embed(model, tokens)) >= 0.99999
 
@@ -155,3 +163,15 @@ def test_build_feeds_rejects_inputs_it_cannot_make(tiny_onnx, tokens, tmp_path):
     # The fill value travels in the model metadata, and can be overridden.
     feeds = build_feeds(onnx.load(model), {k: v[:1] for k, v in tokens.items()}, mask_fill_value=-99.0)
     assert feeds["attention_bias"].min() == -99.0
+
+
+def test_calibration_rows_join_the_check(tiny_onnx, tokens, tmp_path):
+    from tasks.calibration_data import _save_npz
+
+    good, bad = tmp_path / "calib_seq32.npz", tmp_path / "calib_seq16.npz"
+    _save_npz(good, tokens)
+    _save_npz(bad, {k: v[:, :16] for k, v in tokens.items()})
+    payload = run(tiny_onnx, GraphSurgeryParams(float_mask_input=True), tmp_path / "a", key="k", calibration=good)
+    assert payload["verify_rows"] == 4 + len(SENTENCES) and payload["verify_min_cosine"] >= 0.99999
+    with pytest.raises(InputError, match="calib_seq16.npz: rows have length 16, the model takes 32"):
+        run(tiny_onnx, GraphSurgeryParams(), tmp_path / "b", key="k", calibration=bad)

@@ -1,0 +1,20 @@
+"""OpenVINO on the CPU plugin.
+
+Compiled for latency with exactly the benchmark's thread count. INFERENCE_PRECISION_HINT defaults
+to f32: on CPUs with AMX/avx512_bf16 the plugin would otherwise run float models in bf16, which is
+a different variant from the one being measured. `precision` reports what the compiled model uses.
+"""
+
+from __future__ import annotations
+
+from tasks.backends._openvino import OpenVinoBackend, OpenVinoModel
+
+
+class OpenVinoCpuBackend(OpenVinoBackend):
+    def __init__(self, inference_precision: str | None = "f32", cache_dir=None):
+        super().__init__("openvino_cpu", "CPU", inference_precision=inference_precision, cache_dir=cache_dir)
+
+
+BACKEND = OpenVinoCpuBackend()
+
+__all__ = ["BACKEND", "OpenVinoCpuBackend", "OpenVinoModel"]
