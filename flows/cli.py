@@ -47,13 +47,34 @@ def _user_errors() -> Iterator[None]:
 
 def _rows_table(rows: list[dict]) -> Table:
     table = Table(title="benchmark (metrics/benchmark.csv)")
-    for col in ("variant", "device", "seq_len", "size MB", "p50 ms", "p99 ms", "cold ms", "STS-B ρ×100", "cos→fp32 min"):
+    columns = ("variant", "device", "seq_len", "size MB", "p50 ms", "p99 ms", "cold ms", "STS-B ρ×100", "drop",
+               "in budget", "cos→fp32 min")
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("variant", "device") else "left")
     for r in rows:
         table.add_row(
             r["variant"], r["device"], str(r["seq_len"]), f"{r['size_mb']:.1f}", f"{r['latency_p50_ms']:.2f}",
             f"{r['latency_p99_ms']:.2f}", f"{r['cold_start_ms']:.0f}", f"{r['stsb_spearman']:.2f}",
+            f"{r['spearman_drop']:+.2f}", "[green]yes[/]" if r["within_budget"] else "[red]no[/]",
             f"{r['cosine_to_fp32_min']:.5f}",
+        )
+    return table
+
+
+def _compile_table(rows: list[dict]) -> Table:
+    table = Table(title="compile (metrics/compile.csv); simulated timings are not device latency")
+    for col in ("variant", "device", "target", "seq_len", "status", "NPU nodes", "CPU fallback", "compile s",
+                "cos→source min", "run ms"):
+        table.add_column(col)
+
+    def num(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    for r in rows:
+        run_ms = num(r["verify_run_ms_median"], ".1f") + (" (simulated)" if r["simulated"] and r["verify_run_ms_median"] else "")
+        table.add_row(
+            r["variant"], r["device"], r["target"], str(r["seq_len"]), r["status"], num(r["npu_nodes"], "d"),
+            num(r["cpu_fallback_nodes"], "d"), num(r["compile_s"], ".1f"), num(r["verify_min_cosine"], ".5f"), run_ms,
         )
     return table
 
@@ -76,6 +97,8 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
         stages.add_row(name, f"[green]{state}[/]" if state == "Cached" else state)
     console.print(stages)
     console.print(_rows_table(result["rows"]))
+    if result["compile_rows"]:
+        console.print(_compile_table(result["compile_rows"]))
     if result.get("mlflow_fallback_reason"):
         err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
     console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
@@ -91,12 +114,24 @@ def _target(cfg, variant: str, device: str):
     raise ConfigError(f"no target {{variant: {variant}, device: {device}}} in params.yaml targets")
 
 
+def _job(cfg, variant: str, device: str, target: str):
+    from tasks.errors import ConfigError
+
+    for index, job in enumerate(cfg.compile.jobs):
+        if (job.variant, job.device, job.target) == (variant, device, target):
+            return index, job
+    raise ConfigError(
+        f"no compile job {{variant: {variant}, device: {device}, target: {target}}} in params.yaml compile.jobs"
+    )
+
+
 @app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="a stage name in dvc.yaml, e.g. quantize")],
     seq_len: Annotated[int | None, typer.Option(help="for per-length stages")] = None,
     variant: Annotated[str | None, typer.Option(help="for quantize and benchmark")] = None,
-    device: Annotated[str | None, typer.Option(help="for benchmark: a target's device")] = None,
+    device: Annotated[str | None, typer.Option(help="for benchmark and compile: a device")] = None,
+    target: Annotated[str | None, typer.Option(help="for compile: a job's target (e.g. a QNN SoC)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one stage instance: the `cmd` of each stage in dvc.yaml."""
@@ -113,8 +148,9 @@ def stage(
             "graph_surgery": ("seq_len",),
             "quantize": ("variant", "seq_len"),
             "benchmark": ("variant", "device", "seq_len"),
+            "compile": ("variant", "device", "target", "seq_len"),
         }.get(name, ())
-        given = {"seq_len": seq_len, "variant": variant, "device": device}
+        given = {"seq_len": seq_len, "variant": variant, "device": device, "target": target}
         missing = [f"--{k.replace('_', '-')}" for k in needed if given[k] is None]
         if missing:
             raise ConfigError(f"stage {name} needs {' '.join(missing)}")
@@ -126,6 +162,7 @@ def stage(
             "graph_surgery": lambda: stages.graph_surgery(cfg, seq_len),
             "quantize": lambda: stages.quantize(cfg, variant, seq_len),
             "benchmark": lambda: stages.benchmark(cfg, *_target(cfg, variant, device), seq_len),
+            "compile": lambda: stages.compile_device(cfg, *_job(cfg, variant, device, target), seq_len),
             "report": lambda: stages.report(cfg),
         }
         if name not in builders:

@@ -1,5 +1,5 @@
 """The edgeopt Prefect flow, wiring only:
-fetch → export → reference → calibration data → graph surgery → quantize → benchmark → report."""
+fetch → export → reference → calibration data → graph surgery → quantize → compile → benchmark → report."""
 
 from __future__ import annotations
 
@@ -61,9 +61,14 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
             _run(stages.graph_surgery(cfg, seq_len), states)
             for variant in cfg.variants:
                 _run(stages.quantize(cfg, variant, seq_len), states)
-        rows = [_run(call, states)["row"] for call in stages.benchmark_calls(cfg)]
-        _run(stages.report(cfg), states)
+        # One at a time on purpose: compile and benchmark each need the whole machine.
+        for call in stages.compile_calls(cfg):
+            _run(call, states)
+        for call in stages.benchmark_calls(cfg):
+            _run(call, states)
+        report = _run(stages.report(cfg), states)
         dvc_synced = sync_dvc_lock(root)
 
-    tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states)
-    return {"stages": states, "rows": rows, "dvc_synced": dvc_synced, **tracked}
+    rows, compiled = report["rows"], report["compile_rows"]
+    tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled)
+    return {"stages": states, "rows": rows, "compile_rows": compiled, "dvc_synced": dvc_synced, **tracked}

@@ -19,12 +19,14 @@ from pydantic import BaseModel
 from tasks import benchmark as benchmark_stage
 from tasks import calibration_data as calibration_stage
 from tasks import catalog
+from tasks import compile as compile_stage
 from tasks import export_onnx as export_stage
 from tasks import fetch_model as fetch_stage
 from tasks import graph_surgery as surgery_stage
 from tasks import quantize as quantize_stage
 from tasks import reference as reference_stage
 from tasks import report as report_stage
+from tasks.compile import CompileJob
 from tasks.config import EdgeoptConfig, Target
 from tasks.fingerprint import stage_key
 from tasks.stsb import split_path
@@ -36,7 +38,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "export_onnx": ("tasks/export_onnx.py", *SHARED_CODE),
     "calibration_data": ("tasks/calibration_data.py", "tasks/stsb.py", "tasks/export_onnx.py", *SHARED_CODE),
     "graph_surgery": ("tasks/graph_surgery.py", *SHARED_CODE),
-    "quantize": ("tasks/quantize.py", *SHARED_CODE),
+    "quantize": ("tasks/quantize.py", "tasks/graph_surgery.py", *SHARED_CODE),
     "reference": (
         "tasks/reference.py",
         "tasks/export_onnx.py",
@@ -59,8 +61,26 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "tasks/backends/base.py",
         *SHARED_CODE,
     ),
-    "report": ("tasks/report.py", "tasks/schemas.py", *SHARED_CODE),
+    "compile": (
+        "tasks/compile.py",
+        "tasks/export_onnx.py",
+        "tasks/graph_surgery.py",
+        "tasks/backends/__init__.py",
+        "tasks/backends/base.py",
+        *SHARED_CODE,
+    ),
+    "report": ("tasks/report.py", "tasks/compile.py", "tasks/schemas.py", *SHARED_CODE),
 }
+# Code a device module imports besides itself. dvc.yaml cannot pick deps per device, so its
+# benchmark and compile stages list these for every device (DVC may rerun more, never less).
+BACKEND_SHARED_CODE: dict[str, tuple[str, ...]] = {
+    "openvino_cpu": ("tasks/backends/_openvino.py",),
+    "openvino_npu": ("tasks/backends/_openvino.py",),
+}
+
+
+def device_code(stage: str, device: str) -> tuple[str, ...]:
+    return (*STAGE_CODE[stage], f"tasks/backends/{device}.py", *BACKEND_SHARED_CODE.get(device, ()))
 
 
 @dataclass(frozen=True)
@@ -203,10 +223,6 @@ def quantize(cfg: EdgeoptConfig, variant: str, seq_len: int) -> StageCall:
     )
 
 
-def benchmark_code(device: str) -> tuple[str, ...]:
-    return (*STAGE_CODE["benchmark"], f"tasks/backends/{device}.py")
-
-
 def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> StageCall:
     name = catalog.dvc_stage_name("benchmark", target=f"target{index}", seq_len=seq_len)
     return StageCall(
@@ -230,7 +246,7 @@ def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> S
             "seq_len": seq_len,
             "stage_name": name,
         },
-        code=benchmark_code(target.device),
+        code=device_code("benchmark", target.device),
         tools=benchmark_stage.TOOLS,
     )
 
@@ -239,17 +255,51 @@ def benchmark_calls(cfg: EdgeoptConfig) -> list[StageCall]:
     return [benchmark(cfg, i, t, s) for s in cfg.seq_lens for i, t in enumerate(cfg.targets)]
 
 
+def compile_device(cfg: EdgeoptConfig, index: int, job: CompileJob, seq_len: int) -> StageCall:
+    name = catalog.dvc_stage_name("compile", job=f"job{index}", seq_len=seq_len)
+    settings = cfg.quantize.variant(job.variant)
+    # Only this job is part of the key: adding or editing another job does not rerun this one.
+    params = cfg.compile.model_copy(update={"jobs": [job]})
+    return StageCall(
+        stage="compile",
+        name=name,
+        fn=compile_stage.run,
+        out_dir=catalog.compile_dir(job.variant, job.device, job.target, seq_len),
+        inputs={
+            "model": catalog.variant_model(job.variant, seq_len, quantize_stage.artifact_name(settings)),
+            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+        },
+        watch={"verify_inputs": cfg.compile.verify_inputs} if cfg.compile.verify_inputs else {},
+        params=params,
+        args={
+            "device": job.device,
+            "target": job.target,
+            "record": {"variant": job.variant, "seq_len": seq_len, "dvc_stage": name},
+        },
+        code=device_code("compile", job.device),
+        tools=compile_stage.tools(job.device),
+    )
+
+
+def compile_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+    return [compile_device(cfg, i, j, s) for s in cfg.seq_lens for i, j in enumerate(cfg.compile.jobs)]
+
+
 def report(cfg: EdgeoptConfig) -> StageCall:
     dirs = [c.out_dir for c in benchmark_calls(cfg)]
+    compiled = [c.out_dir for c in compile_calls(cfg)]
     return StageCall(
         stage="report",
         name="report",
         fn=report_stage.run,
         out_dir=catalog.report_dir(),
-        # Hash each configured benchmark folder; the DVC stage depends on their parent folder.
-        watch={f"benchmark_{i}": d for i, d in enumerate(dirs)},
+        # Hash each configured output folder; the DVC stage depends on their parent folders.
+        watch={
+            **{f"benchmark_{i}": d for i, d in enumerate(dirs)},
+            **{f"compile_{i}": d for i, d in enumerate(compiled)},
+        },
         params=cfg.report,
-        args={"benchmark_dirs": dirs},
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled},
         code=STAGE_CODE["report"],
         tools=report_stage.TOOLS,
     )

@@ -13,10 +13,13 @@ import platform
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from tasks.config import EdgeoptConfig
 from tasks.fingerprint import tool_versions
 
-TRACKED_TOOLS = ("edgeopt", "torch", "transformers", "onnx", "onnxruntime", "prefect", "dvc", "mlflow", "pandera")
+TRACKED_TOOLS = ("edgeopt", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "openvino", "nncf",
+                 "prefect", "dvc", "mlflow", "pandera")
 ROW_METRICS = (
     "size_mb",
     "latency_p50_ms",
@@ -28,9 +31,14 @@ ROW_METRICS = (
     "stsb_spearman",
     "cosine_to_fp32_mean",
     "cosine_to_fp32_min",
+    "spearman_drop",
 )
 ROW_PARAMS = ("model", "variant", "device", "seq_len", "threads", "precision", "artifact", "artifact_sha256",
-              "dvc_stage", "timed_runs", "stsb_pairs", "engine_version")
+              "dvc_stage", "timed_runs", "stsb_pairs", "engine_version", "within_budget")
+COMPILE_METRICS = ("size_mb", "npu_nodes", "cpu_fallback_nodes", "compile_s", "cached_compile_s",
+                   "verify_min_cosine", "verify_run_ms_median")
+COMPILE_PARAMS = ("variant", "device", "target", "seq_len", "status", "precision", "artifact",
+                  "cpu_fallback_op_types", "engine_versions", "dvc_stage")
 
 
 def local_uri(root: Path) -> str:
@@ -63,7 +71,14 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> None:
         out[prefix] = str(value)
 
 
-def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[dict], stage_states: dict[str, str]) -> dict:
+def log_pipeline(
+    cfg: EdgeoptConfig,
+    root: Path,
+    report_dir: Path,
+    rows: list[dict],
+    stage_states: dict[str, str],
+    compile_rows: list[dict] = (),
+) -> dict:
     """Log the run. A configured server that cannot be reached does not fail the pipeline: the run
     is logged to the local store instead and the returned `mlflow_fallback_reason` says so."""
     from mlflow.entities import Metric, Param
@@ -98,7 +113,7 @@ def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[di
     )
     pid = parent.info.run_id
     client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-    for name in ("benchmark.csv", "summary.json"):
+    for name in ("benchmark.csv", "compile.csv", "summary.json"):
         if (report_dir / name).is_file():
             client.log_artifact(pid, str(report_dir / name))
     if (root / "params.yaml").is_file():
@@ -114,6 +129,20 @@ def log_pipeline(cfg: EdgeoptConfig, root: Path, report_dir: Path, rows: list[di
             child.info.run_id,
             metrics=[Metric(m, float(row[m]), now, 0) for m in ROW_METRICS],
             params=[Param(p, str(row[p])) for p in ROW_PARAMS],
+        )
+        client.set_terminated(child.info.run_id)
+    for row in compile_rows:
+        child = client.create_run(
+            experiment_id,
+            run_name=row["dvc_stage"],
+            # Simulator timings (QNN HTP on x86-64) are tagged so nobody reads them as device latency.
+            tags={"mlflow.parentRunId": pid, "simulated": str(row["simulated"]), **versions, **machine},
+        )
+        values = {m: row[m] for m in COMPILE_METRICS if row.get(m) is not None and not pd.isna(row[m])}
+        client.log_batch(
+            child.info.run_id,
+            metrics=[Metric(m, float(v), now, 0) for m, v in values.items()],
+            params=[Param(p, str(row[p])[:6000]) for p in COMPILE_PARAMS],
         )
         client.set_terminated(child.info.run_id)
     client.set_terminated(pid)

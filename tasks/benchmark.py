@@ -8,6 +8,7 @@ embedding run in a separate process (`tasks.bench_worker`).
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -82,14 +83,15 @@ def run(
         )
 
         lat = np.asarray(measured["latencies_ms"])
+        files = model_files(Path(artifact))
         row = {
             "model": model_name,
             "variant": variant,
             "device": device,
             "seq_len": seq_len,
             "artifact": Path(artifact).as_posix(),
-            "artifact_sha256": file_sha256(Path(artifact)),
-            "size_mb": Path(artifact).stat().st_size / 1e6,
+            "artifact_sha256": _model_sha256(files),
+            "size_mb": sum(f.stat().st_size for f in files) / 1e6,
             "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p90_ms": float(np.percentile(lat, 90)),
             "latency_p99_ms": float(np.percentile(lat, 99)),
@@ -109,3 +111,16 @@ def run(
         payload = {"row": row, "peak_rss_mb": measured["peak_rss_mb"]}
         write_stamp(scratch, key, payload)
     return payload
+
+
+def model_files(artifact: Path) -> list[Path]:
+    """The files a model is made of: an OpenVINO IR `.xml` keeps its weights in the `.bin` beside it."""
+    weights = artifact.with_suffix(".bin")
+    return [artifact, weights] if artifact.suffix == ".xml" and weights.is_file() else [artifact]
+
+
+def _model_sha256(files: list[Path]) -> str:
+    """The file's sha256, or for a multi-file model the sha256 of its files' sha256s in order."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()

@@ -45,16 +45,16 @@ def variant_model(variant: str, seq_len: int, artifact_name: str) -> Path:
     return quantize_dir(variant, seq_len) / artifact_name
 
 
+def compile_dir(variant: str, device: str, target: str, seq_len: int) -> Path:
+    return ARTIFACTS / "compile" / f"{variant}-{device}-{target}-{seq_len}"
+
+
 def reference_dir(seq_len: int) -> Path:
     return ARTIFACTS / "reference" / f"seq{seq_len}"
 
 
 def benchmark_dir(variant: str, device: str, seq_len: int) -> Path:
     return ARTIFACTS / "benchmark" / f"{variant}-{device}-{seq_len}"
-
-
-def benchmark_root() -> Path:
-    return ARTIFACTS / "benchmark"
 
 
 def report_dir() -> Path:

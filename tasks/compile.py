@@ -1,26 +1,29 @@
-"""Stage compile: one deployable artifact per (model, device, target SoC), checked against the CPU.
+"""Stage compile: one deployable artifact per (variant, device, target, seq_len), checked against its source.
 
-Reads: an ONNX model (QDQ for integer NPU precision) and, for the verification inputs, either
-`compile.verify_inputs` (an npz of feeds, one row per input) or the fetched HF folder's tokenizer
-(`model_dir`, fixed sentences below). A model whose inputs are all float needs neither (seeded noise).
+Reads: a quantize output (ONNX QDQ for QNN; ONNX or OpenVINO IR for OpenVINO) and, for the verification
+inputs, either `compile.verify_inputs` (an npz of feeds, one row per input) or the fetched HF folder's
+tokenizer (`model_dir`, fixed sentences below). A model whose inputs are all float needs neither (seeded noise).
 Writes, in `out_dir`: the device artifact (qnn_htp: `model_ctx.onnx` EPContext model + `model_ctx_qnn.bin`
-context binary unless embedded), `placement.json` (nodes per execution provider; CPU-fallback op types
-and node names) and `stage.json` (compile time, exact tool/SDK versions, options, verification cosines).
+context binary unless embedded; OpenVINO: `model.blob` + its IR and config), `placement.json` (nodes per
+execution provider/device; CPU-fallback op types and node names) and `stage.json` (status, compile time,
+exact tool/SDK versions, options, verification cosines).
 
 The device does the work through its backend's `compile(model, out_dir, options) -> dict` method;
 this module resolves the per-device options, gates CPU fallback and verifies the result: the compiled
-artifact, run by the backend, must reproduce the source model run on the ONNX Runtime CPU EP.
+artifact, run by the backend, must reproduce its source (on the ONNX Runtime CPU EP, or the backend's
+own uncompiled path). A device this machine lacks is recorded as `skipped: <reason>`.
 """
-
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import BackendUnavailableError, ConfigError, InputError, StageError
+from tasks.errors import ConfigError, InputError, StageError
 from tasks.fingerprint import atomic_output_dir, write_json_atomic, write_stamp
 
 TOOLS = ("onnx", "onnxruntime", "numpy", "transformers")
@@ -42,6 +45,65 @@ VERIFY_SENTENCES = (
     "A child in a red coat feeds ducks beside the river.",
     "Nobody expected the committee to approve the proposal so quickly.",
 )
+
+
+# One row per compile job and sequence length, as the report stage writes it to metrics/compile.csv.
+COMPILE_ROWS = pa.DataFrameSchema(
+    {
+        "variant": pa.Column(str),
+        "device": pa.Column(str),
+        "target": pa.Column(str),
+        "seq_len": pa.Column(int, pa.Check.gt(0)),
+        "status": pa.Column(str, pa.Check.str_matches(r"^(compiled|skipped: .+)$")),
+        "artifact": pa.Column(str, nullable=True),
+        "size_mb": pa.Column(float, pa.Check.gt(0), nullable=True),
+        "precision": pa.Column(str, nullable=True),
+        "npu_nodes": pa.Column("Int64", pa.Check.ge(0), nullable=True),
+        "cpu_fallback_nodes": pa.Column("Int64", pa.Check.ge(0), nullable=True),
+        "cpu_fallback_op_types": pa.Column(str, nullable=True),
+        "compile_s": pa.Column(float, pa.Check.ge(0), nullable=True),
+        "cached_compile_s": pa.Column(float, pa.Check.ge(0), nullable=True),
+        "verify_min_cosine": pa.Column(float, pa.Check.in_range(-1.0001, 1.0001), nullable=True),
+        "verify_run_ms_median": pa.Column(float, pa.Check.gt(0), nullable=True),
+        "simulated": pa.Column(bool),
+        "engine_versions": pa.Column(str, nullable=True),
+        "dvc_stage": pa.Column(str),
+    },
+    checks=pa.Check(
+        lambda df: ~df.duplicated(["variant", "device", "target", "seq_len"]),
+        error="one row per (variant, device, target, seq_len)",
+    ),
+    strict=True,
+    coerce=True,
+    ordered=True,
+    name="compile_rows",
+)
+
+
+def compile_row(payload: dict) -> dict[str, Any]:
+    """The COMPILE_ROWS row of one compile stage payload (skipped devices leave measurements empty)."""
+    versions = payload.get("versions")
+    fallback = payload.get("cpu_fallback_op_types")
+    return {
+        "variant": payload["variant"],
+        "device": payload["device"],
+        "target": payload["target"],
+        "seq_len": payload["seq_len"],
+        "status": payload["status"],
+        "artifact": payload.get("artifact"),
+        "size_mb": payload.get("size_mb"),
+        "precision": payload.get("precision"),
+        "npu_nodes": payload.get("npu_nodes"),
+        "cpu_fallback_nodes": payload.get("cpu_fallback_nodes"),
+        "cpu_fallback_op_types": ", ".join(f"{op} x{n}" for op, n in fallback.items()) if fallback is not None else None,
+        "compile_s": payload.get("compile_seconds"),
+        "cached_compile_s": payload.get("cached_compile_seconds"),
+        "verify_min_cosine": payload.get("verify_min_cosine"),
+        "verify_run_ms_median": payload.get("verify_run_ms_median"),
+        "simulated": bool(payload.get("simulated", False)),
+        "engine_versions": ", ".join(f"{k} {v}" for k, v in versions.items()) if versions else None,
+        "dvc_stage": payload["dvc_stage"],
+    }
 
 
 class _Section(BaseModel):
@@ -79,7 +141,7 @@ class DeviceCompileParams(_Section):
         0, ge=0, description="fail the stage when more source nodes than this run on the CPU EP"
     )
 
-    def backend_options(self, target: str | None) -> dict[str, Any]:
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -97,7 +159,8 @@ class QnnHtpCompileParams(DeviceCompileParams):
     )
     vtcm_mb: int = Field(0, ge=0, description="VTCM size in MB; 0 = the SoC's default")
 
-    def backend_options(self, target: str | None) -> dict[str, Any]:
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
+        # The HTP runs the graph itself; host threads only matter for the verification sessions.
         if target not in self.targets:
             raise ConfigError(
                 f"compile.qnn_htp: unknown target SoC {target!r}; known: {', '.join(sorted(self.targets))} "
@@ -115,8 +178,42 @@ class QnnHtpCompileParams(DeviceCompileParams):
         }
 
 
+class OpenVinoCompileParams(DeviceCompileParams):
+    """OpenVINO plugin config for a compiled blob; `target` is only a label for the machine class."""
+
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    inference_precision: str | None = Field(
+        None, description="INFERENCE_PRECISION_HINT (f32, bf16, f16); null = the device default"
+    )
+    num_streams: int = Field(1, ge=1, description="CPU only")
+    npu_turbo: bool = Field(True, description="NPU only: NPU_TURBO")
+
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
+        options = {"performance_hint": self.performance_hint, "num_streams": self.num_streams,
+                   "npu_turbo": self.npu_turbo, "threads": threads}
+        if self.inference_precision:
+            options["inference_precision"] = self.inference_precision
+        return options
+
+
+class CompileJob(_Section):
+    """One compiled artifact per sequence length: a quantize variant for a device and target."""
+
+    variant: str
+    device: str
+    target: str = Field(description="qnn_htp: a SoC under compile.qnn_htp.targets; OpenVINO: a label")
+
+
 class CompileParams(_Section):
+    # At least one: dvc.yaml's report stage depends on the artifacts/compile folder, which must exist.
+    jobs: list[CompileJob] = Field(
+        default_factory=lambda: [CompileJob(variant="fp32", device="openvino_cpu", target="host")],
+        min_length=1,
+        description="what is compiled for which device",
+    )
     qnn_htp: QnnHtpCompileParams = QnnHtpCompileParams()
+    openvino_cpu: OpenVinoCompileParams = OpenVinoCompileParams(inference_precision="f32")
+    openvino_npu: OpenVinoCompileParams = OpenVinoCompileParams()
     verify_inputs: Path | None = Field(
         None, description="npz of verification feeds (arrays named like the model inputs, one row each)"
     )
@@ -131,13 +228,8 @@ def get_compile_backend(device: str):
 
     try:
         backend = get_backend(device)
-    except KeyError:
-        # Until tasks/backends/__init__.py lists qnn_htp, import it directly.
-        if device != "qnn_htp":
-            raise ConfigError(f"compile: unknown device {device!r}") from None
-        from tasks.backends import qnn_htp
-
-        backend = qnn_htp.BACKEND
+    except KeyError as exc:
+        raise ConfigError(f"compile: {exc.args[0]}") from None
     if not callable(getattr(backend, "compile", None)):
         raise ConfigError(f"compile: device {device!r} has no compile step; benchmark its ONNX model directly")
     return backend
@@ -149,20 +241,31 @@ def tools(device: str) -> tuple[str, ...]:
 
 
 def _input_specs(model: Path) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
+    """(name, dtype, static shape) of each model input; an .xml is an OpenVINO IR."""
+    if model.suffix == ".xml":
+        import openvino as ov
 
-    graph = onnx.load(str(model), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
-    specs = []
-    for inp in graph.input:
-        if inp.name in inits:
-            continue
-        t = inp.type.tensor_type
-        dims = tuple(d.dim_value for d in t.shape.dim)
+        ports = ov.Core().read_model(str(model)).inputs
+        raw = [(p.get_any_name(), np.dtype(p.get_element_type().to_dtype()), p.get_partial_shape()) for p in ports]
+        specs = [(n, t, tuple(d.get_length() if d.is_static else 0 for d in shape)) for n, t, shape in raw]
+    else:
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        graph = onnx.load(str(model), load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        specs = [
+            (
+                inp.name,
+                np.dtype(tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)),
+                tuple(d.dim_value for d in inp.type.tensor_type.shape.dim),
+            )
+            for inp in graph.input
+            if inp.name not in inits
+        ]
+    for name, _, dims in specs:
         if any(d <= 0 for d in dims):
-            raise InputError(f"{model}: input {inp.name} has a dynamic shape {dims}; NPUs need static shapes")
-        specs.append((inp.name, np.dtype(tensor_dtype_to_np_dtype(t.elem_type)), dims))
+            raise InputError(f"{model}: input {name} has a dynamic shape {dims}; NPUs need static shapes")
     return specs
 
 
@@ -242,16 +345,35 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
 
 
-def verify(backend, artifact: Path, source: Path, feeds: list[dict], threads: int) -> list[float]:
-    """Per-feed cosine between the compiled artifact (on the device backend) and the source (CPU EP)."""
-    import onnxruntime as ort
+class _OrtCpuReference:
+    """The source model on the ONNX Runtime CPU EP: what a compiled ONNX artifact must reproduce."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    reference = ort.InferenceSession(str(source), options, providers=[CPU_EP])
-    output = reference.get_outputs()[0].name
+    def __init__(self, source: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(source), options, providers=[CPU_EP])
+        self.output = self.session.get_outputs()[0].name
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output], feed)[0]
+
+
+def verify(backend, artifact: Path, source: Path, feeds: list[dict], threads: int) -> tuple[list[float], list[float]]:
+    """Per-feed cosine between the compiled artifact (on the device backend) and its source, and the
+    compiled artifact's per-feed run time in ms. The source runs on the ONNX Runtime CPU EP, or on the
+    backend's own uncompiled path when it offers one (an OpenVINO IR is not an ONNX file)."""
+    load_reference = getattr(backend, "load_reference", None)
+    reference = load_reference(source, threads) if load_reference else _OrtCpuReference(source, threads)
     compiled = backend.load(artifact, threads)
-    return [_cosine(compiled.run(feed), reference.run([output], feed)[0]) for feed in feeds]
+    cosines, times_ms = [], []
+    for feed in feeds:
+        start = time.perf_counter()
+        output = compiled.run(feed)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+        cosines.append(_cosine(output, reference.run(feed)))
+    return cosines, times_ms
 
 
 def run(
@@ -262,57 +384,84 @@ def run(
     out_dir: Path,
     key: str,
     model_dir: Path | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict:
     """Compile `model` for `device`/`target` into `out_dir`; returns the stage.json payload.
 
     `model_dir` (optional): the fetched HF folder whose tokenizer builds the verification inputs when
-    `params.verify_inputs` is not set.
+    `params.verify_inputs` is not set. `record`: labels copied into the payload (variant, seq_len).
+    A device this machine cannot run is a `skipped: <reason>` status, not an error: the payload says
+    why, and a backend that can prepare offline (OpenVINO NPU) leaves its static IR and config.
     """
     model = Path(model)
     backend = get_compile_backend(device)
     device_params = getattr(params, device, None)
     if not isinstance(device_params, DeviceCompileParams):
         raise ConfigError(f"compile: no options section for device {device!r}; add compile.{device}")
-    options = device_params.backend_options(target)
-    reason = backend.unavailable_reason()
-    if reason:
-        raise BackendUnavailableError(f"device {device}: {reason}")
+    options = device_params.backend_options(target, params.threads)
     if not model.is_file():
         raise InputError(f"{model}: model not found; run the stage that writes it first")
     where = f"compile {device}" + (f"/{target}" if target else "")
-    feed_source, feeds = verification_feeds(model, params, model_dir)
+    labels = {**(record or {}), "device": device, "target": target}
 
+    reason = backend.unavailable_reason()
+    if reason:
+        with atomic_output_dir(out_dir) as scratch:
+            offline = getattr(backend, "offline_bundle", None)
+            bundle = offline(model, scratch, options) if offline else {"files": [], "options": options}
+            payload = {**labels, "status": f"skipped: {reason}", "artifact": None,
+                       "artifact_files": bundle["files"], "options": bundle["options"],
+                       "simulated": bool(getattr(backend, "simulated", False))}
+            write_stamp(scratch, key, payload)
+        return payload
+
+    feed_source, feeds = verification_feeds(model, params, model_dir)
     with atomic_output_dir(out_dir) as scratch:
         result = backend.compile(model, scratch, options)
         placement = result["placement"]
         write_json_atomic(scratch / PLACEMENT, placement)
         check_fallback(placement, device_params.max_cpu_fallback_nodes, where)
 
-        cosines = verify(backend, scratch / result["artifact"], model, feeds, params.threads)
+        cosines, times_ms = verify(backend, scratch / result["artifact"], model, feeds, params.threads)
         worst = min(cosines)
         if worst < params.verify_min_cosine:
             raise StageError(
-                f"{where}: the compiled artifact disagrees with the source on the CPU EP (cosine {worst:.6f} < "
+                f"{where}: the compiled artifact disagrees with its source (cosine {worst:.6f} < "
                 f"{params.verify_min_cosine} on input {cosines.index(worst)} of {len(cosines)}); check the "
                 "quantization (e.g. attention-mask fill values) or compile with enable_htp_fp16_precision"
             )
+        simulated = bool(getattr(backend, "simulated", False))
         payload = {
-            "device": device,
-            "target": target,
+            **labels,
+            "status": "compiled",
             "artifact": result["artifact"],
             "artifact_files": result["files"],  # "files" is the stamp's own list (every output file)
             "size_mb": sum((scratch / f).stat().st_size for f in result["files"]) / 1e6,
             "precision": result.get("precision"),
-            "simulated": bool(getattr(backend, "simulated", False)),
+            "simulated": simulated,
             "compile_seconds": result["compile_seconds"],
+            "cached_compile_seconds": result.get("cached_compile_seconds"),
             "options": result["options"],
             "versions": result["versions"],
             "nodes_per_ep": placement["nodes_per_ep"],
+            "npu_nodes": npu_nodes(device, placement),
             "cpu_fallback_nodes": placement["cpu_fallback"]["count"],
             "cpu_fallback_op_types": placement["cpu_fallback"]["op_types"],
             "verify_source": feed_source,
             "verify_cosines": cosines,
             "verify_min_cosine": worst,
+            # Per-input run time of the compiled artifact while verifying. On a simulator these are
+            # simulator timings, never device latency: `simulated` says which.
+            "verify_run_ms_median": float(np.median(times_ms)),
         }
         write_stamp(scratch, key, payload)
     return payload
+
+
+def npu_nodes(device: str, placement: dict) -> int:
+    """Source nodes placed on the accelerator (0 for CPU devices)."""
+    if device == "qnn_htp":
+        return int(placement["nodes_per_ep"].get("QNNExecutionProvider", 0))
+    if device.endswith("_npu"):
+        return int(sum(n for ep, n in placement["nodes_per_ep"].items() if ep != "CPU"))
+    return 0

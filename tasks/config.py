@@ -135,6 +135,24 @@ class EdgeoptConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _compile_jobs(self) -> EdgeoptConfig:
+        for i, job in enumerate(self.compile.jobs):
+            where = f"compile.jobs[{i}]"
+            if job.device not in KNOWN_DEVICES or getattr(self.compile, job.device, None) is None:
+                compilable = [d for d in KNOWN_DEVICES if hasattr(self.compile, d)]
+                raise ValueError(f"{where}: device {job.device!r} has no compile step; use one of {compilable}")
+            if job.variant not in self.variants:
+                raise ValueError(f"{where}: variant {job.variant!r} is not in variants {self.variants}; add it there")
+            if job.device == "qnn_htp" and job.target not in self.compile.qnn_htp.targets:
+                known = ", ".join(sorted(self.compile.qnn_htp.targets))
+                raise ValueError(
+                    f"{where}: unknown QNN SoC {job.target!r}; known: {known} (or add it under compile.qnn_htp.targets)"
+                )
+        if len({(j.variant, j.device, j.target) for j in self.compile.jobs}) != len(self.compile.jobs):
+            raise ValueError("compile.jobs: a (variant, device, target) job is listed twice")
+        return self
+
+    @model_validator(mode="after")
     def _targets_use_built_variants(self) -> EdgeoptConfig:
         missing = sorted({t.variant for t in self.targets} - set(self.variants))
         if missing:

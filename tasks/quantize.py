@@ -97,6 +97,11 @@ class OrtQnnSettings(_Settings):
     calibration_rows: int | None = Field(None, ge=1, description="first N rows of the npz; null = all")
     op_types: list[str] | None = Field(None, description="null = every op type except Cast (the recipe's default)")
     nodes_to_exclude: list[str] = []
+    qnn_preprocess: bool = Field(
+        True,
+        description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs; "
+        "a bare Erf falls back to the CPU)",
+    )
 
 
 class OrtDynamicSettings(_Settings):
@@ -588,6 +593,14 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk: int, out: Path, tmp: 
     from onnxruntime.quantization import CalibrationMethod, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
+    if s.qnn_preprocess:
+        import onnx
+
+        from tasks.graph_surgery import qnn_preprocess
+
+        fused, _ = qnn_preprocess(onnx.load(str(model)), tmp)
+        model = tmp / "qnn_preprocessed.onnx"
+        onnx.save(fused, str(model))
     pre = _preprocess(model, tmp, s)
     reader = _NpzReader(feeds)
     config = get_qnn_qdq_config(

@@ -12,7 +12,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import pipeline
-from tasks.schemas import REPORT_ROWS
+from tasks.compile import COMPILE_ROWS
+from tasks.report import REPORT_TABLE
 
 ALL_STAGES = {
     "reference@16",
@@ -22,9 +23,13 @@ ALL_STAGES = {
     "graph_surgery@32",
     "quantize@fp32-16",
     "quantize@fp32-32",
+    "quantize@ort_qdq_a16w8-16",
+    "quantize@ort_qdq_a16w8-32",
     "fetch_model",
     "export_onnx@16",
     "export_onnx@32",
+    "compile@job0-16",
+    "compile@job0-32",
     "benchmark@target0-16",
     "benchmark@target0-32",
     "report",
@@ -55,12 +60,19 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     first = pipeline(project_dir=str(workspace))
     assert executed(first) == ALL_STAGES
 
-    table = REPORT_ROWS.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
+    table = REPORT_TABLE.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
     assert sorted(table["seq_len"]) == [16, 32]
     assert (table["artifact"] == ["artifacts/quantize/fp32-16/model.onnx", "artifacts/quantize/fp32-32/model.onnx"]).all()
     assert table["within_budget"].all() and (table["spearman_drop"] == 0).all()
     assert (table["cosine_to_fp32_min"] > 0.9999).all()  # fp32 is its own reference
     assert (table["latency_p50_ms"] <= table["latency_p99_ms"]).all()
+    assert not table["simulated"].any() and table["npu_nodes"].isna().all()  # nothing compiled for ort_cpu
+
+    compiled = COMPILE_ROWS.validate(pd.read_csv(workspace / "metrics" / "compile.csv"))
+    assert list(compiled["status"]) == ["compiled", "compiled"] and compiled["simulated"].all()
+    assert (compiled["npu_nodes"] > 10).all() and (compiled["cpu_fallback_nodes"] == 0).all()
+    assert (compiled["verify_min_cosine"] >= 0.7).all()
+    assert (workspace / compiled["artifact"].iloc[0]).is_file()
 
     second = pipeline(project_dir=str(workspace))
     assert executed(second) == set()
@@ -75,8 +87,12 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert {c.info.run_name for c in children} == {"benchmark@target0-16", "benchmark@target0-32"}
-    assert all(c.data.params["artifact_sha256"] and "stsb_spearman" in c.data.metrics for c in children)
+    benchmarks = [c for c in children if c.info.run_name.startswith("benchmark@")]
+    assert {c.info.run_name for c in benchmarks} == {"benchmark@target0-16", "benchmark@target0-32"}
+    assert all(c.data.params["artifact_sha256"] and "stsb_spearman" in c.data.metrics for c in benchmarks)
+    compiles = {c.info.run_name: c for c in children if c.info.run_name.startswith("compile@")}
+    assert set(compiles) == {"compile@job0-16", "compile@job0-32"}
+    assert all(c.data.tags["simulated"] == "True" and c.data.metrics["npu_nodes"] > 10 for c in compiles.values())
 
 
 def test_export_param_change_reruns_export_and_downstream_only(workspace):
@@ -96,6 +112,26 @@ def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(wor
 
     # The DVC runner left Prefect cache records: the flow redoes none of dvc's work.
     assert executed(pipeline(project_dir=str(workspace))) == set()
+
+
+def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["variants"].append("ort_dynamic_int8")
+    params["targets"].append({"variant": "ort_dynamic_int8", "device": "ort_cpu"})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = pipeline(project_dir=str(workspace))
+    dynamic = {r["seq_len"]: r for r in first["rows"] if r["variant"] == "ort_dynamic_int8"}
+    assert all(r["precision"].startswith("int8 dynamic") and r["cosine_to_fp32_min"] > 0.9 for r in dynamic.values())
+
+    params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = True
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    downstream = {"quantize@ort_dynamic_int8-16", "quantize@ort_dynamic_int8-32", "benchmark@target1-16",
+                  "benchmark@target1-32", "report"}
+    assert executed(pipeline(project_dir=str(workspace))) == downstream
+
+    params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert dvc_ran(dvc("repro")) == downstream
 
 
 def test_missing_output_means_rerun_and_export_is_deterministic(workspace):

@@ -1,21 +1,36 @@
 """Shared OpenVINO plumbing for the CPU and NPU backends: only the device string differs.
 
 `load` reads an ONNX model or an IR (`model.xml` + `model.bin`), pins it to its declared static
-shapes, compiles it for latency on exactly one device (never AUTO, so a missing device is an error
-rather than a silent fallback) and reports the precision the compiled model really runs.
+shapes, compiles it for latency on exactly one device (never AUTO or HETERO, so a missing device is
+an error rather than a silent fallback) and reports the precision the compiled model really runs.
+`compile` turns a static model into a deployable `model.blob` (the exported compiled model) plus
+the IR and plugin config it came from; `load` imports such a blob with that config.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tasks.errors import BackendUnavailableError, InputError
+from tasks.errors import BackendUnavailableError, ConfigError, InputError, StageError
+from tasks.fingerprint import write_json_atomic
 
 OUTPUT_NAME = "embedding"
+ARTIFACT = "model.blob"
+IR_FILE = "model.xml"
+CONFIG_FILE = "ov_config.json"
+# Compile options (tasks.compile.OpenVinoCompileParams.backend_options); the ones that do not apply
+# to a device (threads and num_streams on the NPU, npu_turbo on the CPU) are ignored.
+OPTIONS = ("performance_hint", "inference_precision", "threads", "num_streams", "npu_turbo")
 _LOW_BIT = {"i8": "int8", "u8": "int8", "i4": "int4", "u4": "int4"}
 
 
@@ -23,6 +38,24 @@ def _precision_name(value) -> str:
     """'f32' for ov.Type.f32, 'bf16' for ov.Type.bf16, ... (strings pass through lower-cased)."""
     name = getattr(value, "get_type_name", None)
     return (name() if name else str(value)).lower()
+
+
+def ov_error(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception (the first lines are C++ source locations)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
+    return (lines[-1] if lines else exc.__class__.__name__)[:300]
+
+
+def ov_versions() -> dict[str, str]:
+    """The OpenVINO build, and NNCF's version when installed (it made the quantized IRs)."""
+    import openvino as ov
+
+    versions = {"openvino": ov.get_version()}
+    try:
+        versions["nncf"] = metadata.version("nncf")
+    except metadata.PackageNotFoundError:
+        pass
+    return versions
 
 
 def onnx_dynamic_quantization(path: Path) -> int:
@@ -51,6 +84,9 @@ def quantization_summary(model) -> dict[str, int]:
 
 # Execution-graph layer types that hold the model's arithmetic (what "int8" or "f32" is about).
 _COMPUTE_LAYERS = {"FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "GroupConvolution"}
+# Graph bookkeeping rather than operations: not counted as placed nodes.
+_RUNTIME_NON_OPS = {"Input", "Output", "Const"}
+_SOURCE_NON_OPS = {"Parameter", "Result", "Constant"}
 
 
 def runtime_layers(compiled) -> Counter:
@@ -72,6 +108,43 @@ def runtime_layers(compiled) -> Counter:
             kernel = info["primitiveType"].astype(str).lower() if "primitiveType" in info else "?"
             found[(prec, kernel)] += 1
     return found
+
+
+def placement(compiled, source, device: str) -> dict[str, Any]:
+    """Operations per execution device of a model compiled for `device`, in the shape of QNN's report.
+
+    A model compiled for one named device runs on it whole or does not compile: OpenVINO moves ops
+    to another device only under HETERO/AUTO, which these backends never use. So the count is the
+    runtime model's operations (the source's when the plugin hides its execution graph), all on
+    `device`, and any other device in EXECUTION_DEVICES is a StageError naming it.
+    """
+    devices = [str(d) for d in compiled.get_property("EXECUTION_DEVICES")]
+    foreign = [d for d in devices if d != device]
+    if foreign:
+        raise StageError(
+            f"OpenVINO {device}: the compiled model also runs on {', '.join(foreign)} "
+            f"(EXECUTION_DEVICES {devices}); a model compiled for {device} must run on {device} only"
+        )
+    ops: list[str] = []
+    try:
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and info["layerType"].astype(str) not in _RUNTIME_NON_OPS:
+                ops.append(info["layerType"].astype(str))
+    except RuntimeError:  # e.g. NPU: no execution graph
+        pass
+    counted_in = "runtime model"
+    if not ops:
+        ops = [op.get_type_name() for op in source.get_ops() if op.get_type_name() not in _SOURCE_NON_OPS]
+        counted_in = "source model"
+    return {
+        "nodes_total": len(ops),
+        "nodes_per_ep": {device: len(ops)},
+        "op_types": dict(sorted(Counter(ops).items())),
+        "counted_in": counted_in,
+        "execution_devices": devices,
+        "cpu_fallback": {"count": 0, "op_types": {}, "nodes": []},
+    }
 
 
 def _int8_arithmetic(layers: Counter) -> bool:
@@ -105,6 +178,11 @@ def describe_precision(hint: str, quant: dict[str, int], layers: Counter) -> str
 _ORT_TYPES = {"i64": "tensor(int64)", "i32": "tensor(int32)", "f32": "tensor(float)", "f16": "tensor(float16)",
               "boolean": "tensor(bool)"}
 _FILL_KEY = ("framework", "edgeopt.attention_bias_fill")  # ONNX metadata as OpenVINO keeps it (IR too)
+
+
+def _mask_fill(model) -> float | None:
+    """The attention-bias fill value graph surgery recorded in the model, if any."""
+    return float(model.get_rt_info(list(_FILL_KEY)).astype(str)) if model.has_rt_info(list(_FILL_KEY)) else None
 
 
 @dataclass(frozen=True)
@@ -163,7 +241,7 @@ class OpenVinoBackend:
         try:
             devices = ov.Core().available_devices
         except RuntimeError as exc:
-            return f"OpenVINO could not list devices: {str(exc).splitlines()[0][:200]}"
+            return f"OpenVINO could not list devices: {ov_error(exc)}"
         if self.device not in devices:
             return (
                 f"OpenVINO device {self.device} not present (available: {', '.join(devices) or 'none'}); "
@@ -171,23 +249,54 @@ class OpenVinoBackend:
             )
         return None
 
-    def read_model(self, artifact: Path):
+    def _require_device(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"device {self.name}: {reason}")
+
+    def plugin_config(self, options: dict[str, Any]) -> dict[str, Any]:
+        """OpenVINO properties for `options` (keys in OPTIONS) on this device."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown compile options {unknown}; known: {', '.join(OPTIONS)}")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": str(options.get("performance_hint", "LATENCY"))}
+        if self.device == "CPU":
+            if options.get("threads") is not None:
+                config["INFERENCE_NUM_THREADS"] = int(options["threads"])
+            config["NUM_STREAMS"] = int(options.get("num_streams", 1))
+        if self.device == "NPU" and options.get("npu_turbo") is not None:
+            config["NPU_TURBO"] = bool(options["npu_turbo"])
+        precision = options.get("inference_precision") or self.inference_precision
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        return config
+
+    def read_model(self, artifact: Path, *, require_static: bool | None = None):
+        """The model at `artifact` pinned to its static input shapes.
+
+        Dynamic inputs are an InputError when `require_static` (default: on every device but the CPU).
+        """
         import openvino as ov
 
         artifact = Path(artifact)
+        if require_static is None:
+            require_static = self.device != "CPU"
         if not artifact.is_file():
             raise InputError(f"{artifact}: model not found")
         if artifact.suffix == ".xml" and not artifact.with_suffix(".bin").is_file():
             raise InputError(f"{artifact}: IR weights {artifact.with_suffix('.bin').name} missing beside it")
         if artifact.suffix not in (".onnx", ".xml"):
             raise InputError(f"{artifact}: OpenVINO backends load .onnx or .xml (IR) files")
-        model = ov.Core().read_model(str(artifact))
+        try:
+            model = ov.Core().read_model(str(artifact))
+        except RuntimeError as exc:
+            raise InputError(f"{artifact}: OpenVINO cannot read this model: {ov_error(exc)}") from exc
         static = {}
         for port in model.inputs:
             shape = port.get_partial_shape()
             if shape.is_static:
                 static[port.get_any_name()] = shape
-            elif self.device != "CPU":
+            elif require_static:
                 raise InputError(
                     f"{artifact}: input {port.get_any_name()} has dynamic shape {shape}; "
                     f"{self.device} needs a static export (export_onnx writes one per seq_len)"
@@ -196,41 +305,15 @@ class OpenVinoBackend:
             model.reshape(static)  # pin declared static shapes so the plugin compiles one shape
         return model
 
-    def load(
-        self,
-        artifact: Path,
-        threads: int,
-        *,
-        cache_dir: Path | None = None,
-        inference_precision: str | None = None,
-    ) -> OpenVinoModel:
-        import openvino as ov
-
-        reason = self.unavailable_reason()
-        if reason:
-            raise BackendUnavailableError(f"device {self.name}: {reason}")
-        model = self.read_model(artifact)
+    @staticmethod
+    def _quantization(artifact: Path, model) -> dict[str, int]:
         quant = quantization_summary(model)
         if Path(artifact).suffix == ".onnx" and (dynamic := onnx_dynamic_quantization(Path(artifact))):
             quant["dynamic_quantize"] = dynamic
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if self.device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-            config["NUM_STREAMS"] = 1
-        precision = inference_precision or self.inference_precision
-        if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        cache = cache_dir or self.cache_dir
-        if cache:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache)
-        core = ov.Core()
-        try:
-            compiled = core.compile_model(model, self.device, config)
-        except RuntimeError as exc:
-            raise BackendUnavailableError(
-                f"device {self.name}: compiling {Path(artifact).name} failed: {str(exc).strip().splitlines()[0][:300]}"
-            ) from exc
+        return quant
+
+    def _wrap(self, compiled, quant: dict[str, int], fill: float | None) -> OpenVinoModel:
+        """An OpenVinoModel for a compiled (or imported) model, its precision read back from the plugin."""
         hint = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         layers = runtime_layers(compiled)
         inputs, args = {}, []
@@ -239,9 +322,6 @@ class OpenVinoBackend:
             inputs[port.get_any_name()] = np.dtype(et.to_dtype())
             shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
             args.append(_InputArg(port.get_any_name(), _ORT_TYPES.get(et.get_type_name(), et.get_type_name()), shape))
-        fill = None
-        if model.has_rt_info(list(_FILL_KEY)):
-            fill = float(model.get_rt_info(list(_FILL_KEY)).astype(str))
         outputs = [p for p in compiled.outputs if OUTPUT_NAME in p.get_names()] or list(compiled.outputs)
         details = {
             "inference_precision_hint": hint,
@@ -262,3 +342,139 @@ class OpenVinoBackend:
             mask_fill_value=fill,
             details=details,
         )
+
+    def load(
+        self,
+        artifact: Path,
+        threads: int,
+        *,
+        cache_dir: Path | None = None,
+        inference_precision: str | None = None,
+    ) -> OpenVinoModel:
+        """Compile an .onnx / IR .xml for this device, or import a `model.blob` written by `compile`.
+
+        A blob is imported with the plugin config saved beside it (ov_config.json), except that
+        `threads` replaces its thread count; `cache_dir` and `inference_precision` only apply to
+        uncompiled models (a blob's precision was fixed when it was compiled).
+        """
+        import openvino as ov
+
+        self._require_device()
+        artifact = Path(artifact)
+        if artifact.suffix == ".blob":
+            return self._import_blob(artifact, threads)
+        model = self.read_model(artifact)
+        config = self.plugin_config({"threads": threads, "inference_precision": inference_precision})
+        cache = cache_dir or self.cache_dir
+        if cache:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        try:
+            compiled = ov.Core().compile_model(model, self.device, config)
+        except RuntimeError as exc:
+            raise BackendUnavailableError(
+                f"device {self.name}: compiling {artifact.name} failed: {ov_error(exc)}"
+            ) from exc
+        return self._wrap(compiled, self._quantization(artifact, model), _mask_fill(model))
+
+    def load_reference(self, source: Path, threads: int) -> OpenVinoModel:
+        """The uncompiled source of a blob, compiled here for the same device at the backend's precision:
+        what `tasks.compile` checks the blob against (an NNCF IR is not a file ONNX Runtime reads)."""
+        return self.load(source, threads)
+
+    def _import_blob(self, artifact: Path, threads: int) -> OpenVinoModel:
+        import openvino as ov
+
+        saved_path = artifact.with_name(CONFIG_FILE)
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            device, config = saved["device"], dict(saved["config"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{artifact}: cannot read its plugin config {saved_path.name} ({exc.__class__.__name__}); "
+                "recompile it with the compile stage"
+            ) from exc
+        if device != self.device:
+            raise InputError(f"{artifact}: compiled for OpenVINO {device}, not {self.device}")
+        if self.device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            compiled = ov.Core().import_model(artifact.read_bytes(), self.device, config)
+        except RuntimeError as exc:
+            raise InputError(
+                f"{artifact}: OpenVINO {self.device} cannot import this blob ({ov_error(exc)}); it is corrupt "
+                f"or from another OpenVINO build than {ov.get_version()}: recompile it"
+            ) from exc
+        return self._wrap(compiled, saved.get("quantization", {}), saved.get("mask_fill_value"))
+
+    def _timed_compile(self, ir: Path, config: dict[str, Any], label: str):
+        """(compiled model, seconds) for compiling the IR file `ir` in a fresh Core, as a new process would."""
+        import openvino as ov
+
+        core = ov.Core()
+        core.get_versions(self.device)  # load the plugin library before the clock starts
+        start = time.perf_counter()
+        try:
+            compiled = core.compile_model(str(ir), self.device, config)
+        except RuntimeError as exc:
+            raise StageError(f"{self.name}: compiling {label} for {self.device} failed: {ov_error(exc)}") from exc
+        return compiled, time.perf_counter() - start
+
+    def compile(self, model: Path, out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """Compile `model` (.onnx or IR .xml, static shapes) into `out_dir`.
+
+        Writes model.blob (the exported compiled model: the artifact), model.xml/.bin (the static IR
+        it was compiled from, weights kept in fp32) and ov_config.json (the plugin config, plus the
+        quantization summary and mask fill value `load` needs, since a blob keeps neither).
+        Compiles twice with one CACHE_DIR: compile_seconds is the cold compile, cached_compile_seconds
+        the warm one (None when the plugin wrote no cache). Returns artifact, files, placement,
+        compile_seconds, cached_compile_seconds, options (the plugin config), versions and precision.
+        """
+        import openvino as ov
+
+        self._require_device()
+        model, out_dir = Path(model), Path(out_dir)
+        config = self.plugin_config(options)
+        source = self.read_model(model, require_static=True)
+        quant, fill = self._quantization(model, source), _mask_fill(source)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ir = out_dir / IR_FILE
+        ov.save_model(source, str(ir), compress_to_fp16=False)
+
+        # The cache stays outside out_dir: it is specific to this machine's CPU and duplicates the blob.
+        with tempfile.TemporaryDirectory(prefix="ov-cache-") as cache:
+            cached_config = {**config, "CACHE_DIR": cache}
+            compiled, cold = self._timed_compile(ir, cached_config, model.name)
+            # Export the cold compile: in openvino 2026.4 a model loaded from the cache exports a blob
+            # that import_model rejects.
+            blob = compiled.export_model()
+            warm = self._timed_compile(ir, cached_config, model.name)[1] if any(Path(cache).iterdir()) else None
+        (out_dir / ARTIFACT).write_bytes(blob.getvalue() if isinstance(blob, io.BytesIO) else bytes(blob))
+
+        precision = describe_precision(
+            _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT")), quant, runtime_layers(compiled)
+        )
+        write_json_atomic(
+            out_dir / CONFIG_FILE,
+            {
+                "device": self.device,
+                "config": config,
+                "precision": precision,
+                "quantization": quant,
+                "mask_fill_value": fill,
+                "how_to_import": (
+                    "import json, openvino as ov; c = json.load(open('ov_config.json')); "
+                    "m = ov.Core().import_model(open('model.blob', 'rb').read(), c['device'], c['config'])"
+                ),
+            },
+        )
+        return {
+            "artifact": ARTIFACT,
+            "files": [ARTIFACT, IR_FILE, ir.with_suffix(".bin").name, CONFIG_FILE],
+            "placement": placement(compiled, source, self.device),
+            "compile_seconds": cold,
+            "cached_compile_seconds": warm,
+            "options": config,
+            "versions": ov_versions(),
+            "precision": precision,
+        }

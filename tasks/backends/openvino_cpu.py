@@ -3,6 +3,7 @@
 Compiled for latency with exactly the benchmark's thread count. INFERENCE_PRECISION_HINT defaults
 to f32: on CPUs with AMX/avx512_bf16 the plugin would otherwise run float models in bf16, which is
 a different variant from the one being measured. `precision` reports what the compiled model uses.
+`compile` exports a `model.blob` for this machine's CPU (its ISA is baked in); `load` imports it.
 """
 
 from __future__ import annotations

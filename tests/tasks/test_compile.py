@@ -130,5 +130,5 @@ def test_params_are_strict():
     custom = QnnHtpCompileParams.model_validate(
         {"targets": {"my_board": {"chipset": "QCS9100", "soc_model": 77, "htp_arch": 73}}}
     )
-    assert custom.backend_options("my_board")["soc_model"] == 77
+    assert custom.backend_options("my_board", threads=1)["soc_model"] == 77
     assert QNN_SOCS["snapdragon_8_gen_3"].soc_model == 57 and QNN_SOCS["snapdragon_x_elite"].htp_arch == 73
