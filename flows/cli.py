@@ -86,7 +86,10 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
         from tasks.config import load_config
 
         root = params.resolve().parent
-        load_config(params)  # validate before anything starts
+        from flows import stages
+
+        with contextlib.chdir(root):  # params paths are relative to the project root
+            stages.preflight(load_config(params))  # validate before anything starts
         from flows.pipeline import pipeline
 
         result = pipeline(project_dir=str(root), params_file=params.name)
@@ -175,6 +178,46 @@ def stage(
             result = call.execute()
             record_result(call, result, root=params.resolve().parent)
     console.print(f"{call.name}: done")
+
+
+@app.command()
+def results(
+    markdown: Annotated[bool, typer.Option(help="print Markdown tables (what the README's results are)")] = False,
+    project: Annotated[Path, typer.Option(help="project root")] = Path("."),
+) -> None:
+    """Show the last run's metrics/benchmark.csv and metrics/compile.csv."""
+    with _user_errors():
+        import pandas as pd
+
+        from tasks import catalog
+        from tasks.errors import InputError
+
+        tables = {}
+        for name in ("benchmark.csv", "compile.csv"):
+            path = project / catalog.report_dir() / name
+            if not path.is_file():
+                raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) first")
+            tables[name] = pd.read_csv(path, keep_default_na=True)
+        rows = tables["benchmark.csv"].astype(object).where(tables["benchmark.csv"].notna(), None).to_dict("records")
+        compiled = tables["compile.csv"].astype(object).where(tables["compile.csv"].notna(), None).to_dict("records")
+    if not markdown:
+        console.print(_rows_table(rows))
+        console.print(_compile_table(compiled))
+        return
+    bench = tables["benchmark.csv"]
+    fp32 = bench[bench["variant"] == "fp32"].set_index("seq_len")["latency_p50_ms"]
+    bench = bench.assign(speedup=fp32.reindex(bench["seq_len"]).to_numpy() / bench["latency_p50_ms"])
+    columns = {"variant": "variant", "device": "device", "seq_len": "L", "precision": "precision",
+               "size_mb": "MB", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
+               "speedup": "× ORT fp32", "stsb_spearman": "STS-B", "spearman_drop": "drop",
+               "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
+    print(bench[list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".2f"))
+    print()
+    columns = {"variant": "variant", "device": "device", "target": "target", "seq_len": "L", "status": "status",
+               "npu_nodes": "NPU nodes", "cpu_fallback_nodes": "CPU fallback", "compile_s": "compile s",
+               "cached_compile_s": "cached s", "verify_min_cosine": "cos→source min",
+               "verify_run_ms_median": "run ms", "simulated": "simulated"}
+    print(tables["compile.csv"][list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".4g"))
 
 
 @app.command()

@@ -49,6 +49,7 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
     root = Path(project_dir).resolve()
     os.chdir(root)  # stage paths are relative to the project root, as they are for `dvc repro`
     cfg = load_config(params_file)
+    stages.preflight(cfg)
     states: dict[str, str] = {}
 
     with workspace_lock(root):

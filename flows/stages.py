@@ -120,6 +120,26 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
     return {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in sorted(args.items())}
 
 
+def external_inputs(cfg: EdgeoptConfig) -> dict[str, Path]:
+    """Files the DAG reads that no stage produces, by the params field that names them."""
+    found = {"data.stsb_dir": split_path(cfg.data.stsb_dir, "test")}
+    for i, src in enumerate(cfg.calibration_data.sources):
+        found[f"calibration_data.sources[{i}].path"] = Path(src.path)
+    if cfg.compile.verify_inputs:
+        found["compile.verify_inputs"] = Path(cfg.compile.verify_inputs)
+    return found
+
+
+def preflight(cfg: EdgeoptConfig) -> None:
+    """Fail before any stage runs when an input named in params.yaml is missing (paths are relative
+    to the project root, the working directory of both entry points)."""
+    from tasks.errors import InputError
+
+    for field_name, path in external_inputs(cfg).items():
+        if not path.exists():
+            raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
+
+
 def model_label(cfg: EdgeoptConfig) -> str:
     p = cfg.fetch_model
     return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}"}[p.source]

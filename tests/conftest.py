@@ -33,6 +33,17 @@ def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "bert", "bert")
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT exported at sequence length 16 (tests/tasks, one export per session)."""
+    from tasks.config import ExportOnnxParams
+    from tasks.export_onnx import run as export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "seq16"
+    export_onnx(tiny_bert, 16, ExportOnnxParams(), out, key="t")
+    return out / "model.onnx"
+
+
 def tiny_params(model_dir: Path, **overrides) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seq_lens"] = [16, 32]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -39,4 +40,22 @@ def test_stage_runner_bad_model_path(workspace, tmp_path):
     result = runner.invoke(app, ["stage", "fetch_model"])
     assert result.exit_code == 1
     assert "fetch_model.path" in result.output and "does not exist" in result.output
+    assert not (workspace / "artifacts").exists()
+
+
+def test_results_before_any_run_is_one_line_error(workspace):
+    result = runner.invoke(app, ["results"])
+    assert result.exit_code == 1
+    assert "metrics/benchmark.csv: not found; run `edgeopt run`" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_file_stops_the_run_before_any_stage(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["calibration_data"]["sources"][0]["path"] = "data/missing.csv"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1
+    assert "data/missing.csv: not found; fix calibration_data.sources[0].path in params.yaml" in result.output
+    assert "Traceback" not in result.output
     assert not (workspace / "artifacts").exists()

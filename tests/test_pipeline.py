@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from flows.cli import app
 from flows.pipeline import pipeline
 from tasks.compile import COMPILE_ROWS
 from tasks.report import REPORT_TABLE
@@ -73,6 +75,10 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     assert (compiled["npu_nodes"] > 10).all() and (compiled["cpu_fallback_nodes"] == 0).all()
     assert (compiled["verify_min_cosine"] >= 0.7).all()
     assert (workspace / compiled["artifact"].iloc[0]).is_file()
+
+    shown = CliRunner().invoke(app, ["results", "--markdown"])
+    assert shown.exit_code == 0, shown.output
+    assert "| fp32 " in shown.output and "| snapdragon_8_gen_3 " in shown.output and "× ORT fp32" in shown.output
 
     second = pipeline(project_dir=str(workspace))
     assert executed(second) == set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
@@ -17,7 +19,10 @@ def test_minilm_fp32_stsb_spearman(workspace):
     params["seq_lens"] = [128]  # 512 gives the same score (STS-B sentences are short) at 4x the time
     params["variants"] = ["fp32"]  # the quantized variants are measured by `edgeopt run` (README table)
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
+    params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
     params["data"]["stsb_dir"] = str(STSB_DIR)
+    for source in params["calibration_data"]["sources"]:
+        source["path"] = str(STSB_DIR / Path(source["path"]).name)
     params["benchmark"]["timed_runs"] = 50
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -10,9 +10,7 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import ExportOnnxParams
 from tasks.errors import InputError
-from tasks.export_onnx import run as export_onnx
 from tasks.export_onnx import tokenize
 from tasks.quantize import (
     DEFAULT_VARIANTS,
@@ -28,13 +26,6 @@ from tasks.quantize import (
 from tiny_models import WORDS
 
 SEQ = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_bert, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "seq16"
-    export_onnx(tiny_bert, SEQ, ExportOnnxParams(), out, key="t")
-    return out / "model.onnx"
 
 
 def _sentences(n: int, seed: int) -> list[str]:

@@ -13,20 +13,11 @@ from tasks.backends._openvino import describe_precision
 from tasks.backends.openvino_cpu import BACKEND as CPU
 from tasks.backends.openvino_cpu import OpenVinoCpuBackend
 from tasks.backends.openvino_npu import BACKEND as NPU
-from tasks.config import ExportOnnxParams
 from tasks.errors import BackendUnavailableError, InputError
-from tasks.export_onnx import run as export_onnx
 from tasks.export_onnx import tokenize
 from tiny_models import WORDS
 
 SEQ = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_bert, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "seq16"
-    export_onnx(tiny_bert, SEQ, ExportOnnxParams(), out, key="t")
-    return out / "model.onnx"
 
 
 @pytest.fixture(scope="module")

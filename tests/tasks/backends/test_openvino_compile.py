@@ -10,9 +10,7 @@ import pytest
 
 from tasks.backends.openvino_cpu import BACKEND as CPU
 from tasks.backends.openvino_npu import BACKEND as NPU
-from tasks.config import ExportOnnxParams
 from tasks.errors import BackendUnavailableError, ConfigError, InputError
-from tasks.export_onnx import run as export_onnx
 from tasks.export_onnx import tokenize
 from tiny_models import WORDS
 
@@ -21,13 +19,6 @@ SEQ = 16
 OPTIONS = {
     "performance_hint": "LATENCY", "num_streams": 1, "npu_turbo": True, "inference_precision": "f32", "threads": 1
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_bert, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "seq16"
-    export_onnx(tiny_bert, SEQ, ExportOnnxParams(), out, key="t")
-    return out / "model.onnx"
 
 
 @pytest.fixture(scope="module")
