@@ -132,6 +132,7 @@ def _job(cfg, variant: str, device: str, target: str):
 def stage(
     name: Annotated[str, typer.Argument(help="a stage name in dvc.yaml, e.g. quantize")],
     seq_len: Annotated[int | None, typer.Option(help="for per-length stages")] = None,
+    model: Annotated[str, typer.Option(help="for per-model stages: an entry of `models`")] = "dense",
     variant: Annotated[str | None, typer.Option(help="for quantize and benchmark")] = None,
     device: Annotated[str | None, typer.Option(help="for benchmark and compile: a device")] = None,
     target: Annotated[str | None, typer.Option(help="for compile: a job's target (e.g. a QNN SoC)")] = None,
@@ -159,17 +160,19 @@ def stage(
             raise ConfigError(f"stage {name} needs {' '.join(missing)}")
         builders = {
             "fetch_model": lambda: stages.fetch_model(cfg),
-            "export_onnx": lambda: stages.export_onnx(cfg, seq_len),
+            "export_onnx": lambda: stages.export_onnx(cfg, model, seq_len),
             "reference": lambda: stages.reference(cfg, seq_len),
             "calibration_data": lambda: stages.calibration_data(cfg),
-            "graph_surgery": lambda: stages.graph_surgery(cfg, seq_len),
-            "quantize": lambda: stages.quantize(cfg, variant, seq_len),
-            "benchmark": lambda: stages.benchmark(cfg, *_target(cfg, variant, device), seq_len),
-            "compile": lambda: stages.compile_device(cfg, *_job(cfg, variant, device, target), seq_len),
+            "graph_surgery": lambda: stages.graph_surgery(cfg, model, seq_len),
+            "quantize": lambda: stages.quantize(cfg, model, variant, seq_len),
+            "benchmark": lambda: stages.benchmark(cfg, model, *_target(cfg, variant, device), seq_len),
+            "compile": lambda: stages.compile_device(cfg, model, *_job(cfg, variant, device, target), seq_len),
             "report": lambda: stages.report(cfg),
         }
         if name not in builders:
             raise ConfigError(f"unknown stage {name!r}; known: {', '.join(builders)}")
+        if model not in cfg.models:
+            raise ConfigError(f"--model {model}: not in params.yaml models {cfg.models}")
         from flows.locking import workspace_lock
 
         call = builders[name]()

@@ -1,13 +1,17 @@
 """The edgeopt Prefect flow, wiring only:
-fetch → export → reference → calibration data → graph surgery → quantize → compile → benchmark → report."""
+fetch → calibration data → per model and length: export → reference → graph surgery → quantize →
+compile (fanned out over jobs) → benchmark (fanned out over targets) → report."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
+from prefect.futures import wait
 from prefect.serializers import JSONSerializer
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
 from flows.caching import StageCachePolicy, results_dir
@@ -27,10 +31,23 @@ def run_stage(call: stages.StageCall) -> dict:
     return call.execute()
 
 
+def _stage_task():
+    return run_stage.with_options(result_storage=results_dir())
+
+
 def _run(call: stages.StageCall, states: dict[str, str]) -> dict:
-    state = run_stage.with_options(result_storage=results_dir())(call=call, return_state=True)
+    state = _stage_task()(call=call, return_state=True)
     states[call.name] = state.name
     return state.result()
+
+
+def _fan_out(calls: list[stages.StageCall], states: dict[str, str]) -> list[dict]:
+    """Submit independent stage calls to the flow's task runner; raise the first failure."""
+    futures = _stage_task().map(call=calls)
+    wait(futures)
+    for call, future in zip(calls, futures):
+        states[call.name] = future.state.name
+    return [future.result() for future in futures]
 
 
 def sync_dvc_lock(root: Path) -> bool:
@@ -44,31 +61,24 @@ def sync_dvc_lock(root: Path) -> bool:
     return True
 
 
-@flow(name="edgeopt-pipeline", log_prints=True)
-def pipeline(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
+# One worker by default: compile and benchmark each need the whole machine to be measured fairly.
+@flow(name="edgeopt-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+    """Run the DAG in `project_dir`. `overrides` (e.g. from a deployment) are merged into
+    `params_file`; such a run does not update dvc.lock, which describes `params_file` alone."""
     root = Path(project_dir).resolve()
     os.chdir(root)  # stage paths are relative to the project root, as they are for `dvc repro`
-    cfg = load_config(params_file)
+    cfg = load_config(params_file, overrides)
     stages.preflight(cfg)
     states: dict[str, str] = {}
 
     with workspace_lock(root):
-        _run(stages.fetch_model(cfg), states)
-        for seq_len in cfg.seq_lens:
-            _run(stages.export_onnx(cfg, seq_len), states)
-            _run(stages.reference(cfg, seq_len), states)
-        _run(stages.calibration_data(cfg), states)
-        for seq_len in cfg.seq_lens:
-            _run(stages.graph_surgery(cfg, seq_len), states)
-            for variant in cfg.variants:
-                _run(stages.quantize(cfg, variant, seq_len), states)
-        # One at a time on purpose: compile and benchmark each need the whole machine.
-        for call in stages.compile_calls(cfg):
+        for call in stages.prepare_calls(cfg):
             _run(call, states)
-        for call in stages.benchmark_calls(cfg):
-            _run(call, states)
+        _fan_out(stages.compile_calls(cfg), states)
+        _fan_out(stages.benchmark_calls(cfg), states)
         report = _run(stages.report(cfg), states)
-        dvc_synced = sync_dvc_lock(root)
+        dvc_synced = not overrides and sync_dvc_lock(root)
 
     rows, compiled = report["rows"], report["compile_rows"]
     tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled)

@@ -158,13 +158,18 @@ def fetch_model(cfg: EdgeoptConfig) -> StageCall:
     )
 
 
-def export_onnx(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+def model_source(model: str) -> Path:
+    """The HF folder a model's exports are made from."""
+    return catalog.model_folder(catalog.fetch_model_dir())
+
+
+def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int) -> StageCall:
     return StageCall(
         stage="export_onnx",
-        name=catalog.dvc_stage_name("export_onnx", seq_len=seq_len),
+        name=catalog.dvc_stage_name("export_onnx", model=model, seq_len=seq_len),
         fn=export_stage.run,
-        out_dir=catalog.export_onnx_dir(seq_len),
-        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir())},
+        out_dir=catalog.export_onnx_dir(model, seq_len),
+        inputs={"model_dir": model_source(model)},
         params=cfg.export_onnx,
         args={"seq_len": seq_len},
         code=STAGE_CODE["export_onnx"],
@@ -179,7 +184,7 @@ def reference(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
         fn=reference_stage.run,
         out_dir=catalog.reference_dir(seq_len),
         inputs={
-            "model": catalog.onnx_model(catalog.export_onnx_dir(seq_len)),
+            "model": catalog.onnx_model(catalog.export_onnx_dir(catalog.DENSE, seq_len)),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
         },
@@ -206,25 +211,25 @@ def calibration_data(cfg: EdgeoptConfig) -> StageCall:
     )
 
 
-def graph_surgery(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+def graph_surgery(cfg: EdgeoptConfig, model: str, seq_len: int) -> StageCall:
     return StageCall(
         stage="graph_surgery",
-        name=catalog.dvc_stage_name("graph_surgery", seq_len=seq_len),
+        name=catalog.dvc_stage_name("graph_surgery", model=model, seq_len=seq_len),
         fn=surgery_stage.run,
-        out_dir=catalog.graph_surgery_dir(seq_len),
-        inputs={"model": catalog.onnx_model(catalog.export_onnx_dir(seq_len))},
+        out_dir=catalog.graph_surgery_dir(model, seq_len),
+        inputs={"model": catalog.onnx_model(catalog.export_onnx_dir(model, seq_len))},
         params=cfg.graph_surgery,
         code=STAGE_CODE["graph_surgery"],
         tools=surgery_stage.TOOLS,
     )
 
 
-def quantize(cfg: EdgeoptConfig, variant: str, seq_len: int) -> StageCall:
+def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int) -> StageCall:
     settings = cfg.quantize.variant(variant)
     unquantized = settings.method == "none"
     # Only this variant's settings are part of the key: editing one variant reruns only that one.
     params = cfg.quantize.model_copy(update={"variants": {variant: settings}})
-    source = catalog.export_onnx_dir(seq_len) if unquantized else catalog.graph_surgery_dir(seq_len)
+    source = catalog.export_onnx_dir(model, seq_len) if unquantized else catalog.graph_surgery_dir(model, seq_len)
     calibration = (
         catalog.calibration_data_dir() / calibration_stage.calib_name(seq_len)
         if quantize_stage.needs_calibration(settings)
@@ -232,9 +237,9 @@ def quantize(cfg: EdgeoptConfig, variant: str, seq_len: int) -> StageCall:
     )
     return StageCall(
         stage="quantize",
-        name=catalog.dvc_stage_name("quantize", variant=variant, seq_len=seq_len),
+        name=catalog.dvc_stage_name("quantize", model=model, variant=variant, seq_len=seq_len),
         fn=quantize_stage.run,
-        out_dir=catalog.quantize_dir(variant, seq_len),
+        out_dir=catalog.quantize_dir(model, variant, seq_len),
         inputs={"model": catalog.onnx_model(source), "calibration": calibration},
         params=params,
         args={"variant": variant},
@@ -243,24 +248,28 @@ def quantize(cfg: EdgeoptConfig, variant: str, seq_len: int) -> StageCall:
     )
 
 
-def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> StageCall:
-    name = catalog.dvc_stage_name("benchmark", target=f"target{index}", seq_len=seq_len)
+def variant_artifact(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int) -> Path:
+    """The file a quantize stage writes for this variant (an ONNX model or an OpenVINO IR)."""
+    return catalog.variant_model(model, variant, seq_len, quantize_stage.artifact_name(cfg.quantize.variant(variant)))
+
+
+def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_len: int) -> StageCall:
+    name = catalog.dvc_stage_name("benchmark", model=model, target=f"target{index}", seq_len=seq_len)
     return StageCall(
         stage="benchmark",
         name=name,
         fn=benchmark_stage.run,
-        out_dir=catalog.benchmark_dir(target.variant, target.device, seq_len),
+        out_dir=catalog.benchmark_dir(model, target.variant, target.device, seq_len),
         inputs={
-            "artifact": catalog.variant_model(
-                target.variant, seq_len, quantize_stage.artifact_name(cfg.quantize.variant(target.variant))
-            ),
+            "artifact": variant_artifact(cfg, model, target.variant, seq_len),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
             "reference_embeddings": catalog.reference_dir(seq_len) / reference_stage.EMBEDDINGS,
         },
         params=cfg.benchmark,
         args={
-            "model_name": model_label(cfg),
+            "source_model": model_label(cfg),
+            "model": model,
             "variant": target.variant,
             "device": target.device,
             "seq_len": seq_len,
@@ -272,21 +281,22 @@ def benchmark(cfg: EdgeoptConfig, index: int, target: Target, seq_len: int) -> S
 
 
 def benchmark_calls(cfg: EdgeoptConfig) -> list[StageCall]:
-    return [benchmark(cfg, i, t, s) for s in cfg.seq_lens for i, t in enumerate(cfg.targets)]
+    return [
+        benchmark(cfg, m, i, t, s) for m in cfg.models for s in cfg.seq_lens for i, t in enumerate(cfg.targets)
+    ]
 
 
-def compile_device(cfg: EdgeoptConfig, index: int, job: CompileJob, seq_len: int) -> StageCall:
-    name = catalog.dvc_stage_name("compile", job=f"job{index}", seq_len=seq_len)
-    settings = cfg.quantize.variant(job.variant)
+def compile_device(cfg: EdgeoptConfig, model: str, index: int, job: CompileJob, seq_len: int) -> StageCall:
+    name = catalog.dvc_stage_name("compile", model=model, job=f"job{index}", seq_len=seq_len)
     # Only this job is part of the key: adding or editing another job does not rerun this one.
     params = cfg.compile.model_copy(update={"jobs": [job]})
     return StageCall(
         stage="compile",
         name=name,
         fn=compile_stage.run,
-        out_dir=catalog.compile_dir(job.variant, job.device, job.target, seq_len),
+        out_dir=catalog.compile_dir(model, job.variant, job.device, job.target, seq_len),
         inputs={
-            "model": catalog.variant_model(job.variant, seq_len, quantize_stage.artifact_name(settings)),
+            "model": variant_artifact(cfg, model, job.variant, seq_len),
             "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
         },
         watch={"verify_inputs": cfg.compile.verify_inputs} if cfg.compile.verify_inputs else {},
@@ -294,7 +304,7 @@ def compile_device(cfg: EdgeoptConfig, index: int, job: CompileJob, seq_len: int
         args={
             "device": job.device,
             "target": job.target,
-            "record": {"variant": job.variant, "seq_len": seq_len, "dvc_stage": name},
+            "record": {"model": model, "variant": job.variant, "seq_len": seq_len, "dvc_stage": name},
         },
         code=device_code("compile", job.device),
         tools=compile_stage.tools(job.device),
@@ -302,7 +312,12 @@ def compile_device(cfg: EdgeoptConfig, index: int, job: CompileJob, seq_len: int
 
 
 def compile_calls(cfg: EdgeoptConfig) -> list[StageCall]:
-    return [compile_device(cfg, i, j, s) for s in cfg.seq_lens for i, j in enumerate(cfg.compile.jobs)]
+    return [
+        compile_device(cfg, m, i, j, s)
+        for m in cfg.models
+        for s in cfg.seq_lens
+        for i, j in enumerate(cfg.compile.jobs)
+    ]
 
 
 def report(cfg: EdgeoptConfig) -> StageCall:
@@ -323,3 +338,21 @@ def report(cfg: EdgeoptConfig) -> StageCall:
         code=STAGE_CODE["report"],
         tools=report_stage.TOOLS,
     )
+
+
+def prepare_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+    """Every stage before compile and benchmark, in an order that respects their dependencies."""
+    calls = [fetch_model(cfg), calibration_data(cfg)]
+    for model in cfg.models:
+        for seq_len in cfg.seq_lens:
+            calls.append(export_onnx(cfg, model, seq_len))
+            if model == catalog.DENSE:
+                calls.append(reference(cfg, seq_len))
+            calls.append(graph_surgery(cfg, model, seq_len))
+            calls.extend(quantize(cfg, model, variant, seq_len) for variant in cfg.variants)
+    return calls
+
+
+def all_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+    """The whole DAG, one StageCall per DVC stage instance."""
+    return [*prepare_calls(cfg), *compile_calls(cfg), *benchmark_calls(cfg), report(cfg)]

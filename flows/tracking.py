@@ -33,11 +33,11 @@ ROW_METRICS = (
     "cosine_to_fp32_min",
     "spearman_drop",
 )
-ROW_PARAMS = ("model", "variant", "device", "seq_len", "threads", "precision", "artifact", "artifact_sha256",
+ROW_PARAMS = ("model", "source_model", "variant", "device", "seq_len", "threads", "precision", "artifact", "artifact_sha256",
               "dvc_stage", "timed_runs", "stsb_pairs", "engine_version", "within_budget")
 COMPILE_METRICS = ("size_mb", "npu_nodes", "cpu_fallback_nodes", "compile_s", "cached_compile_s",
                    "verify_min_cosine", "verify_run_ms_median")
-COMPILE_PARAMS = ("variant", "device", "target", "seq_len", "status", "precision", "artifact",
+COMPILE_PARAMS = ("model", "variant", "device", "target", "seq_len", "status", "precision", "artifact",
                   "cpu_fallback_op_types", "engine_versions", "dvc_stage")
 
 

@@ -33,7 +33,8 @@ def run(
     model_dir: Path,
     stsb_test: Path,
     reference_embeddings: Path,
-    model_name: str,
+    source_model: str,
+    model: str,
     variant: str,
     device: str,
     seq_len: int,
@@ -85,7 +86,8 @@ def run(
         lat = np.asarray(measured["latencies_ms"])
         files = model_files(Path(artifact))
         row = {
-            "model": model_name,
+            "model": model,
+            "source_model": source_model,
             "variant": variant,
             "device": device,
             "seq_len": seq_len,

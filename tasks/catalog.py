@@ -11,6 +11,10 @@ ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 
 
+DENSE = "dense"
+"""The fetched model itself; other entries of `models` are derived from it (e.g. pruned copies)."""
+
+
 def fetch_model_dir() -> Path:
     return ARTIFACTS / "fetch_model"
 
@@ -20,8 +24,8 @@ def model_folder(fetch_dir: Path) -> Path:
     return fetch_dir / "model"
 
 
-def export_onnx_dir(seq_len: int) -> Path:
-    return ARTIFACTS / "export_onnx" / f"seq{seq_len}"
+def export_onnx_dir(model: str, seq_len: int) -> Path:
+    return ARTIFACTS / "export_onnx" / model / f"seq{seq_len}"
 
 
 def onnx_model(export_dir: Path) -> Path:
@@ -32,29 +36,30 @@ def calibration_data_dir() -> Path:
     return ARTIFACTS / "calibration_data"
 
 
-def graph_surgery_dir(seq_len: int) -> Path:
-    return ARTIFACTS / "graph_surgery" / f"seq{seq_len}"
+def graph_surgery_dir(model: str, seq_len: int) -> Path:
+    return ARTIFACTS / "graph_surgery" / model / f"seq{seq_len}"
 
 
-def quantize_dir(variant: str, seq_len: int) -> Path:
+def quantize_dir(model: str, variant: str, seq_len: int) -> Path:
     """Every variant, fp32 included (a link to the export), lives here: one path pattern for DVC."""
-    return ARTIFACTS / "quantize" / f"{variant}-{seq_len}"
+    return ARTIFACTS / "quantize" / model / f"{variant}-{seq_len}"
 
 
-def variant_model(variant: str, seq_len: int, artifact_name: str) -> Path:
-    return quantize_dir(variant, seq_len) / artifact_name
+def variant_model(model: str, variant: str, seq_len: int, artifact_name: str) -> Path:
+    return quantize_dir(model, variant, seq_len) / artifact_name
 
 
-def compile_dir(variant: str, device: str, target: str, seq_len: int) -> Path:
-    return ARTIFACTS / "compile" / f"{variant}-{device}-{target}-{seq_len}"
+def compile_dir(model: str, variant: str, device: str, target: str, seq_len: int) -> Path:
+    return ARTIFACTS / "compile" / model / f"{variant}-{device}-{target}-{seq_len}"
 
 
 def reference_dir(seq_len: int) -> Path:
+    """fp32 embeddings of the dense model: what every model and variant is compared against."""
     return ARTIFACTS / "reference" / f"seq{seq_len}"
 
 
-def benchmark_dir(variant: str, device: str, seq_len: int) -> Path:
-    return ARTIFACTS / "benchmark" / f"{variant}-{device}-{seq_len}"
+def benchmark_dir(model: str, variant: str, device: str, seq_len: int) -> Path:
+    return ARTIFACTS / "benchmark" / model / f"{variant}-{device}-{seq_len}"
 
 
 def report_dir() -> Path:
@@ -71,6 +76,6 @@ def benchmark_summary() -> Path:
 
 
 def dvc_stage_name(stage: str, **matrix: object) -> str:
-    """DVC's name for one matrix/foreach instance, e.g. `export_onnx@128`, `benchmark@target0-128`
-    (DVC names a list-of-mappings matrix axis by position)."""
+    """DVC's name for one matrix/foreach instance, e.g. `export_onnx@dense-128`,
+    `benchmark@dense-target0-128` (DVC names a list-of-mappings matrix axis by position)."""
     return f"{stage}@{'-'.join(str(v) for v in matrix.values())}" if matrix else stage

@@ -23,6 +23,7 @@ import numpy as np
 import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.catalog import DENSE
 from tasks.errors import ConfigError, InputError, StageError
 from tasks.fingerprint import atomic_output_dir, write_json_atomic, write_stamp
 
@@ -50,6 +51,7 @@ VERIFY_SENTENCES = (
 # One row per compile job and sequence length, as the report stage writes it to metrics/compile.csv.
 COMPILE_ROWS = pa.DataFrameSchema(
     {
+        "model": pa.Column(str),
         "variant": pa.Column(str),
         "device": pa.Column(str),
         "target": pa.Column(str),
@@ -70,8 +72,8 @@ COMPILE_ROWS = pa.DataFrameSchema(
         "dvc_stage": pa.Column(str),
     },
     checks=pa.Check(
-        lambda df: ~df.duplicated(["variant", "device", "target", "seq_len"]),
-        error="one row per (variant, device, target, seq_len)",
+        lambda df: ~df.duplicated(["model", "variant", "device", "target", "seq_len"]),
+        error="one row per (model, variant, device, target, seq_len)",
     ),
     strict=True,
     coerce=True,
@@ -85,6 +87,7 @@ def compile_row(payload: dict) -> dict[str, Any]:
     versions = payload.get("versions")
     fallback = payload.get("cpu_fallback_op_types")
     return {
+        "model": payload.get("model", DENSE),
         "variant": payload["variant"],
         "device": payload["device"],
         "target": payload["target"],

@@ -6,14 +6,16 @@ section per stage and the Prefect cache key hashes that same section.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.backends import BACKEND_MODULES
 from tasks.calibration_data import CalibrationDataParams
+from tasks.catalog import DENSE
 from tasks.compile import CompileParams
 from tasks.errors import ConfigError
 from tasks.graph_surgery import GraphSurgeryParams
@@ -22,6 +24,7 @@ from tasks.report import ReportParams
 
 # BERT-family encoders the exporter has been tested on (tiny random configs in tests/).
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+_NAME = re.compile(r"[a-z0-9_]+")
 KNOWN_DEVICES = tuple(BACKEND_MODULES)
 
 
@@ -84,6 +87,9 @@ class TrackingParams(_Section):
 
 class EdgeoptConfig(_Section):
     seq_lens: list[int] = Field([128, 512], min_length=1)
+    models: list[str] = Field(
+        [DENSE], min_length=1, description="the fetched model (dense) and copies derived from it; each runs the whole DAG"
+    )
     variants: list[str] = Field(["fp32"], min_length=1)
     targets: list[Target] = Field([Target(variant="fp32", device="ort_cpu")], min_length=1)
     data: DataParams = DataParams()
@@ -108,6 +114,18 @@ class EdgeoptConfig(_Section):
             raise ValueError(f"duplicate sequence lengths in {v}")
         return v
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        if DENSE not in v:
+            raise ValueError(f"must include {DENSE!r}: the accuracy budget and cosine_to_fp32 are measured against it")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate models in {v}")
+        bad = [m for m in v if not _NAME.fullmatch(m)]
+        if bad:
+            raise ValueError(f"model names {bad} must be lower-case letters, digits and _ (they name folders)")
+        return v
+
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: list[str]) -> list[str]:
@@ -124,6 +142,13 @@ class EdgeoptConfig(_Section):
         if len({(t.variant, t.device) for t in v}) != len(v):
             raise ValueError("a (variant, device) pair is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _models_are_defined(self) -> EdgeoptConfig:
+        unknown = sorted(set(self.models) - {DENSE})
+        if unknown:
+            raise ValueError(f"models: unknown model(s) {unknown}; known: {[DENSE]}")
+        return self
 
     @model_validator(mode="after")
     def _variants_are_defined(self) -> EdgeoptConfig:
@@ -170,8 +195,20 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {field}: {msg}{more}"
 
 
-def load_config(path: Path | str = "params.yaml") -> EdgeoptConfig:
-    """Read and validate `params.yaml`; raise ConfigError with a one-line message on any problem."""
+def merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> EdgeoptConfig:
+    """Read and validate `params.yaml` (with `overrides` merged in, e.g. from a deployment);
+    raise ConfigError with a one-line message on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the project root or pass --params")
@@ -183,6 +220,8 @@ def load_config(path: Path | str = "params.yaml") -> EdgeoptConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = merge(raw, overrides)
     try:
         return EdgeoptConfig.model_validate(raw)
     except ValidationError as exc:

@@ -18,6 +18,7 @@ STSB_PAIRS = pa.DataFrameSchema(
 BENCHMARK_ROWS = pa.DataFrameSchema(
     {
         "model": pa.Column(str),
+        "source_model": pa.Column(str),
         "variant": pa.Column(str),
         "device": pa.Column(str),
         "seq_len": pa.Column(int, pa.Check.gt(0)),
@@ -50,11 +51,13 @@ BENCHMARK_ROWS = pa.DataFrameSchema(
     name="benchmark_rows",
 )
 
-# What the report adds to every row: the accuracy budget verdict against fp32 at the same length.
+# What the report adds to every row: the accuracy budget verdict against the dense model's fp32 at
+# the same length, and the drop against the row's own model in fp32 (they differ for pruned models).
 REPORT_ROWS = BENCHMARK_ROWS.add_columns(
     {
         "spearman_drop": pa.Column(float),
         "within_budget": pa.Column(bool),
+        "drop_vs_own_fp32": pa.Column(float),
     }
 )
 

@@ -34,6 +34,11 @@ def test_repo_params_load_with_defaults():
         ("colour: blue", "colour: unknown key"),
         ("fetch_model: {source: path}", "source: path needs fetch_model.path"),
         ("fetch_model: {source: hub, hub_id: x/y}", "pinned fetch_model.revision"),
+        ("models: [pruned]", "models: must include 'dense'"),
+        ("models: [dense, dense]", "duplicate models"),
+        ("models: [dense, Big-One]", "must be lower-case letters"),
+        ("models: [dense, tiny]", "models: unknown model(s) ['tiny']"),
+        ("report: {accuracy_budget: lots}", "report.accuracy_budget"),
         ("seq_lens: [128", "not valid YAML"),
         ("- a\n- b", "top level must be a mapping"),
     ],
@@ -51,3 +56,12 @@ def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_merge_into_params_before_validation(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seq_lens: [128, 512]\nbenchmark: {threads: 2, timed_runs: 60}\n")
+    cfg = load_config(path, overrides={"seq_lens": [64], "benchmark": {"threads": 1}})
+    assert cfg.seq_lens == [64] and cfg.benchmark.threads == 1 and cfg.benchmark.timed_runs == 60
+    with pytest.raises(ConfigError, match="benchmark.threads"):
+        load_config(path, overrides={"benchmark": {"threads": 0}})

@@ -27,20 +27,7 @@ def flow_calls():
     os.chdir(REPO)
     try:
         cfg = load_config(REPO / "params.yaml")
-        return cfg, {
-            c.name: c
-            for c in [
-                stages.fetch_model(cfg),
-                *(stages.export_onnx(cfg, s) for s in cfg.seq_lens),
-                *(stages.reference(cfg, s) for s in cfg.seq_lens),
-                stages.calibration_data(cfg),
-                *(stages.graph_surgery(cfg, s) for s in cfg.seq_lens),
-                *(stages.quantize(cfg, v, s) for v in cfg.variants for s in cfg.seq_lens),
-                *stages.compile_calls(cfg),
-                *stages.benchmark_calls(cfg),
-                stages.report(cfg),
-            ]
-        }
+        return cfg, {c.name: c for c in stages.all_calls(cfg)}
     finally:
         os.chdir(cwd)
 
@@ -77,7 +64,7 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
     for name, call in calls.items():
         declared = {key for p in dvc_stages[name].deps if hasattr(p, "params") for key in p.params}
         if call.stage == "report":
-            assert declared == {"seq_lens", "targets", "compile.jobs", "report"}
+            assert declared == {"models", "seq_lens", "targets", "compile.jobs", "report"}
         elif call.stage == "compile":
             common = {"compile.verify_inputs", "compile.verify_count", "compile.verify_min_cosine", "compile.threads"}
             assert declared == {f"compile.{call.args['device']}", *common}

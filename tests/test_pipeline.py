@@ -18,22 +18,22 @@ from tasks.compile import COMPILE_ROWS
 from tasks.report import REPORT_TABLE
 
 ALL_STAGES = {
+    "fetch_model",
+    "calibration_data",
+    "export_onnx@dense-16",
+    "export_onnx@dense-32",
     "reference@16",
     "reference@32",
-    "calibration_data",
-    "graph_surgery@16",
-    "graph_surgery@32",
-    "quantize@fp32-16",
-    "quantize@fp32-32",
-    "quantize@ort_qdq_a16w8-16",
-    "quantize@ort_qdq_a16w8-32",
-    "fetch_model",
-    "export_onnx@16",
-    "export_onnx@32",
-    "compile@job0-16",
-    "compile@job0-32",
-    "benchmark@target0-16",
-    "benchmark@target0-32",
+    "graph_surgery@dense-16",
+    "graph_surgery@dense-32",
+    "quantize@dense-fp32-16",
+    "quantize@dense-fp32-32",
+    "quantize@dense-ort_qdq_a16w8-16",
+    "quantize@dense-ort_qdq_a16w8-32",
+    "compile@dense-job0-16",
+    "compile@dense-job0-32",
+    "benchmark@dense-target0-16",
+    "benchmark@dense-target0-32",
     "report",
 }
 
@@ -64,7 +64,7 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
 
     table = REPORT_TABLE.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
     assert sorted(table["seq_len"]) == [16, 32]
-    assert (table["artifact"] == ["artifacts/quantize/fp32-16/model.onnx", "artifacts/quantize/fp32-32/model.onnx"]).all()
+    assert (table["artifact"] == ["artifacts/quantize/dense/fp32-16/model.onnx", "artifacts/quantize/dense/fp32-32/model.onnx"]).all()
     assert table["within_budget"].all() and (table["spearman_drop"] == 0).all()
     assert (table["cosine_to_fp32_min"] > 0.9999).all()  # fp32 is its own reference
     assert (table["latency_p50_ms"] <= table["latency_p99_ms"]).all()
@@ -94,10 +94,10 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     benchmarks = [c for c in children if c.info.run_name.startswith("benchmark@")]
-    assert {c.info.run_name for c in benchmarks} == {"benchmark@target0-16", "benchmark@target0-32"}
+    assert {c.info.run_name for c in benchmarks} == {"benchmark@dense-target0-16", "benchmark@dense-target0-32"}
     assert all(c.data.params["artifact_sha256"] and "stsb_spearman" in c.data.metrics for c in benchmarks)
     compiles = {c.info.run_name: c for c in children if c.info.run_name.startswith("compile@")}
-    assert set(compiles) == {"compile@job0-16", "compile@job0-32"}
+    assert set(compiles) == {"compile@dense-job0-16", "compile@dense-job0-32"}
     assert all(c.data.tags["simulated"] == "True" and c.data.metrics["npu_nodes"] > 10 for c in compiles.values())
 
 
@@ -131,8 +131,8 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = True
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    downstream = {"quantize@ort_dynamic_int8-16", "quantize@ort_dynamic_int8-32", "benchmark@target1-16",
-                  "benchmark@target1-32", "report"}
+    downstream = {"quantize@dense-ort_dynamic_int8-16", "quantize@dense-ort_dynamic_int8-32",
+                  "benchmark@dense-target1-16", "benchmark@dense-target1-32", "report"}
     assert executed(pipeline(project_dir=str(workspace))) == downstream
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False
@@ -142,13 +142,13 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
 
 def test_missing_output_means_rerun_and_export_is_deterministic(workspace):
     pipeline(project_dir=str(workspace))
-    onnx_before = (workspace / "artifacts/export_onnx/seq16/model.onnx").read_bytes()
-    shutil.rmtree(workspace / "artifacts/export_onnx/seq16")
+    onnx_before = (workspace / "artifacts/export_onnx/dense/seq16/model.onnx").read_bytes()
+    shutil.rmtree(workspace / "artifacts/export_onnx/dense/seq16")
 
     result = pipeline(project_dir=str(workspace))
     # Only the deleted stage reruns: its new model is byte-identical, so nothing downstream changes.
-    assert executed(result) == {"export_onnx@16"}
-    assert (workspace / "artifacts/export_onnx/seq16/model.onnx").read_bytes() == onnx_before
+    assert executed(result) == {"export_onnx@dense-16"}
+    assert (workspace / "artifacts/export_onnx/dense/seq16/model.onnx").read_bytes() == onnx_before
 
 
 def test_code_change_reruns_that_stage(workspace):
@@ -161,13 +161,13 @@ def test_code_change_reruns_that_stage(workspace):
 @pytest.mark.parametrize("stale", ["stamp", "half-written"])
 def test_stale_or_partial_output_is_never_a_hit(workspace, stale):
     pipeline(project_dir=str(workspace))
-    out = workspace / "artifacts/benchmark/fp32-ort_cpu-32"
+    out = workspace / "artifacts/benchmark/dense/fp32-ort_cpu-32"
     if stale == "stamp":
         (out / "stage.json").write_text('{"key": "not-this-one", "files": []}')
     else:
         (out / "embeddings.npy").unlink()
     # The benchmark reruns; its fresh latencies change the report's input, so the report reruns too.
-    assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@target0-32", "report"}
+    assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@dense-target0-32", "report"}
 
 
 def test_unreachable_mlflow_server_falls_back_to_local_store(workspace, monkeypatch):

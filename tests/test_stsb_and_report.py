@@ -42,12 +42,12 @@ def test_bad_stsb_files(tmp_path, content, message):
 
 def _row(**overrides):
     row = {
-        "model": "m", "variant": "fp32", "device": "ort_cpu", "seq_len": 128,
-        "artifact": "artifacts/export_onnx/seq128/model.onnx", "artifact_sha256": "0" * 64, "size_mb": 90.3,
+        "model": "dense", "source_model": "m", "variant": "fp32", "device": "ort_cpu", "seq_len": 128,
+        "artifact": "artifacts/quantize/dense/fp32-128/model.onnx", "artifact_sha256": "0" * 64, "size_mb": 90.3,
         "latency_p50_ms": 20.0, "latency_p90_ms": 22.0, "latency_p99_ms": 25.0, "latency_mean_ms": 20.5,
         "latency_std_ms": 1.0, "timed_runs": 100, "cold_start_ms": 400.0, "threads": 2, "precision": "fp32",
         "stsb_pairs": 1379, "stsb_spearman": 82.03, "cosine_to_fp32_mean": 1.0, "cosine_to_fp32_min": 1.0,
-        "engine_version": "1.31.1", "dvc_stage": "benchmark@fp32-ort_cpu-128",
+        "engine_version": "1.31.1", "dvc_stage": "benchmark@dense-target0-128",
     }
     return {**row, **overrides}
 
@@ -71,14 +71,29 @@ def test_report_writes_validated_csv_and_summary(tmp_path):
     assert table.loc["int8_ok", "within_budget"] and not table.loc["int8_bad", "within_budget"]
     assert table.loc["int8_bad", "spearman_drop"] == pytest.approx(82.03 - 38.6)
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
-    assert summary["fp32/ort_cpu/512"]["stsb_spearman"] == pytest.approx(82.03)
+    assert summary["dense/fp32/ort_cpu/512"]["stsb_spearman"] == pytest.approx(82.03)
     # The faster but broken variant is never the winner.
     assert summary["best_within_budget"]["ort_cpu/128"]["variant"] == "int8_ok"
     assert summary["best_within_budget"]["ort_cpu/512"]["variant"] == "fp32"
 
 
+def test_pruned_rows_are_judged_against_dense_and_their_own_fp32(tmp_path):
+    dirs = [
+        _bench_dir(tmp_path, "a", _row()),
+        _bench_dir(tmp_path, "b", _row(model="pruned", stsb_spearman=81.0, latency_p50_ms=12.0)),
+        _bench_dir(tmp_path, "c", _row(model="pruned", variant="int8", stsb_spearman=80.8, latency_p50_ms=6.0)),
+    ]
+    report_run(dirs, ReportParams(accuracy_budget=1.5), tmp_path / "metrics", key="k")
+    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index(["model", "variant"])
+    assert table.loc[("pruned", "int8"), "spearman_drop"] == pytest.approx(82.03 - 80.8)
+    assert table.loc[("pruned", "int8"), "drop_vs_own_fp32"] == pytest.approx(81.0 - 80.8)
+    assert table.loc[("dense", "fp32"), "drop_vs_own_fp32"] == 0
+    best = json.loads((tmp_path / "metrics" / "summary.json").read_text())["best_within_budget"]["ort_cpu/128"]
+    assert (best["model"], best["variant"]) == ("pruned", "int8")
+
+
 def test_budget_needs_an_fp32_row(tmp_path):
-    with pytest.raises(StageError, match="no fp32 row at seq_len"):
+    with pytest.raises(StageError, match=r"no fp32 row for \['dense@128'\]"):
         report_run([_bench_dir(tmp_path, "a", _row(variant="int8"))], ReportParams(), tmp_path / "m", key="k")
 
 
