@@ -90,15 +90,19 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
 
         with contextlib.chdir(root):  # params paths are relative to the project root
             stages.preflight(load_config(params))  # validate before anything starts
-        from flows.pipeline import pipeline
+        from flows.pipeline import USER_ERROR, pipeline
+        from tasks.errors import StageError
 
-        result = pipeline(project_dir=str(root), params_file=params.name)
-    stages = Table(title="stages")
-    stages.add_column("stage")
-    stages.add_column("state")
-    for name, state in result["stages"].items():
-        stages.add_row(name, f"[green]{state}[/]" if state == "Cached" else state)
-    console.print(stages)
+        state = pipeline(project_dir=str(root), params_file=params.name, return_state=True)
+        if state.name == USER_ERROR:
+            raise StageError(state.message)
+        result = state.result()
+    states = Table(title="stages")
+    states.add_column("stage")
+    states.add_column("state")
+    for name, stage_state in result["stages"].items():
+        states.add_row(name, f"[green]{stage_state}[/]" if stage_state == "Cached" else stage_state)
+    console.print(states)
     console.print(_rows_table(result["rows"]))
     if result["compile_rows"]:
         console.print(_compile_table(result["compile_rows"]))
@@ -146,6 +150,8 @@ def stage(
         from tasks.errors import ConfigError
 
         cfg = load_config(params)
+        with contextlib.chdir(params.resolve().parent):
+            stages.preflight(cfg)
         needed = {
             "export_onnx": ("seq_len",),
             "reference": ("seq_len",),

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import wait
 from prefect.serializers import JSONSerializer
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
@@ -19,6 +20,12 @@ from flows.locking import workspace_lock
 from flows.tracking import log_pipeline
 from tasks import catalog
 from tasks.config import load_config
+from tasks.errors import EdgeoptError
+
+# State name of a stage stopped by an error the user can fix (bad input, failed check): the flow
+# ends Failed with that one-line message instead of a traceback. Other exceptions are bugs and
+# keep their tracebacks.
+USER_ERROR = "UserError"
 
 
 @task(
@@ -27,27 +34,37 @@ from tasks.config import load_config
     result_serializer=JSONSerializer(),
     task_run_name="{call.name}",
 )
-def run_stage(call: stages.StageCall) -> dict:
-    return call.execute()
+def run_stage(call: stages.StageCall) -> dict | State:
+    try:
+        return call.execute()
+    except EdgeoptError as exc:
+        return Failed(name=USER_ERROR, message=f"{call.name}: {exc}")
 
 
 def _stage_task():
     return run_stage.with_options(result_storage=results_dir())
 
 
-def _run(call: stages.StageCall, states: dict[str, str]) -> dict:
-    state = _stage_task()(call=call, return_state=True)
+class _Stop(Exception):
+    """A stage ended in a user error; carries its one-line message out of the flow body."""
+
+
+def _settle(call: stages.StageCall, state: State, states: dict[str, str]) -> dict:
     states[call.name] = state.name
-    return state.result()
+    if state.name == USER_ERROR:
+        raise _Stop(state.message)
+    return state.result()  # re-raises a bug's exception with its traceback
+
+
+def _run(call: stages.StageCall, states: dict[str, str]) -> dict:
+    return _settle(call, _stage_task()(call=call, return_state=True), states)
 
 
 def _fan_out(calls: list[stages.StageCall], states: dict[str, str]) -> list[dict]:
-    """Submit independent stage calls to the flow's task runner; raise the first failure."""
+    """Submit independent stage calls to the flow's task runner (all finish before a failure stops the flow)."""
     futures = _stage_task().map(call=calls)
     wait(futures)
-    for call, future in zip(calls, futures):
-        states[call.name] = future.state.name
-    return [future.result() for future in futures]
+    return [_settle(call, future.state, states) for call, future in zip(calls, futures)]
 
 
 def sync_dvc_lock(root: Path) -> bool:
@@ -68,18 +85,21 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
     `params_file`; such a run does not update dvc.lock, which describes `params_file` alone."""
     root = Path(project_dir).resolve()
     os.chdir(root)  # stage paths are relative to the project root, as they are for `dvc repro`
-    cfg = load_config(params_file, overrides)
-    stages.preflight(cfg)
     states: dict[str, str] = {}
+    try:
+        cfg = load_config(params_file, overrides)
+        stages.preflight(cfg)
+        with workspace_lock(root):
+            for call in stages.prepare_calls(cfg):
+                _run(call, states)
+            _fan_out(stages.compile_calls(cfg), states)
+            _fan_out(stages.benchmark_calls(cfg), states)
+            report = _run(stages.report(cfg), states)
+            dvc_synced = not overrides and sync_dvc_lock(root)
+            rows, compiled = report["rows"], report["compile_rows"]
+            # Under the lock too: two runs creating the local MLflow store at once collide.
+            tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled)
+    except (_Stop, EdgeoptError) as exc:
+        return Failed(name=USER_ERROR, message=str(exc))
 
-    with workspace_lock(root):
-        for call in stages.prepare_calls(cfg):
-            _run(call, states)
-        _fan_out(stages.compile_calls(cfg), states)
-        _fan_out(stages.benchmark_calls(cfg), states)
-        report = _run(stages.report(cfg), states)
-        dvc_synced = not overrides and sync_dvc_lock(root)
-
-    rows, compiled = report["rows"], report["compile_rows"]
-    tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled)
     return {"stages": states, "rows": rows, "compile_rows": compiled, "dvc_synced": dvc_synced, **tracked}

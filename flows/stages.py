@@ -121,22 +121,33 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def external_inputs(cfg: EdgeoptConfig) -> dict[str, Path]:
-    """Files the DAG reads that no stage produces, by the params field that names them."""
+    """Files and folders the DAG reads that no stage produces, by the params field that names them."""
     found = {"data.stsb_dir": split_path(cfg.data.stsb_dir, "test")}
     for i, src in enumerate(cfg.calibration_data.sources):
         found[f"calibration_data.sources[{i}].path"] = Path(src.path)
     if cfg.compile.verify_inputs:
         found["compile.verify_inputs"] = Path(cfg.compile.verify_inputs)
+    if cfg.fetch_model.source == "path":
+        found["fetch_model.path"] = Path(cfg.fetch_model.path)
     return found
 
 
-def preflight(cfg: EdgeoptConfig) -> None:
-    """Fail before any stage runs when an input named in params.yaml is missing (paths are relative
-    to the project root, the working directory of both entry points)."""
-    from tasks.errors import InputError
+def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
+    """Fail before any stage runs when a path named in params.yaml is missing or points outside the
+    project and every `paths.read_roots` folder. Relative paths are from the project root (`root`,
+    default the working directory, as for both entry points)."""
+    from tasks.errors import ConfigError, InputError
 
+    root = (root or Path.cwd()).resolve()
+    allowed = [root, *((root / r).resolve() for r in cfg.paths.read_roots)]
     for field_name, path in external_inputs(cfg).items():
-        if not path.exists():
+        resolved = (root / path).resolve()
+        if not any(resolved.is_relative_to(a) for a in allowed):
+            raise ConfigError(
+                f"{field_name}: {path} is outside the project; add its folder to paths.read_roots in params.yaml "
+                "to allow reading it"
+            )
+        if not resolved.exists():
             raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
 
 

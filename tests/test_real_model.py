@@ -21,6 +21,7 @@ def test_minilm_fp32_stsb_spearman(workspace):
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
     params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
     params["data"]["stsb_dir"] = str(STSB_DIR)
+    params["paths"]["read_roots"] = [str(STSB_DIR.parent)]
     for source in params["calibration_data"]["sources"]:
         source["path"] = str(STSB_DIR / Path(source["path"]).name)
     params["benchmark"]["timed_runs"] = 50
