@@ -45,19 +45,43 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _num(value, fmt: str) -> str:
+    return "" if value is None or value != value else format(value, fmt)  # value != value: NaN
+
+
 def _rows_table(rows: list[dict]) -> Table:
-    table = Table(title="benchmark (metrics/benchmark.csv)")
-    columns = ("variant", "device", "seq_len", "size MB", "p50 ms", "p99 ms", "cold ms", "STS-B ρ×100", "drop",
-               "in budget", "cos→fp32 min")
+    quick = any(r.get("quick") for r in rows)
+    title = "benchmark (metrics/benchmark.csv)" + ("  [QUICK MODE: not for decisions]" if quick else "")
+    table = Table(title=title, caption="(sim) = HTP simulator time, not device latency" if any(
+        r.get("simulated") for r in rows) else None)
+    columns = ("model", "variant", "device", "target", "seq_len", "size MB", "p50 ms", "p99 ms", "p50 spread %",
+               "cold ms", "warm ms", "STS-B ρ×100", "drop", "in budget", "cos→fp32 min")
     for col in columns:
-        table.add_column(col, justify="right" if col not in ("variant", "device") else "left")
+        table.add_column(col, justify="left" if col in ("model", "variant", "device", "target") else "right")
     for r in rows:
+        sim = " (sim)" if r.get("simulated") else ""
+        spread = _num(r.get("latency_p50_spread_pct"), ".1f")
+        if spread and not r.get("latency_stable"):
+            spread = f"[red]{spread}[/]"
         table.add_row(
-            r["variant"], r["device"], str(r["seq_len"]), f"{r['size_mb']:.1f}", f"{r['latency_p50_ms']:.2f}",
-            f"{r['latency_p99_ms']:.2f}", f"{r['cold_start_ms']:.0f}", f"{r['stsb_spearman']:.2f}",
+            r["model"], r["variant"], r["device"], r["target"], str(r["seq_len"]), f"{r['size_mb']:.1f}",
+            f"{r['latency_p50_ms']:.2f}{sim}", f"{r['latency_p99_ms']:.2f}{sim}", spread,
+            f"{r['cold_start_ms']:.0f}", _num(r.get("warm_start_ms"), ".0f"), f"{r['stsb_spearman']:.2f}",
             f"{r['spearman_drop']:+.2f}", "[green]yes[/]" if r["within_budget"] else "[red]no[/]",
             f"{r['cosine_to_fp32_min']:.5f}",
         )
+    return table
+
+
+def _choice_table(choice: dict) -> Table:
+    table = Table(title=f"sequence length per device (keep {choice['coverage']:.0%} of inputs whole; "
+                        "reasons in the report)")
+    for col in ("device/target", "length", "inputs kept", "deploy", "p50 ms", "vs longest measured"):
+        table.add_column(col, overflow="fold")
+    for key, c in sorted(choice["choice"].items()):
+        longer = "" if c["longest_seq_len"] == c["seq_len"] else f"{c['speedup_vs_longest']:.1f}x faster than {c['longest_seq_len']}"
+        table.add_row(key, str(c["seq_len"]), f"{c['covered_share']:.1%}", f"{c['model']}/{c['variant']}",
+                      f"{c['latency_p50_ms']:.2f}" + (" (sim)" if c["simulated"] else ""), longer)
     return table
 
 
@@ -67,9 +91,7 @@ def _compile_table(rows: list[dict]) -> Table:
                 "cos→source min", "run ms"):
         table.add_column(col)
 
-    def num(value, fmt: str) -> str:
-        return "" if value is None else format(value, fmt)
-
+    num = _num
     for r in rows:
         run_ms = num(r["verify_run_ms_median"], ".1f") + (" (simulated)" if r["simulated"] and r["verify_run_ms_median"] else "")
         table.add_row(
@@ -80,7 +102,12 @@ def _compile_table(rows: list[dict]) -> Table:
 
 
 @app.command()
-def run(params: ParamsOpt = Path("params.yaml")) -> None:
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="few timed runs and an STS-B subset (benchmark.quick); rows are marked quick, dvc.lock is left alone"
+    )] = False,
+) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped (cached)."""
     with _user_errors():
         from tasks.config import load_config
@@ -88,12 +115,13 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
         root = params.resolve().parent
         from flows import stages
 
+        overrides = {"benchmark": {"quick": True}} if quick else None
         with contextlib.chdir(root):  # params paths are relative to the project root
-            stages.preflight(load_config(params))  # validate before anything starts
+            stages.preflight(load_config(params, overrides))  # validate before anything starts
         from flows.pipeline import USER_ERROR, pipeline
         from tasks.errors import StageError
 
-        state = pipeline(project_dir=str(root), params_file=params.name, return_state=True)
+        state = pipeline(project_dir=str(root), params_file=params.name, overrides=overrides, return_state=True)
         if state.name == USER_ERROR:
             raise StageError(state.message)
         result = state.result()
@@ -106,8 +134,10 @@ def run(params: ParamsOpt = Path("params.yaml")) -> None:
     console.print(_rows_table(result["rows"]))
     if result["compile_rows"]:
         console.print(_compile_table(result["compile_rows"]))
+    console.print(_choice_table(result["seq_len_choice"]))
     if result.get("mlflow_fallback_reason"):
         err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
+    console.print(f"report: {result['report_files'][0]}")
     console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
 
 
@@ -173,6 +203,7 @@ def stage(
             "quantize": lambda: stages.quantize(cfg, model, variant, seq_len),
             "benchmark": lambda: stages.benchmark(cfg, model, *_target(cfg, variant, device), seq_len),
             "compile": lambda: stages.compile_device(cfg, model, *_job(cfg, variant, device, target), seq_len),
+            "latency_curve": lambda: stages.latency_curve(cfg, model),
             "report": lambda: stages.report(cfg),
         }
         if name not in builders:
@@ -189,37 +220,47 @@ def stage(
     console.print(f"{call.name}: done")
 
 
+def _records(frame) -> list[dict]:
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
 @app.command()
 def results(
     markdown: Annotated[bool, typer.Option(help="print Markdown tables (what the README's results are)")] = False,
     project: Annotated[Path, typer.Option(help="project root")] = Path("."),
 ) -> None:
-    """Show the last run's metrics/benchmark.csv and metrics/compile.csv."""
+    """Show the last run's metrics/benchmark.csv, metrics/compile.csv and the seq-len choice."""
     with _user_errors():
+        import json
+
         import pandas as pd
 
         from tasks import catalog
         from tasks.errors import InputError
 
         tables = {}
-        for name in ("benchmark.csv", "compile.csv"):
+        for name in ("benchmark.csv", "compile.csv", "summary.json"):
             path = project / catalog.report_dir() / name
             if not path.is_file():
                 raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) first")
-            tables[name] = pd.read_csv(path, keep_default_na=True)
-        rows = tables["benchmark.csv"].astype(object).where(tables["benchmark.csv"].notna(), None).to_dict("records")
-        compiled = tables["compile.csv"].astype(object).where(tables["compile.csv"].notna(), None).to_dict("records")
+            tables[name] = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
     if not markdown:
-        console.print(_rows_table(rows))
-        console.print(_compile_table(compiled))
+        console.print(_rows_table(_records(tables["benchmark.csv"])))
+        console.print(_compile_table(_records(tables["compile.csv"])))
+        if "seq_len_choice" in tables["summary.json"]:
+            console.print(_choice_table(tables["summary.json"]["seq_len_choice"]))
         return
     bench = tables["benchmark.csv"]
-    fp32 = bench[bench["variant"] == "fp32"].set_index("seq_len")["latency_p50_ms"]
-    bench = bench.assign(speedup=fp32.reindex(bench["seq_len"]).to_numpy() / bench["latency_p50_ms"])
-    columns = {"variant": "variant", "device": "device", "seq_len": "L", "precision": "precision",
-               "size_mb": "MB", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
-               "speedup": "× ORT fp32", "stsb_spearman": "STS-B", "spearman_drop": "drop",
-               "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
+    fp32 = bench[(bench["variant"] == "fp32") & (bench["device"] == "ort_cpu") & (bench["model"] == "dense")]
+    fp32 = fp32.set_index("seq_len")["latency_p50_ms"]
+    bench = bench.assign(
+        speedup=fp32.reindex(bench["seq_len"]).to_numpy() / bench["latency_p50_ms"],
+        latency_p50_ms=[f"{v:.2f}{' (sim)' if s else ''}" for v, s in zip(bench["latency_p50_ms"], bench["simulated"])],
+    )
+    columns = {"model": "model", "variant": "variant", "device": "device", "target": "target", "seq_len": "L",
+               "precision": "precision", "size_mb": "MB", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
+               "latency_p50_spread_pct": "p50 spread %", "speedup": "× ORT fp32", "stsb_spearman": "STS-B",
+               "spearman_drop": "drop", "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
     print(bench[list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".2f"))
     print()
     columns = {"variant": "variant", "device": "device", "target": "target", "seq_len": "L", "status": "status",
@@ -227,6 +268,69 @@ def results(
                "cached_compile_s": "cached s", "verify_min_cosine": "cos→source min",
                "verify_run_ms_median": "run ms", "simulated": "simulated"}
     print(tables["compile.csv"][list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".4g"))
+
+
+@app.command()
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    name: Annotated[str | None, typer.Option(help="folder under reports/ (default: a timestamp)")] = None,
+) -> None:
+    """Rebuild the HTML + Markdown report (reports/<name>/) from metrics/ of the last run."""
+    with _user_errors():
+        from tasks import catalog, dashboard
+        from tasks.config import load_config
+
+        root = params.resolve().parent
+        cfg = load_config(params)
+        out = root / dashboard.REPORTS / (name or dashboard.run_name())
+        files = dashboard.write_report(root / catalog.report_dir(), out, cfg.report.accuracy_budget)
+    console.print(f"report: {files[0]}")
+
+
+COMPARED = (("latency_p50_ms", "lower"), ("latency_p99_ms", "lower"), ("cold_start_ms", "lower"),
+            ("size_mb", "lower"), ("stsb_spearman", "higher"), ("cosine_to_fp32_min", "higher"))
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="MLflow parent run id (the baseline)")],
+    run_b: Annotated[str, typer.Argument(help="MLflow parent run id (compared to the baseline)")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Metric deltas (B - A) between two pipeline runs, per benchmark row, from MLflow."""
+    with _user_errors():
+        from flows.compare import benchmark_children, deltas
+        from flows.tracking import tracking_uri
+        from tasks.config import load_config
+
+        cfg = load_config(params)
+        uri = tracking_uri(cfg, params.resolve().parent)
+        a, b = benchmark_children(uri, run_a), benchmark_children(uri, run_b)
+        table_rows, only_a, only_b = deltas(a, b, [m for m, _ in COMPARED])
+    better = dict(COMPARED)
+    table = Table(title=f"B {run_b[:8]} vs A {run_a[:8]} (B - A; green = better)")
+    for col in ("model", "variant", "device", "target", "L", *[m for m, _ in COMPARED]):
+        table.add_column(col, justify="left" if col in ("model", "variant", "device", "target") else "right")
+    for key, values in table_rows:
+        cells = []
+        for metric, _ in COMPARED:
+            va, vb = values.get(metric, (None, None))
+            if va is None or vb is None:
+                cells.append("")
+                continue
+            delta = vb - va
+            if delta == 0:
+                cells.append("0")
+                continue
+            good = (delta < 0) if better[metric] == "lower" else (delta > 0)
+            pct = f" ({delta / va:+.1%})" if va else ""
+            colour = "green" if good else "red"
+            cells.append(f"[{colour}]{delta:+.4g}{pct}[/]")
+        table.add_row(*key[:4], str(key[4]), *cells)
+    console.print(table)
+    for label, keys in (("only in A", only_a), ("only in B", only_b)):
+        if keys:
+            console.print(f"{label}: " + ", ".join("/".join(str(k) for k in key) for key in keys))
 
 
 @app.command()
@@ -254,6 +358,101 @@ def ui(
     console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+
+
+services_app = typer.Typer(
+    no_args_is_help=True, help="Local MLflow server, Prefect server and Prefect worker (infra/README.md)."
+)
+app.add_typer(services_app, name="services")
+ServiceNames = Annotated[
+    list[str] | None, typer.Argument(help="mlflow, prefect-server, prefect-worker (default: all)", show_default=False)
+]
+ProjectOpt = Annotated[Path, typer.Option("--project", help="project root; service state in .edgeopt/services/")]
+
+
+@services_app.command("start")
+def services_start(
+    names: ServiceNames = None,
+    project: ProjectOpt = Path("."),
+    host: Annotated[str | None, typer.Option(help="interface to bind (default loopback)")] = None,
+    prefect_port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+    mlflow_port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+    work_pool: Annotated[str | None, typer.Option(help="process work pool")] = None,
+    worker_poll: Annotated[float | None, typer.Option(min=0.1, help="seconds between the worker's polls")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.1, help="seconds to wait for each service")] = None,
+) -> None:
+    """Start the services (all by default) and wait until each answers its health check. Unset options
+    take ServicesParams' defaults (flows/services.py, infra/README.md)."""
+    with _user_errors():
+        from flows.services import ServicesParams, start, state_dir
+
+        given = {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port, "work_pool": work_pool,
+                 "worker_poll_s": worker_poll, "start_timeout_s": timeout}
+        params = ServicesParams(**{k: v for k, v in given.items() if v is not None})
+        if params.host not in ("127.0.0.1", "localhost", "::1"):
+            err_console.print(f"[yellow]warning:[/] binding {params.host}: reachable from the network, no authentication")
+        urls = start(project.resolve(), params, names or ())
+    for name, url in urls.items():
+        console.print(f"{name}: {url}")
+    console.print(f"clients: source {state_dir(project.resolve()) / 'env.sh'}")
+
+
+@services_app.command("stop")
+def services_stop(names: ServiceNames = None, project: ProjectOpt = Path(".")) -> None:
+    """Stop the services (all by default) and every process they started."""
+    with _user_errors():
+        from flows.services import stop
+
+        stopped = stop(project.resolve(), names or ())
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@services_app.command("status")
+def services_status(project: ProjectOpt = Path(".")) -> None:
+    """Show each service's pid, health, URL and log; exit 1 if any is down."""
+    with _user_errors():
+        from flows.services import status
+
+        states = status(project.resolve())
+    table = Table(title="services")
+    for col in ("service", "pid", "state", "url", "log"):
+        table.add_column(col)
+    for s in states:
+        state = "[green]healthy[/]" if s.healthy else ("[red]not answering[/]" if s.pid else "stopped")
+        table.add_row(s.name, str(s.pid or ""), state, s.url, str(s.log))
+    console.print(table)
+    raise typer.Exit(0 if all(s.healthy for s in states) else 1)
+
+
+@services_app.command("env")
+def services_env(project: ProjectOpt = Path(".")) -> None:
+    """Print `export` lines for clients of the running services: eval "$(edgeopt services env)"."""
+    with _user_errors():
+        from flows.services import client_env
+
+        env = client_env(project.resolve())
+    for key, value in env.items():
+        print(f"export {key}={value}")
+
+
+@app.command()
+def deploy(
+    names: Annotated[list[str] | None, typer.Argument(help="deployments in prefect.yaml (default: all)",
+                                                      show_default=False)] = None,
+    project: ProjectOpt = Path("."),
+    prefect_file: Annotated[Path | None, typer.Option(help="[default: <project>/prefect.yaml]")] = None,
+    api_url: Annotated[str | None, typer.Option(help="[default: $PREFECT_API_URL or `edgeopt services`]")] = None,
+) -> None:
+    """Validate prefect.yaml's deployments against params.yaml, then create them on the Prefect server."""
+    with _user_errors():
+        from flows.deploy import deploy as deploy_all
+        from flows.services import prefect_api_url
+
+        root = project.resolve()
+        url = api_url.rstrip("/") if api_url else prefect_api_url(root)
+        created = deploy_all(root, url, prefect_file or root / "prefect.yaml", names or None)
+    for d in created:
+        console.print(f"{d['name']}: cron {', '.join(d['crons']) or 'none'} on work pool {d['work_pool']} ({url})")
 
 
 def main() -> None:

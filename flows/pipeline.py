@@ -1,6 +1,7 @@
 """The edgeopt Prefect flow, wiring only:
 fetch → calibration data → per model and length: export → reference → graph surgery → quantize →
-compile (fanned out over jobs) → benchmark (fanned out over targets) → report."""
+compile (fanned out over jobs) → benchmark (fanned out over targets) → latency curve (extra lengths,
+when asked) → report → the HTML/Markdown report in reports/<run>/."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from flows import stages
 from flows.caching import StageCachePolicy, results_dir
 from flows.locking import workspace_lock
 from flows.tracking import log_pipeline
-from tasks import catalog
+from tasks import catalog, dashboard
 from tasks.config import load_config
 from tasks.errors import EdgeoptError
 
@@ -94,7 +95,12 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
                 _run(call, states)
             _fan_out(stages.compile_calls(cfg), states)
             _fan_out(stages.benchmark_calls(cfg), states)
+            _fan_out(stages.latency_curve_calls(cfg), states)
             report = _run(stages.report(cfg), states)
+            # The human-facing report of this run (`edgeopt report` rebuilds it from metrics/).
+            report_files = dashboard.write_report(
+                catalog.report_dir(), dashboard.REPORTS / dashboard.run_name(), cfg.report.accuracy_budget
+            )
             dvc_synced = not overrides and sync_dvc_lock(root)
             rows, compiled = report["rows"], report["compile_rows"]
             # Under the lock too: two runs creating the local MLflow store at once collide.
@@ -102,4 +108,12 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))
 
-    return {"stages": states, "rows": rows, "compile_rows": compiled, "dvc_synced": dvc_synced, **tracked}
+    return {
+        "stages": states,
+        "rows": rows,
+        "compile_rows": compiled,
+        "seq_len_choice": report["seq_len_choice"],
+        "report_files": [str(root / f) for f in report_files],
+        "dvc_synced": dvc_synced,
+        **tracked,
+    }

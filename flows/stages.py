@@ -23,6 +23,7 @@ from tasks import compile as compile_stage
 from tasks import export_onnx as export_stage
 from tasks import fetch_model as fetch_stage
 from tasks import graph_surgery as surgery_stage
+from tasks import latency_curve as latency_curve_stage
 from tasks import quantize as quantize_stage
 from tasks import reference as reference_stage
 from tasks import report as report_stage
@@ -59,6 +60,27 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "tasks/schemas.py",
         "tasks/backends/__init__.py",
         "tasks/backends/base.py",
+        "tasks/backends/ort_cpu.py",  # simulated devices take their accuracy from the CPU EP
+        *SHARED_CODE,
+    ),
+    # Rebuilds artifacts with the pipeline's stage functions, then times them on any target's device.
+    "latency_curve": (
+        "tasks/latency_curve.py",
+        "tasks/seq_len_choice.py",
+        "tasks/export_onnx.py",
+        "tasks/graph_surgery.py",
+        "tasks/calibration_data.py",
+        "tasks/stsb.py",
+        "tasks/quantize.py",
+        "tasks/benchmark.py",
+        "tasks/bench_worker.py",
+        "tasks/backends/__init__.py",
+        "tasks/backends/base.py",
+        "tasks/backends/ort_cpu.py",
+        "tasks/backends/openvino_cpu.py",
+        "tasks/backends/openvino_npu.py",
+        "tasks/backends/qnn_htp.py",
+        "tasks/backends/_openvino.py",
         *SHARED_CODE,
     ),
     "compile": (
@@ -69,7 +91,15 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "tasks/backends/base.py",
         *SHARED_CODE,
     ),
-    "report": ("tasks/report.py", "tasks/compile.py", "tasks/schemas.py", *SHARED_CODE),
+    "report": (
+        "tasks/report.py",
+        "tasks/compile.py",
+        "tasks/schemas.py",
+        "tasks/seq_len_choice.py",
+        "tasks/calibration_data.py",
+        "tasks/stsb.py",
+        *SHARED_CODE,
+    ),
 }
 # Code a device module imports besides itself. dvc.yaml cannot pick deps per device, so its
 # benchmark and compile stages list these for every device (DVC may rerun more, never less).
@@ -264,8 +294,19 @@ def variant_artifact(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int)
     return catalog.variant_model(model, variant, seq_len, quantize_stage.artifact_name(cfg.quantize.variant(variant)))
 
 
+def compiled_for(cfg: EdgeoptConfig, model: str, target: Target, seq_len: int) -> dict[str, Path]:
+    """Compile target -> compile folder of every job that compiles this target's variant for its device:
+    the benchmark measures those artifacts rather than the quantize output."""
+    return {
+        job.target: catalog.compile_dir(model, job.variant, job.device, job.target, seq_len)
+        for job in cfg.compile.jobs
+        if (job.variant, job.device) == (target.variant, target.device)
+    }
+
+
 def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_len: int) -> StageCall:
     name = catalog.dvc_stage_name("benchmark", model=model, target=f"target{index}", seq_len=seq_len)
+    compiled = compiled_for(cfg, model, target, seq_len)
     return StageCall(
         stage="benchmark",
         name=name,
@@ -277,6 +318,7 @@ def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_le
             "stsb_test": split_path(cfg.data.stsb_dir, "test"),
             "reference_embeddings": catalog.reference_dir(seq_len) / reference_stage.EMBEDDINGS,
         },
+        watch={f"compiled_{t}": d for t, d in compiled.items()},
         params=cfg.benchmark,
         args={
             "source_model": model_label(cfg),
@@ -285,6 +327,7 @@ def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_le
             "device": target.device,
             "seq_len": seq_len,
             "stage_name": name,
+            "compiled": compiled,
         },
         code=device_code("benchmark", target.device),
         tools=benchmark_stage.TOOLS,
@@ -331,21 +374,64 @@ def compile_calls(cfg: EdgeoptConfig) -> list[StageCall]:
     ]
 
 
+def latency_curve_dir(model: str) -> Path:
+    return catalog.ARTIFACTS / "latency_curve" / model
+
+
+def latency_curve(cfg: EdgeoptConfig, model: str) -> StageCall:
+    """Latency at the extra lengths `report.latency_curve.seq_lens` (none: an empty stage), for the
+    seq-len choice. One stage per model, so its output folder always exists for the report's DVC deps."""
+    settings = latency_curve_stage.LatencyCurveSettings(
+        latency_curve=cfg.report.latency_curve,
+        export_onnx=cfg.export_onnx,
+        graph_surgery=cfg.graph_surgery,
+        calibration_data=cfg.calibration_data,
+        # Only the variants the targets use: editing another variant does not rerun the curve.
+        quantize=cfg.quantize.model_copy(
+            update={"variants": {t.variant: cfg.quantize.variant(t.variant) for t in cfg.targets}}
+        ),
+        benchmark=cfg.benchmark,
+        targets=cfg.targets,
+    )
+    return StageCall(
+        stage="latency_curve",
+        name=catalog.dvc_stage_name("latency_curve", model=model),
+        fn=latency_curve_stage.run,
+        out_dir=latency_curve_dir(model),
+        inputs={"model_dir": model_source(model)},
+        watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.sources)},
+        params=settings,
+        args={"sources": [Path(src.path) for src in cfg.calibration_data.sources], "model": model},
+        code=STAGE_CODE["latency_curve"],
+        tools=latency_curve_stage.TOOLS,
+    )
+
+
+def latency_curve_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+    return [latency_curve(cfg, m) for m in cfg.models]
+
+
 def report(cfg: EdgeoptConfig) -> StageCall:
     dirs = [c.out_dir for c in benchmark_calls(cfg)]
     compiled = [c.out_dir for c in compile_calls(cfg)]
+    curves = [c.out_dir for c in latency_curve_calls(cfg)]
     return StageCall(
         stage="report",
         name="report",
         fn=report_stage.run,
         out_dir=catalog.report_dir(),
+        inputs={
+            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+            "text": Path(cfg.report.seq_len_choice.text.path),
+        },
         # Hash each configured output folder; the DVC stage depends on their parent folders.
         watch={
             **{f"benchmark_{i}": d for i, d in enumerate(dirs)},
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
+            **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
         },
         params=cfg.report,
-        args={"benchmark_dirs": dirs, "compile_dirs": compiled},
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves},
         code=STAGE_CODE["report"],
         tools=report_stage.TOOLS,
     )
@@ -366,4 +452,4 @@ def prepare_calls(cfg: EdgeoptConfig) -> list[StageCall]:
 
 def all_calls(cfg: EdgeoptConfig) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
-    return [*prepare_calls(cfg), *compile_calls(cfg), *benchmark_calls(cfg), report(cfg)]
+    return [*prepare_calls(cfg), *compile_calls(cfg), *benchmark_calls(cfg), *latency_curve_calls(cfg), report(cfg)]

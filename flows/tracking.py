@@ -1,4 +1,5 @@
-"""MLflow logging, in one place: one parent run per flow run, one child per benchmark row.
+"""MLflow logging, in one place: one parent run per flow run, one child per benchmark row and per
+compile job, and each device's best within-budget artifact registered in the model registry.
 
 Default store: `sqlite:///mlflow.db` in the project (no server). `tracking.tracking_uri` in
 params or `MLFLOW_TRACKING_URI` point it at a server instead. The client API with explicit
@@ -8,8 +9,11 @@ thread-local and silently makes children top-level runs in other threads.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +41,20 @@ ROW_PARAMS = ("model", "source_model", "variant", "device", "seq_len", "threads"
               "dvc_stage", "timed_runs", "stsb_pairs", "engine_version", "within_budget")
 COMPILE_METRICS = ("size_mb", "npu_nodes", "cpu_fallback_nodes", "compile_s", "cached_compile_s",
                    "verify_min_cosine", "verify_run_ms_median")
+# Tags of a registered model version: what it is and how it measured.
+REGISTERED_TAGS = ("model", "variant", "device", "seq_len", "artifact", "artifact_sha256", "latency_p50_ms",
+                   "stsb_spearman", "spearman_drop", "dvc_stage")
 COMPILE_PARAMS = ("model", "variant", "device", "target", "seq_len", "status", "precision", "artifact",
                   "cpu_fallback_op_types", "engine_versions", "dvc_stage")
+
+
+# `user:password@` in a URI: kept out of params, tags and messages (credentials belong in
+# MLFLOW_TRACKING_USERNAME/PASSWORD or the store's own environment variables).
+_URI_PASSWORD = re.compile(r"(?<=://)([^/:@\s]+):[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    return _URI_PASSWORD.sub(r"\1:***@", text)
 
 
 def local_uri(root: Path) -> str:
@@ -59,7 +75,7 @@ def _unreachable(uri: str) -> str | None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as exc:
-        return f"MLflow server {uri} unreachable ({exc.__class__.__name__})"
+        return f"MLflow server {redact(uri)} unreachable ({exc.__class__.__name__})"
     return None
 
 
@@ -68,7 +84,74 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> None:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
-        out[prefix] = str(value)
+        out[prefix] = redact(str(value))
+
+
+def _prefect_tags() -> dict[str, str]:
+    """Which Prefect flow run (and deployment) this MLflow run belongs to, when run by Prefect."""
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name}
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+def registered_model_name(cfg: EdgeoptConfig, device: str, seq_len: int) -> str:
+    return f"{cfg.tracking.experiment}-{device}-seq{seq_len}"
+
+
+def _log_model_files(client, run_id: str, artifact: Path) -> str:
+    """Log the deployable artifact under `model/` of the run; return its format.
+
+    ONNX goes through MLflow's onnx flavor (MLmodel, signature, loadable with `mlflow.onnx` or
+    pyfunc). MLflow has no OpenVINO flavor, and the IR's consumers are device runtimes that take the
+    files as they are, so `model.xml` goes in with the files sharing its stem (`model.bin`)."""
+    if artifact.suffix == ".onnx":
+        import mlflow.onnx
+        import onnx
+
+        requirements = [f"{k}=={v}" for k, v in tool_versions(("onnx", "onnxruntime")).items()]
+        with tempfile.TemporaryDirectory() as tmp:
+            # Explicit requirements: MLflow's inference spawns an interpreter and takes seconds.
+            mlflow.onnx.save_model(onnx.load(str(artifact)), f"{tmp}/model", pip_requirements=requirements)
+            client.log_artifacts(run_id, f"{tmp}/model", "model")
+        return "onnx"
+    for path in sorted(artifact.parent.glob(f"{artifact.stem}.*")):
+        client.log_artifact(run_id, str(path), "model")
+    return "openvino_ir" if artifact.suffix == ".xml" else artifact.suffix.lstrip(".")
+
+
+def register_best(
+    client, cfg: EdgeoptConfig, root: Path, best: dict[str, dict], rows: list[dict], row_runs: dict[tuple, str]
+) -> dict[str, str]:
+    """Register each `best_within_budget` entry (fastest within-budget row per device and length) as a
+    version of the registered model `<experiment>-<device>-seq<L>`, linked to that row's child run.
+    When the latest version already holds the same artifact (sha256) nothing is added, so a cached
+    rerun does not grow the registry. Returns "device/L" -> "name/version"."""
+    from mlflow.exceptions import MlflowException
+
+    by_key = {(r["model"], r["variant"], r["device"], r["seq_len"]): r for r in rows}
+    registered = {}
+    for key, entry in sorted(best.items()):
+        device, seq_len = key.rsplit("/", 1)
+        row = by_key[(entry["model"], entry["variant"], device, int(seq_len))]
+        name = registered_model_name(cfg, device, row["seq_len"])
+        try:
+            client.create_registered_model(name, description=f"fastest {device} artifact within the accuracy budget "
+                                                             f"at {seq_len} tokens (edgeopt report)")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        versions = client.search_model_versions(f"name='{name}'")
+        latest = max(versions, key=lambda v: int(v.version), default=None)
+        if latest is not None and latest.tags.get("artifact_sha256") == row["artifact_sha256"]:
+            registered[key] = f"{name}/{latest.version}"
+            continue
+        run_id = row_runs[(row["model"], row["variant"], device, row["seq_len"])]
+        tags = {k: str(row[k]) for k in REGISTERED_TAGS}
+        tags["format"] = _log_model_files(client, run_id, root / row["artifact"])
+        version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+        registered[key] = f"{name}/{version.version}"
+    return registered
 
 
 def log_pipeline(
@@ -79,8 +162,9 @@ def log_pipeline(
     stage_states: dict[str, str],
     compile_rows: list[dict] = (),
 ) -> dict:
-    """Log the run. A configured server that cannot be reached does not fail the pipeline: the run
-    is logged to the local store instead and the returned `mlflow_fallback_reason` says so."""
+    """Log the run and register the best artifacts. A configured server that cannot be reached does
+    not fail the pipeline: the run is logged to the local store instead and the returned
+    `mlflow_fallback_reason` says so."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -109,7 +193,7 @@ def log_pipeline(
     parent = client.create_run(
         experiment_id,
         run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={**versions, **machine, **{f"stage.{k}": v for k, v in stage_states.items()}},
+        tags={**versions, **machine, **_prefect_tags(), **{f"stage.{k}": v for k, v in stage_states.items()}},
     )
     pid = parent.info.run_id
     client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
@@ -119,12 +203,14 @@ def log_pipeline(
     if (root / "params.yaml").is_file():
         client.log_artifact(pid, str(root / "params.yaml"))
 
+    row_runs = {}
     for row in rows:
         child = client.create_run(
             experiment_id,
             run_name=row["dvc_stage"],
             tags={"mlflow.parentRunId": pid, **versions, **machine},
         )
+        row_runs[(row["model"], row["variant"], row["device"], row["seq_len"])] = child.info.run_id
         client.log_batch(
             child.info.run_id,
             metrics=[Metric(m, float(row[m]), now, 0) for m in ROW_METRICS],
@@ -145,5 +231,15 @@ def log_pipeline(
             params=[Param(p, str(row[p])[:6000]) for p in COMPILE_PARAMS],
         )
         client.set_terminated(child.info.run_id)
+    summary = report_dir / "summary.json"
+    best = json.loads(summary.read_text(encoding="utf-8")).get("best_within_budget", {}) if summary.is_file() else {}
+    registered = register_best(client, cfg, root, best, rows, row_runs)
+    for key, version in registered.items():
+        client.set_tag(pid, f"registered.{key}", version)
     client.set_terminated(pid)
-    return {"mlflow_run_id": pid, "mlflow_tracking_uri": uri, "mlflow_fallback_reason": fallback_reason}
+    return {
+        "mlflow_run_id": pid,
+        "mlflow_tracking_uri": redact(uri),
+        "mlflow_fallback_reason": fallback_reason,
+        "mlflow_registered": registered,
+    }

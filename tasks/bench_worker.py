@@ -1,13 +1,19 @@
 """Benchmark worker: measures one artifact on one backend in a process of its own.
 
 Engines sharing a process skew each other (ORT ran 2x slower beside loaded OpenVINO models), so
-`tasks.benchmark` starts `python -m tasks.bench_worker REQUEST.json` once per artifact.
-Request: backend, artifact, threads, warmup_runs, timed_runs (0 for embeddings only), feeds (npz),
-result (json), embeddings (npy). The first row of the feeds is the timing input; all rows are embedded.
+`tasks.benchmark` starts `python -m tasks.bench_worker REQUEST.json` once per artifact and timing
+repeat. Request: backend, artifact, threads, warmup_runs, timed_runs (0 for embeddings only), feeds
+(npz), result (json), embeddings (npy path, or null for timing only), and optionally cache_dir (an
+engine cache folder, passed to backends whose `load` takes one: OpenVINO's CACHE_DIR) and label (for
+the progress bar). The first row of the feeds is the timing input; all rows are embedded.
+
+Result: latencies_ms, start_ms (load + compile + first run, with whatever the engine cache holds),
+peak_rss_mb, precision, engine_version.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -20,9 +26,26 @@ from pathlib import Path
 import numpy as np
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space exec created; ru_maxrss
+    would also count the parent's pages this process held between fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def takes_cache_dir(backend) -> bool:
+    """Whether the backend has an engine cache (its `load` accepts `cache_dir`)."""
+    return "cache_dir" in inspect.signature(backend.load).parameters
+
+
 def measure(request: dict) -> dict:
     from rich.console import Console
-    from rich.progress import track
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tasks.backends import get_backend
 
@@ -31,30 +54,42 @@ def measure(request: dict) -> dict:
         feeds = {name: npz[name] for name in npz.files}
     rows = next(iter(feeds.values())).shape[0]
     first = {name: arr[:1] for name, arr in feeds.items()}
+    load_options = {}
+    if request.get("cache_dir") and takes_cache_dir(backend):
+        load_options["cache_dir"] = Path(request["cache_dir"])
 
     start = time.perf_counter()
-    model = backend.load(Path(request["artifact"]), int(request["threads"]))
+    model = backend.load(Path(request["artifact"]), int(request["threads"]), **load_options)
     model.run(first)
-    cold_start_ms = (time.perf_counter() - start) * 1e3
+    start_ms = (time.perf_counter() - start) * 1e3
 
-    for _ in range(int(request["warmup_runs"])):
-        model.run(first)
-    latencies = []
-    for _ in range(int(request["timed_runs"])):
-        t0 = time.perf_counter()
-        model.run(first)
-        latencies.append((time.perf_counter() - t0) * 1e3)
-
-    console = Console(stderr=True)
-    embeddings = [
-        model.run({name: arr[i : i + 1] for name, arr in feeds.items()})[0]
-        for i in track(range(rows), description=f"embedding {rows} sentences", console=console, transient=True)
-    ]
-    np.save(request["embeddings"], np.stack(embeddings).astype(np.float32))
+    warmup, timed = int(request["warmup_runs"]), int(request["timed_runs"])
+    label = request.get("label") or Path(request["artifact"]).name
+    latencies: list[float] = []
+    embeddings = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        if timed:
+            timing = progress.add_task(f"{label}: {warmup} warm-up + {timed} timed runs", total=warmup + timed)
+            for _ in range(warmup):
+                model.run(first)
+                progress.advance(timing)
+            for _ in range(timed):
+                t0 = time.perf_counter()
+                model.run(first)
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                progress.advance(timing)
+        if request.get("embeddings"):
+            embedding = progress.add_task(f"{label}: embedding {rows} sentences", total=rows)
+            for i in range(rows):
+                embeddings.append(model.run({name: arr[i : i + 1] for name, arr in feeds.items()})[0])
+                progress.advance(embedding)
+    if request.get("embeddings"):
+        np.save(request["embeddings"], np.stack(embeddings).astype(np.float32))
     return {
         "latencies_ms": latencies,
-        "cold_start_ms": cold_start_ms,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "start_ms": start_ms,
+        "peak_rss_mb": peak_rss_mb(),
         "precision": model.precision,
         "engine_version": metadata.version(backend.engine_package),
     }
@@ -64,7 +99,7 @@ def launch_worker(request: dict, timeout_s: float) -> dict:
     """Run `measure(request)` in a fresh interpreter; raise BenchmarkError with its last line on failure."""
     from tasks.errors import BenchmarkError
 
-    request_path = Path(request["result"]).with_name("request.json")
+    request_path = Path(request["result"]).with_name(Path(request["result"]).stem + "-request.json")
     request_path.write_text(json.dumps(request), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
     try:

@@ -6,6 +6,9 @@ the accuracy benchmark). Writes:
 
 - `sentences.csv`: the sampled sentences, in the order calibration consumes them (columns
   `sentence`, `source`, `n_tokens`; `n_tokens` counts the special tokens the model adds).
+- `text_pool.csv`: every validated, de-duplicated sentence of the sources (columns `sentence`,
+  `source`), in source order and, within a source, file order (step 2 below): the unlabelled text
+  the prune stage distils on (~14k sentences for STS-B train + dev).
 - `calib_seq{L}.npz` per sequence length L: int64 arrays `input_ids`, `attention_mask`,
   `token_type_ids` of shape [samples, L], the same layout as `tasks.export_onnx.tokenize`.
 - `token_lengths.json` / `token_lengths.png`: token-count percentiles and histogram of every
@@ -54,6 +57,7 @@ from tasks.fingerprint import atomic_output_dir, write_stamp
 TOOLS = ("transformers", "tokenizers", "numpy", "pandas", "pandera", "matplotlib")
 ARRAY_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SENTENCES = "sentences.csv"
+TEXT_POOL = "text_pool.csv"
 STATS_JSON = "token_lengths.json"
 STATS_PNG = "token_lengths.png"
 PERCENTILES = (50, 90, 95, 99)
@@ -368,6 +372,7 @@ def run(
 
     with atomic_output_dir(out_dir) as scratch:
         sample.to_csv(scratch / SENTENCES, index=False, lineterminator="\n")
+        pool[["sentence", "source"]].to_csv(scratch / TEXT_POOL, index=False, lineterminator="\n")
         for L, arrays in arrays_by_len.items():
             _save_npz(scratch / calib_name(L), {n: arrays[n].astype(np.int64) for n in ARRAY_NAMES})
         (scratch / STATS_JSON).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -4,9 +4,10 @@ Reads: a quantize output (ONNX QDQ for QNN; ONNX or OpenVINO IR for OpenVINO) an
 inputs, either `compile.verify_inputs` (an npz of feeds, one row per input) or the fetched HF folder's
 tokenizer (`model_dir`, fixed sentences below). A model whose inputs are all float needs neither (seeded noise).
 Writes, in `out_dir`: the device artifact (qnn_htp: `model_ctx.onnx` EPContext model + `model_ctx_qnn.bin`
-context binary unless embedded; OpenVINO: `model.blob` + its IR and config), `placement.json` (nodes per
-execution provider/device; CPU-fallback op types and node names) and `stage.json` (status, compile time,
-exact tool/SDK versions, options, verification cosines).
+context binary unless embedded; OpenVINO: `model.blob` + its IR and config; ort_cpu: `model_opt.onnx`, the
+graph as ONNX Runtime optimizes it, + `ort_config.json`), `placement.json` (nodes per execution
+provider/device; CPU-fallback op types and node names) and `stage.json` (status, compile time, exact
+tool/SDK versions, options, verification cosines).
 
 The device does the work through its backend's `compile(model, out_dir, options) -> dict` method;
 this module resolves the per-device options, gates CPU fallback and verifies the result: the compiled
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.catalog import DENSE
 from tasks.errors import ConfigError, InputError, StageError
-from tasks.fingerprint import atomic_output_dir, write_json_atomic, write_stamp
+from tasks.fingerprint import atomic_output_dir, tool_versions, write_json_atomic, write_stamp
 
 TOOLS = ("onnx", "onnxruntime", "numpy", "transformers")
 PLACEMENT = "placement.json"
@@ -199,6 +200,19 @@ class OpenVinoCompileParams(DeviceCompileParams):
         return options
 
 
+class OrtCpuCompileParams(DeviceCompileParams):
+    """ONNX Runtime CPU EP: the artifact is the graph as ORT optimizes it, saved once (offline mode)."""
+
+    graph_optimization_level: Literal["disable", "basic", "extended", "layout", "all"] = Field(
+        "extended",
+        description="extended: fusions into ORT contrib ops, portable to any ORT CPU build; layout/all add "
+        "layout transforms ORT ties to this CPU (measured: same graph and speed on MiniLM, README)",
+    )
+
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
+        return {"graph_optimization_level": self.graph_optimization_level, "threads": threads}
+
+
 class CompileJob(_Section):
     """One compiled artifact per sequence length: a quantize variant for a device and target."""
 
@@ -214,6 +228,7 @@ class CompileParams(_Section):
         min_length=1,
         description="what is compiled for which device",
     )
+    ort_cpu: OrtCpuCompileParams = OrtCpuCompileParams()
     qnn_htp: QnnHtpCompileParams = QnnHtpCompileParams()
     openvino_cpu: OpenVinoCompileParams = OpenVinoCompileParams(inference_precision="f32")
     openvino_npu: OpenVinoCompileParams = OpenVinoCompileParams()
@@ -222,7 +237,9 @@ class CompileParams(_Section):
     )
     verify_count: int = Field(8, ge=8, description="inputs the compiled artifact must reproduce")
     verify_min_cosine: float = Field(0.999, gt=0, le=1, description="per input, compiled vs source on the CPU EP")
-    threads: int = Field(2, ge=1, le=256, description="threads for the verification sessions")
+    threads: int = Field(
+        2, ge=1, le=256, description="threads for the verification sessions (ort_cpu: recorded with the artifact)"
+    )
 
 
 def get_compile_backend(device: str):
@@ -414,6 +431,7 @@ def run(
             bundle = offline(model, scratch, options) if offline else {"files": [], "options": options}
             payload = {**labels, "status": f"skipped: {reason}", "artifact": None,
                        "artifact_files": bundle["files"], "options": bundle["options"],
+                       "versions": bundle.get("versions") or tool_versions([backend.engine_package]),
                        "simulated": bool(getattr(backend, "simulated", False))}
             write_stamp(scratch, key, payload)
         return payload

@@ -77,9 +77,27 @@ class ReferenceParams(_Section):
 class BenchmarkParams(_Section):
     threads: int = Field(2, ge=1, le=256)
     warmup_runs: int = Field(10, ge=1)
-    timed_runs: int = Field(100, ge=50, description="at least 50 timed runs for stable percentiles")
+    timed_runs: int = Field(100, ge=50, description="timed runs per repeat (at least 50 for stable percentiles)")
+    repeats: int = Field(
+        3, ge=2, description="timing repeats, each in a fresh process; the spread of their p50s is reported"
+    )
+    p50_spread_tolerance_pct: float = Field(
+        5.0, gt=0, description="repeats whose p50s differ by more than this (% of their median) mark a row unstable"
+    )
     stsb_pairs: int | None = Field(None, ge=10, description="first N test pairs; null = whole test split")
     worker_timeout_s: float = Field(3600, gt=0)
+    simulator_pairs: int = Field(
+        32, ge=2, description="STS-B test pairs a compiled context embeds on a simulator (seconds per inference)"
+    )
+    simulator_pairs_seq_len: int = Field(
+        128, ge=1, description="above this length the simulator subset shrinks in proportion (same simulator time)"
+    )
+    simulator_timed_runs: int = Field(3, ge=1, description="timed runs on a simulator (its timings are not device latency)")
+    quick: bool = Field(False, description="test mode: quick_* settings, rows marked quick; never for decisions")
+    quick_timed_runs: int = Field(10, ge=1)
+    quick_repeats: int = Field(2, ge=2)
+    quick_stsb_pairs: int = Field(50, ge=10)
+    quick_simulator_pairs: int = Field(4, ge=2)
 
 
 class Target(_Section):

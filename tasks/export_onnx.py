@@ -29,7 +29,7 @@ VERIFY_SENTENCES = (
 )
 
 
-def _embedder(model):
+def sentence_embedder(model):
     import torch
 
     class SentenceEmbedder(torch.nn.Module):
@@ -65,13 +65,20 @@ def tokenize(tokenizer, sentences, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def load_encoder(model_dir: Path, attn_implementation: str):
+    """Tokenizer and encoder of an HF folder; a folder written by the prune stage (with
+    `prune.json`) has per-layer shapes HF configs cannot express, so tasks.prune rebuilds it."""
     from transformers import AutoModel, AutoTokenizer
+
+    from tasks.prune import load_pruned, read_spec
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModel.from_pretrained(
-            model_dir, attn_implementation=attn_implementation, use_safetensors=None
-        ).eval()
+        if read_spec(model_dir) is not None:
+            model = load_pruned(model_dir, attn_implementation)
+        else:
+            model = AutoModel.from_pretrained(
+                model_dir, attn_implementation=attn_implementation, use_safetensors=None
+            ).eval()
     except (OSError, ValueError) as exc:
         raise InputError(f"{model_dir}: cannot load model/tokenizer ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
     return tokenizer, model
@@ -86,7 +93,7 @@ def run(model_dir: Path, seq_len: int, params: ExportOnnxParams, out_dir: Path, 
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise InputError(f"seq_lens: {seq_len} exceeds the model's max_position_embeddings ({max_pos}); lower it")
-    embedder = _embedder(model)
+    embedder = sentence_embedder(model)
     feeds = tokenize(tokenizer, VERIFY_SENTENCES, seq_len)
     example = tuple(torch.from_numpy(feeds[n][:1]) for n in INPUT_NAMES)
 

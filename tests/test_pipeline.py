@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.compare import benchmark_children, deltas
 from flows.pipeline import pipeline
 from tasks.compile import COMPILE_ROWS
 from tasks.report import REPORT_TABLE
@@ -34,6 +35,7 @@ ALL_STAGES = {
     "compile@dense-job0-32",
     "benchmark@dense-target0-16",
     "benchmark@dense-target0-32",
+    "latency_curve@dense",
     "report",
 }
 
@@ -69,6 +71,15 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     assert (table["cosine_to_fp32_min"] > 0.9999).all()  # fp32 is its own reference
     assert (table["latency_p50_ms"] <= table["latency_p99_ms"]).all()
     assert not table["simulated"].any() and table["npu_nodes"].isna().all()  # nothing compiled for ort_cpu
+    # Three timing repeats of 50 runs, each in its own process; the first also measured the accuracy.
+    assert (table["timing_repeats"] == 3).all() and (table["timed_runs"] == 150).all()
+    assert table["latency_p50_spread_pct"].notna().all() and (table["warm_start_ms"] > 0).all()
+    assert (table["target"] == "host").all() and not table["quick"].any()
+    # STS-B sentences run to ~70 tokens: neither 16 nor 32 keeps 99 % whole, so the longer one is chosen.
+    choice = first["seq_len_choice"]["choice"]["ort_cpu/host"]
+    assert choice["seq_len"] == 32 and "measure longer lengths" in choice["reason"]
+    page = first["report_files"][0]
+    assert page.endswith("index.html") and "<svg" in open(page).read()
 
     compiled = COMPILE_ROWS.validate(pd.read_csv(workspace / "metrics" / "compile.csv"))
     assert list(compiled["status"]) == ["compiled", "compiled"] and compiled["simulated"].all()
@@ -83,6 +94,16 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     second = pipeline(project_dir=str(workspace))
     assert executed(second) == set()
     assert second["rows"] == first["rows"]
+    # Nothing was measured again, so every metric delta between the two MLflow runs is zero.
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    a, b = (benchmark_children(uri, r[k]) for r, k in ((first, "mlflow_run_id"), (second, "mlflow_run_id")))
+    table, only_a, only_b = deltas(a, b, ["latency_p50_ms", "stsb_spearman", "cold_start_ms"])
+    assert len(table) == 2 and only_a == only_b == []
+    assert all(va == vb is not None for _, values in table for va, vb in values.values())
+    compared = CliRunner().invoke(app, ["compare", first["mlflow_run_id"], second["mlflow_run_id"]])
+    assert compared.exit_code == 0 and "only in" not in compared.output, compared.output
+    rebuilt = CliRunner().invoke(app, ["report", "--name", "again"])
+    assert rebuilt.exit_code == 0 and (workspace / "reports" / "again" / "index.html").is_file(), rebuilt.output
 
     # (d) the flow recorded its outputs in dvc.lock: dvc sees nothing to do.
     assert "up to date" in dvc("status")
@@ -132,7 +153,7 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = True
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     downstream = {"quantize@dense-ort_dynamic_int8-16", "quantize@dense-ort_dynamic_int8-32",
-                  "benchmark@dense-target1-16", "benchmark@dense-target1-32", "report"}
+                  "benchmark@dense-target1-16", "benchmark@dense-target1-32", "latency_curve@dense", "report"}
     assert executed(pipeline(project_dir=str(workspace))) == downstream
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False
@@ -165,7 +186,7 @@ def test_stale_or_partial_output_is_never_a_hit(workspace, stale):
     if stale == "stamp":
         (out / "stage.json").write_text('{"key": "not-this-one", "files": []}')
     else:
-        (out / "embeddings.npy").unlink()
+        (out / "embeddings-host.npy").unlink()
     # The benchmark reruns; its fresh latencies change the report's input, so the report reruns too.
     assert executed(pipeline(project_dir=str(workspace))) == {"benchmark@dense-target0-32", "report"}
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.calibration_data import CalibrationSource
 from tasks.errors import InputError, StageError
 from tasks.report import ReportParams, collect_rows, run as report_run
+from tasks.seq_len_choice import choose
 from tasks.stsb import read_pairs
 
 from conftest import STSB_DIR
@@ -47,43 +50,74 @@ def _row(**overrides):
         "latency_p50_ms": 20.0, "latency_p90_ms": 22.0, "latency_p99_ms": 25.0, "latency_mean_ms": 20.5,
         "latency_std_ms": 1.0, "timed_runs": 100, "cold_start_ms": 400.0, "threads": 2, "precision": "fp32",
         "stsb_pairs": 1379, "stsb_spearman": 82.03, "cosine_to_fp32_mean": 1.0, "cosine_to_fp32_min": 1.0,
-        "engine_version": "1.31.1", "dvc_stage": "benchmark@dense-target0-128",
+        "engine_version": "1.31.1", "dvc_stage": "benchmark@dense-target0-128", "target": "host",
+        "simulated": False, "quick": False, "timing_repeats": 3, "latency_p50_spread_pct": 1.5,
+        "latency_stable": True, "throughput_per_s": 48.8, "warm_start_ms": 300.0, "peak_rss_mb": 250.0,
+        "accuracy_source": "artifact", "sim_pairs": None, "sim_stsb_spearman": None,
+        "sim_cosine_to_cpu_ep_mean": None, "sim_cosine_to_cpu_ep_min": None, "cpu_model": "AMD EPYC",
+        "cpu_flags": "avx2 fma", "tool_versions": "numpy 2.3; onnxruntime 1.31.1",
     }
     return {**row, **overrides}
 
 
-def _bench_dir(tmp_path, name, row):
+def _bench_dir(tmp_path, name, *rows):
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "row": row}))
+    (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "rows": list(rows), "skipped": []}))
     return folder
 
 
-def test_report_writes_validated_csv_and_summary(tmp_path):
+def _report(dirs, params, out, text, tokenizer_dir, **kwargs):
+    return report_run(dirs, params, out, key="k", model_dir=tokenizer_dir, text=text, **kwargs)
+
+
+@pytest.fixture
+def inputs_txt(tmp_path):
+    """Inputs whose lengths the seq-len choice counts: 200 short sentences and 2 long ones (1 %)."""
+    path = tmp_path / "inputs.txt"
+    lines = [f"sentence number {i} is short." for i in range(200)] + [" ".join(["long"] * 300) + f" {i}" for i in range(2)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _txt(path):
+    return ReportParams().seq_len_choice.model_copy(update={"text": CalibrationSource(path=path, format="txt")})
+
+
+def test_report_writes_validated_csv_and_summary(tmp_path, tiny_bert, inputs_txt):
     dirs = [
         _bench_dir(tmp_path, "a", _row()),
         _bench_dir(tmp_path, "b", _row(seq_len=512)),
         _bench_dir(tmp_path, "c", _row(variant="int8_ok", stsb_spearman=81.6, latency_p50_ms=8.0)),
         _bench_dir(tmp_path, "d", _row(variant="int8_bad", stsb_spearman=38.6, latency_p50_ms=5.0)),
     ]
-    report_run(dirs, ReportParams(accuracy_budget=0.5), tmp_path / "metrics", key="k")
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(dirs, params, tmp_path / "metrics", inputs_txt, tiny_bert)
     table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index("variant")
     assert table.loc["int8_ok", "within_budget"] and not table.loc["int8_bad", "within_budget"]
     assert table.loc["int8_bad", "spearman_drop"] == pytest.approx(82.03 - 38.6)
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
-    assert summary["dense/fp32/ort_cpu/512"]["stsb_spearman"] == pytest.approx(82.03)
+    assert summary["dense/fp32/ort_cpu/host/512"]["stsb_spearman"] == pytest.approx(82.03)
+    # 200 of the 202 inputs fit in 128 tokens (99.0 %): the shorter length is enough, with its fastest
+    # within-budget variant; the 512 row's latency is the cost avoided.
+    choice = summary["seq_len_choice"]["choice"]["ort_cpu/host"]
+    assert (choice["seq_len"], choice["variant"], choice["latency_p50_ms"]) == (128, "int8_ok", 8.0)
+    assert choice["covered_share"] == pytest.approx(200 / 202) and "2.5x faster than at 512 tokens" in choice["reason"]
+    candidates = pd.read_csv(tmp_path / "metrics" / "seq_len_choice.csv")
+    assert list(candidates["seq_len"]) == [128, 512] and list(candidates["chosen"]) == [True, False]
     # The faster but broken variant is never the winner.
     assert summary["best_within_budget"]["ort_cpu/128"]["variant"] == "int8_ok"
     assert summary["best_within_budget"]["ort_cpu/512"]["variant"] == "fp32"
 
 
-def test_pruned_rows_are_judged_against_dense_and_their_own_fp32(tmp_path):
+def test_pruned_rows_are_judged_against_dense_and_their_own_fp32(tmp_path, tiny_bert, inputs_txt):
     dirs = [
         _bench_dir(tmp_path, "a", _row()),
         _bench_dir(tmp_path, "b", _row(model="pruned", stsb_spearman=81.0, latency_p50_ms=12.0)),
         _bench_dir(tmp_path, "c", _row(model="pruned", variant="int8", stsb_spearman=80.8, latency_p50_ms=6.0)),
     ]
-    report_run(dirs, ReportParams(accuracy_budget=1.5), tmp_path / "metrics", key="k")
+    params = ReportParams(accuracy_budget=1.5, seq_len_choice=_txt(inputs_txt))
+    _report(dirs, params, tmp_path / "metrics", inputs_txt, tiny_bert)
     table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index(["model", "variant"])
     assert table.loc[("pruned", "int8"), "spearman_drop"] == pytest.approx(82.03 - 80.8)
     assert table.loc[("pruned", "int8"), "drop_vs_own_fp32"] == pytest.approx(81.0 - 80.8)
@@ -92,14 +126,47 @@ def test_pruned_rows_are_judged_against_dense_and_their_own_fp32(tmp_path):
     assert (best["model"], best["variant"]) == ("pruned", "int8")
 
 
-def test_budget_needs_an_fp32_row(tmp_path):
+def test_budget_needs_an_fp32_row(tmp_path, tiny_bert, inputs_txt):
     with pytest.raises(StageError, match=r"no fp32 row for \['dense@128'\]"):
-        report_run([_bench_dir(tmp_path, "a", _row(variant="int8"))], ReportParams(), tmp_path / "m", key="k")
+        _report([_bench_dir(tmp_path, "a", _row(variant="int8"))], ReportParams(seq_len_choice=_txt(inputs_txt)),
+                tmp_path / "m", inputs_txt, tiny_bert)
+
+
+def test_seq_len_choice_takes_the_smallest_length_covering_the_share():
+    lengths = np.array([10] * 95 + [100] * 4 + [300])  # 95 % fit 64, 99 % fit 128, all fit 384
+    latency = pd.DataFrame({
+        "device": "ort_cpu", "target": "host", "seq_len": [64, 128, 384], "model": "dense", "variant": "int8",
+        "latency_p50_ms": [2.0, 4.0, 16.0], "measured_by": ["latency_curve", "benchmark", "latency_curve"],
+        "simulated": False,
+    })
+    table, choice = choose(lengths, latency, coverage=0.99)
+    assert choice["ort_cpu/host"]["seq_len"] == 128 and list(table["truncated_share"]) == [0.05, 0.01, 0.0]
+    assert choose(lengths, latency, coverage=0.999)[1]["ort_cpu/host"]["seq_len"] == 384
+    assert choose(lengths, latency, coverage=0.9)[1]["ort_cpu/host"]["measured_by"] == "latency_curve"
+    # Nothing measured covers the share: the longest, and the reason says to measure longer lengths.
+    short = choose(lengths, latency[latency["seq_len"] < 384], coverage=0.999)[1]["ort_cpu/host"]
+    assert short["seq_len"] == 128 and "measure longer lengths" in short["reason"]
+
+
+def test_simulated_and_quick_rows_may_have_few_runs_and_are_marked(tmp_path):
+    sim = _row(device="qnn_htp", variant="int8", target="snapdragon_8_gen_3", simulated=True, timed_runs=3,
+               timing_repeats=1, latency_p50_spread_pct=None, latency_stable=False, warm_start_ms=None,
+               accuracy_source="cpu_ep_same_graph", sim_pairs=32, sim_stsb_spearman=80.1,
+               sim_cosine_to_cpu_ep_mean=0.9995, sim_cosine_to_cpu_ep_min=0.999)
+    table = collect_rows([_bench_dir(tmp_path, "a", _row(quick=True, timed_runs=10), sim)])
+    assert list(table["simulated"]) == [False, True] and list(table["quick"]) == [True, False]
+    with pytest.raises(StageError, match="timed_runs >= 50 unless simulated or quick"):
+        collect_rows([_bench_dir(tmp_path, "b", _row(timed_runs=10))])
+
+
+def test_two_compile_targets_of_one_variant_are_two_rows(tmp_path):
+    rows = [_row(device="qnn_htp", target=t, simulated=True, timed_runs=3) for t in ("soc_a", "soc_b")]
+    assert list(collect_rows([_bench_dir(tmp_path, "a", *rows)])["target"]) == ["soc_a", "soc_b"]
 
 
 @pytest.mark.parametrize(
     "bad",
-    [_row(latency_p50_ms=-1.0), _row(timed_runs=10), _row(artifact_sha256="abc")],
+    [_row(latency_p50_ms=-1.0), _row(timed_runs=10), _row(artifact_sha256="abc"), _row(accuracy_source="guess")],
 )
 def test_rows_breaking_the_contract_are_refused(tmp_path, bad):
     with pytest.raises(StageError, match="schema"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.backends._openvino import IR_FILE, OpenVinoBackend, OpenVinoModel
+from tasks.backends._openvino import IR_FILE, OpenVinoBackend, OpenVinoModel, ov_versions
 from tasks.fingerprint import write_json_atomic
 
 NPU_CONFIG_FILE = "npu_config.json"
@@ -24,7 +24,8 @@ class OpenVinoNpuBackend(OpenVinoBackend):
 
     def offline_bundle(self, model: Path, out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Write the static IR (model.xml/.bin, fp32 weights) and npu_config.json (device, plugin config
-        with a relative CACHE_DIR, a one-line compile command) into `out_dir`; returns files and options."""
+        with a relative CACHE_DIR, a one-line compile command) into `out_dir`; returns files, options and
+        the versions of the tools that wrote the IR."""
         import openvino as ov
 
         out_dir = Path(out_dir)
@@ -45,7 +46,8 @@ class OpenVinoNpuBackend(OpenVinoBackend):
                 ),
             },
         )
-        return {"files": [IR_FILE, ir.with_suffix(".bin").name, NPU_CONFIG_FILE], "options": config}
+        return {"files": [IR_FILE, ir.with_suffix(".bin").name, NPU_CONFIG_FILE], "options": config,
+                "versions": ov_versions()}
 
 
 BACKEND = OpenVinoNpuBackend()

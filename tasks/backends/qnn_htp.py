@@ -129,11 +129,19 @@ def model_precision(model, fp16: bool = True) -> str:
 
 def _placement(source, compiled) -> dict[str, Any]:
     """Where each source node runs, read off the compiled graph: nodes left outside EPContext nodes
-    run on the CPU EP (the compiler runs no graph optimizations, so they keep their source names)."""
+    run on the CPU EP. They keep their source names, except the copies ORT makes of a DequantizeLinear
+    shared by several consumers (`<name>/duplicated`), which the report marks as `copy_of` it."""
     ctx = [n for n in compiled.graph.node if n.op_type == "EPContext"]
     cpu = [n for n in compiled.graph.node if n.op_type != "EPContext"]
     cpu_names = {n.name for n in cpu}
+    source_names = {n.name for n in source.graph.node}
     on_qnn = [n for n in source.graph.node if n.name not in cpu_names]
+
+    def entry(i: int, node) -> dict[str, str]:
+        name = node.name or f"<unnamed {node.op_type} #{i}>"
+        copy_of = name.split("/duplicated")[0] if "/duplicated" in name else None
+        return {"name": name, "op_type": node.op_type, **({"copy_of": copy_of} if copy_of in source_names else {})}
+
     return {
         "nodes_total": len(source.graph.node),
         "nodes_per_ep": {EP_NAME: len(on_qnn), CPU_EP: len(cpu)},
@@ -142,9 +150,7 @@ def _placement(source, compiled) -> dict[str, Any]:
         "cpu_fallback": {
             "count": len(cpu),
             "op_types": dict(sorted(Counter(n.op_type for n in cpu).items())),
-            "nodes": [
-                {"name": n.name or f"<unnamed {n.op_type} #{i}>", "op_type": n.op_type} for i, n in enumerate(cpu)
-            ],
+            "nodes": [entry(i, n) for i, n in enumerate(cpu)],
         },
     }
 

@@ -74,7 +74,7 @@ def test_stsb_sources_write_all_outputs(tiny_bert, stsb_sources, tmp_path):
     stamp = json.loads((out / "stage.json").read_text())
     assert stamp["key"] == "k"
     expected = {"sentences.csv", "calib_seq8.npz", "calib_seq64.npz", "token_lengths.json", "token_lengths.png"}
-    assert set(stamp["files"]) == expected
+    assert set(stamp["files"]) == expected | {"text_pool.csv"}
     for L in (8, 64):
         arrays = load_calibration(out / calib_name(L))
         for name, arr in arrays.items():
@@ -92,6 +92,21 @@ def test_stsb_sources_write_all_outputs(tiny_bert, stsb_sources, tmp_path):
     # Sentences of 3-11 words: some are longer than 8 tokens, none longer than 64.
     assert 0 < stats["truncated_share"]["8"] < 1 and stats["truncated_share"]["64"] == 0
     assert (out / "token_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_pool_holds_every_unique_sentence_in_source_order(tiny_bert, stsb_sources, tmp_path):
+    sources, paths = stsb_sources
+    payload = _run(tiny_bert, sources, paths, tmp_path / "a", seed=0)
+    _run(tiny_bert, sources, paths, tmp_path / "b", seed=1)
+    pool = pd.read_csv(tmp_path / "a" / "text_pool.csv", keep_default_na=False)
+    assert list(pool.columns) == ["sentence", "source"]
+    assert len(pool) == payload["unique_sentences"] > payload["sentences_sampled"] and pool["sentence"].is_unique
+    # Source order, then file order (first occurrence wins): the seed only changes the calibration sample.
+    train = [s for s in pd.read_csv(paths[0], sep="\t", header=None, quoting=3)[5]]
+    assert pool["sentence"].iloc[0] == train[0] and list(pool["source"].unique()) == ["sts-train.csv", "sts-dev.csv"]
+    assert (tmp_path / "a" / "text_pool.csv").read_bytes() == (tmp_path / "b" / "text_pool.csv").read_bytes()
+    sample = set(pd.read_csv(tmp_path / "a" / "sentences.csv", keep_default_na=False)["sentence"])
+    assert sample <= set(pool["sentence"])
 
 
 def test_packed_rows_fill_the_length_unpacked_do_not(tiny_bert, stsb_sources, tmp_path):

@@ -81,6 +81,34 @@ def test_unsupported_op_trips_the_fallback_gate_naming_ops_and_nodes(unsupported
     assert not out.exists()  # nothing half-written
 
 
+def test_real_encoder_fallbacks_are_named_and_trip_the_gate(tiny_bert, tmp_path):
+    # The QNN recipe without ORT's QNN pre-pass: the HTP rejects the Erf GELU and the mask's
+    # Shape/ConstantOfShape/Expand chain, which the gate and the report must name node by node.
+    import onnx
+
+    from tasks.backends.qnn_htp import BACKEND
+
+    qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", preprocess=False)
+    source = {n.name: n.op_type for n in onnx.load(str(qdq)).graph.node}
+    with pytest.raises(StageError) as err:
+        run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(), tmp_path / "gated", key="k", model_dir=tiny_bert)
+    message = str(err.value)
+    assert "Erf x2" in message and "Shape x3" in message and "Expand x2" in message and "\n" not in message
+    assert "/encoder/Expand" in message
+    assert not (tmp_path / "gated").exists()
+
+    placement = BACKEND.compile(qdq, tmp_path / "out", {"soc_model": 57, "htp_arch": 75})["placement"]
+    fallback = placement["cpu_fallback"]["nodes"]
+    # Source node names; ORT's copies of a shared DequantizeLinear name the node they copy.
+    assert all(source[n.get("copy_of", n["name"])] == n["op_type"] for n in fallback)
+    assert [n["name"] for n in fallback if n["op_type"] == "Erf"] == [n for n, op in source.items() if op == "Erf"]
+    in_source = [n for n in fallback if "copy_of" not in n]
+    assert placement["nodes_per_ep"] == {
+        "QNNExecutionProvider": len(source) - len(in_source), "CPUExecutionProvider": len(fallback)
+    }
+    assert placement["qnn_partitions"] > 1
+
+
 def test_fallback_within_the_limit_is_recorded_and_verified(unsupported_onnx, tmp_path):
     params = CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=1, embed_context=True), threads=1)
     out = tmp_path / "compile"

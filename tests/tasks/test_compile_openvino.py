@@ -47,5 +47,7 @@ def test_openvino_npu_without_a_driver_is_a_skip_with_a_ready_bundle(tiny_onnx, 
     assert set(read_stamp(out)["files"]) >= {"model.xml", "model.bin", "npu_config.json"}
     config = json.loads((out / "npu_config.json").read_text())
     assert config["device"] == "NPU" and config["config"]["NPU_TURBO"] is True
+    assert payload["options"] == config["config"] and payload["versions"]["openvino"].startswith("20")
     row = COMPILE_ROWS.validate(pd.DataFrame([compile_row(payload)]))
     assert row["npu_nodes"].isna().all() and row["status"].iloc[0].startswith("skipped: ")
+    assert row["engine_versions"].iloc[0].startswith("openvino 20")

@@ -52,8 +52,9 @@ def tiny_sentences(n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(n)]
 
 
-def make_tiny_qdq(model_dir: Path, folder: Path) -> Path:
-    """Export the tiny encoder (static [1, 16]) and quantize it QDQ a16w8 for QNN."""
+def make_tiny_qdq(model_dir: Path, folder: Path, preprocess: bool = True) -> Path:
+    """Export the tiny encoder (static [1, 16]) and quantize it QDQ a16w8 for QNN; `preprocess=False`
+    skips ORT's QNN pre-pass, leaving ops the HTP rejects (Erf, the mask's Shape/Expand chain)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
@@ -69,7 +70,10 @@ def make_tiny_qdq(model_dir: Path, folder: Path) -> Path:
     onnx.save(fp32, str(folder / "clamped.onnx"))
     # QNN's pre-pass fuses the Erf-based GELU and folds Shape/Expand, ops QNN HTP would leave on the CPU.
     fixed = folder / "fixed.onnx"
-    assert qnn_preprocess_model(str(folder / "clamped.onnx"), str(fixed))
+    if preprocess:
+        assert qnn_preprocess_model(str(folder / "clamped.onnx"), str(fixed))
+    else:
+        fixed = folder / "clamped.onnx"
 
     feeds = tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
 
