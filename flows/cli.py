@@ -196,6 +196,7 @@ def stage(
             raise ConfigError(f"stage {name} needs {' '.join(missing)}")
         builders = {
             "fetch_model": lambda: stages.fetch_model(cfg),
+            "prune": lambda: stages.prune(cfg, model),
             "export_onnx": lambda: stages.export_onnx(cfg, model, seq_len),
             "reference": lambda: stages.reference(cfg, seq_len),
             "calibration_data": lambda: stages.calibration_data(cfg),

@@ -104,7 +104,9 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
             dvc_synced = not overrides and sync_dvc_lock(root)
             rows, compiled = report["rows"], report["compile_rows"]
             # Under the lock too: two runs creating the local MLflow store at once collide.
-            tracked = log_pipeline(cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled)
+            tracked = log_pipeline(
+                cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled, report_files=report_files
+            )
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))
 

@@ -25,7 +25,7 @@ import psutil
 import requests
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import EdgeoptError
+from tasks.errors import ServiceError
 
 STATE_DIR = Path(".edgeopt") / "services"
 # Start order: the worker needs the Prefect server, and hands the MLflow URL to the flow runs it starts.
@@ -35,10 +35,6 @@ MARKER_ENV = "EDGEOPT_SERVICE"
 HEALTH_POLL_S = 0.25
 HEALTH_REQUEST_TIMEOUT_S = 2.0
 KILL_WAIT_S = 5.0
-
-
-class ServiceError(EdgeoptError):
-    """A local service cannot start, stop or be reached."""
 
 
 class ServicesParams(BaseModel):

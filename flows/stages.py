@@ -23,6 +23,7 @@ from tasks import compile as compile_stage
 from tasks import export_onnx as export_stage
 from tasks import fetch_model as fetch_stage
 from tasks import graph_surgery as surgery_stage
+from tasks import prune as prune_stage
 from tasks import latency_curve as latency_curve_stage
 from tasks import quantize as quantize_stage
 from tasks import reference as reference_stage
@@ -36,7 +37,9 @@ SHARED_CODE = ("tasks/fingerprint.py",)
 # The source files each stage's result depends on; `dvc.yaml` lists the same files as deps.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch_model": ("tasks/fetch_model.py", *SHARED_CODE),
-    "export_onnx": ("tasks/export_onnx.py", *SHARED_CODE),
+    "prune": ("tasks/prune.py", "tasks/export_onnx.py", *SHARED_CODE),
+    # export_onnx loads pruned folders through tasks/prune.py.
+    "export_onnx": ("tasks/export_onnx.py", "tasks/prune.py", *SHARED_CODE),
     "calibration_data": ("tasks/calibration_data.py", "tasks/stsb.py", "tasks/export_onnx.py", *SHARED_CODE),
     "graph_surgery": ("tasks/graph_surgery.py", *SHARED_CODE),
     "quantize": ("tasks/quantize.py", "tasks/graph_surgery.py", *SHARED_CODE),
@@ -68,6 +71,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "tasks/latency_curve.py",
         "tasks/seq_len_choice.py",
         "tasks/export_onnx.py",
+        "tasks/prune.py",
         "tasks/graph_surgery.py",
         "tasks/calibration_data.py",
         "tasks/stsb.py",
@@ -199,9 +203,26 @@ def fetch_model(cfg: EdgeoptConfig) -> StageCall:
     )
 
 
+def prune(cfg: EdgeoptConfig, model: str) -> StageCall:
+    settings = cfg.prune.model(model)
+    text = catalog.calibration_data_dir() / calibration_stage.TEXT_POOL if prune_stage.needs_text(settings) else None
+    return StageCall(
+        stage="prune",
+        name=catalog.dvc_stage_name("prune", model=model),
+        fn=prune_stage.run,
+        out_dir=catalog.prune_dir(model),
+        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir()), "text": text},
+        # Only this model's settings are part of the key: editing one model reruns only that one.
+        params=cfg.prune.model_copy(update={"models": {model: settings}}),
+        args={"model": model},
+        code=STAGE_CODE["prune"],
+        tools=prune_stage.TOOLS,
+    )
+
+
 def model_source(model: str) -> Path:
-    """The HF folder a model's exports are made from."""
-    return catalog.model_folder(catalog.fetch_model_dir())
+    """The HF folder a model's exports are made from (dense passes through prune unchanged)."""
+    return catalog.model_folder(catalog.prune_dir(model))
 
 
 def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int) -> StageCall:
@@ -374,10 +395,6 @@ def compile_calls(cfg: EdgeoptConfig) -> list[StageCall]:
     ]
 
 
-def latency_curve_dir(model: str) -> Path:
-    return catalog.ARTIFACTS / "latency_curve" / model
-
-
 def latency_curve(cfg: EdgeoptConfig, model: str) -> StageCall:
     """Latency at the extra lengths `report.latency_curve.seq_lens` (none: an empty stage), for the
     seq-len choice. One stage per model, so its output folder always exists for the report's DVC deps."""
@@ -397,7 +414,7 @@ def latency_curve(cfg: EdgeoptConfig, model: str) -> StageCall:
         stage="latency_curve",
         name=catalog.dvc_stage_name("latency_curve", model=model),
         fn=latency_curve_stage.run,
-        out_dir=latency_curve_dir(model),
+        out_dir=catalog.latency_curve_dir(model),
         inputs={"model_dir": model_source(model)},
         watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.sources)},
         params=settings,
@@ -439,7 +456,7 @@ def report(cfg: EdgeoptConfig) -> StageCall:
 
 def prepare_calls(cfg: EdgeoptConfig) -> list[StageCall]:
     """Every stage before compile and benchmark, in an order that respects their dependencies."""
-    calls = [fetch_model(cfg), calibration_data(cfg)]
+    calls = [fetch_model(cfg), calibration_data(cfg), *(prune(cfg, model) for model in cfg.models)]
     for model in cfg.models:
         for seq_len in cfg.seq_lens:
             calls.append(export_onnx(cfg, model, seq_len))

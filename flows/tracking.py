@@ -37,8 +37,12 @@ ROW_METRICS = (
     "cosine_to_fp32_min",
     "spearman_drop",
 )
-ROW_PARAMS = ("model", "source_model", "variant", "device", "seq_len", "threads", "precision", "artifact", "artifact_sha256",
-              "dvc_stage", "timed_runs", "stsb_pairs", "engine_version", "within_budget")
+# Measured only for some rows (warm start with an engine cache, simulator agreement, ...): logged when present.
+OPTIONAL_ROW_METRICS = ("latency_p50_spread_pct", "warm_start_ms", "throughput_per_s", "peak_rss_mb",
+                        "sim_stsb_spearman", "sim_cosine_to_cpu_ep_min")
+ROW_PARAMS = ("model", "source_model", "variant", "device", "target", "seq_len", "threads", "precision", "artifact",
+              "artifact_sha256", "dvc_stage", "timed_runs", "timing_repeats", "stsb_pairs", "accuracy_source",
+              "engine_version", "within_budget", "simulated", "quick", "cpu_model", "cpu_flags", "tool_versions")
 COMPILE_METRICS = ("size_mb", "npu_nodes", "cpu_fallback_nodes", "compile_s", "cached_compile_s",
                    "verify_min_cosine", "verify_run_ms_median")
 # Tags of a registered model version: what it is and how it measured.
@@ -120,6 +124,11 @@ def _log_model_files(client, run_id: str, artifact: Path) -> str:
     return "openvino_ir" if artifact.suffix == ".xml" else artifact.suffix.lstrip(".")
 
 
+def _row_key(row: dict) -> tuple:
+    """What identifies a benchmark row (metrics/benchmark.csv is unique on it)."""
+    return row["model"], row["variant"], row["device"], row["target"], row["seq_len"]
+
+
 def register_best(
     client, cfg: EdgeoptConfig, root: Path, best: dict[str, dict], rows: list[dict], row_runs: dict[tuple, str]
 ) -> dict[str, str]:
@@ -129,11 +138,11 @@ def register_best(
     rerun does not grow the registry. Returns "device/L" -> "name/version"."""
     from mlflow.exceptions import MlflowException
 
-    by_key = {(r["model"], r["variant"], r["device"], r["seq_len"]): r for r in rows}
+    by_key = {_row_key(r): r for r in rows}
     registered = {}
     for key, entry in sorted(best.items()):
         device, seq_len = key.rsplit("/", 1)
-        row = by_key[(entry["model"], entry["variant"], device, int(seq_len))]
+        row = by_key[(entry["model"], entry["variant"], device, entry["target"], int(seq_len))]
         name = registered_model_name(cfg, device, row["seq_len"])
         try:
             client.create_registered_model(name, description=f"fastest {device} artifact within the accuracy budget "
@@ -146,7 +155,7 @@ def register_best(
         if latest is not None and latest.tags.get("artifact_sha256") == row["artifact_sha256"]:
             registered[key] = f"{name}/{latest.version}"
             continue
-        run_id = row_runs[(row["model"], row["variant"], device, row["seq_len"])]
+        run_id = row_runs[_row_key(row)]
         tags = {k: str(row[k]) for k in REGISTERED_TAGS}
         tags["format"] = _log_model_files(client, run_id, root / row["artifact"])
         version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
@@ -161,6 +170,7 @@ def log_pipeline(
     rows: list[dict],
     stage_states: dict[str, str],
     compile_rows: list[dict] = (),
+    report_files: list[Path] = (),
 ) -> dict:
     """Log the run and register the best artifacts. A configured server that cannot be reached does
     not fail the pipeline: the run is logged to the local store instead and the returned
@@ -197,24 +207,29 @@ def log_pipeline(
     )
     pid = parent.info.run_id
     client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-    for name in ("benchmark.csv", "compile.csv", "summary.json"):
+    for name in ("benchmark.csv", "compile.csv", "summary.json", "latency_curve.csv", "seq_len_choice.csv",
+                 "input_lengths.json"):
         if (report_dir / name).is_file():
             client.log_artifact(pid, str(report_dir / name))
     if (root / "params.yaml").is_file():
         client.log_artifact(pid, str(root / "params.yaml"))
+    for path in report_files:  # the HTML/Markdown report of this run
+        client.log_artifact(pid, str(path), "report")
 
     row_runs = {}
     for row in rows:
         child = client.create_run(
             experiment_id,
-            run_name=row["dvc_stage"],
-            tags={"mlflow.parentRunId": pid, **versions, **machine},
+            run_name=row["dvc_stage"] + ("" if row["target"] == "host" else f"/{row['target']}"),
+            # Simulator timings (QNN HTP on x86-64) are tagged so nobody reads them as device latency.
+            tags={"mlflow.parentRunId": pid, "simulated": str(row["simulated"]), **versions, **machine},
         )
-        row_runs[(row["model"], row["variant"], row["device"], row["seq_len"])] = child.info.run_id
+        row_runs[_row_key(row)] = child.info.run_id
+        optional = [m for m in OPTIONAL_ROW_METRICS if row.get(m) is not None and not pd.isna(row[m])]
         client.log_batch(
             child.info.run_id,
-            metrics=[Metric(m, float(row[m]), now, 0) for m in ROW_METRICS],
-            params=[Param(p, str(row[p])) for p in ROW_PARAMS],
+            metrics=[Metric(m, float(row[m]), now, 0) for m in (*ROW_METRICS, *optional)],
+            params=[Param(p, str(row[p])[:6000]) for p in ROW_PARAMS],
         )
         client.set_terminated(child.info.run_id)
     for row in compile_rows:

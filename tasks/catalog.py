@@ -24,6 +24,11 @@ def model_folder(fetch_dir: Path) -> Path:
     return fetch_dir / "model"
 
 
+def prune_dir(model: str) -> Path:
+    """A model's HF folder (under `model/`), derived from the fetched one; `dense` is a copy."""
+    return ARTIFACTS / "prune" / model
+
+
 def export_onnx_dir(model: str, seq_len: int) -> Path:
     return ARTIFACTS / "export_onnx" / model / f"seq{seq_len}"
 
@@ -60,6 +65,11 @@ def reference_dir(seq_len: int) -> Path:
 
 def benchmark_dir(model: str, variant: str, device: str, seq_len: int) -> Path:
     return ARTIFACTS / "benchmark" / model / f"{variant}-{device}-{seq_len}"
+
+
+def latency_curve_dir(model: str) -> Path:
+    """Latency at the extra lengths asked for in report.latency_curve, for the seq-len choice."""
+    return ARTIFACTS / "latency_curve" / model
 
 
 def report_dir() -> Path:

@@ -19,6 +19,7 @@ from tasks.catalog import DENSE
 from tasks.compile import CompileParams
 from tasks.errors import ConfigError
 from tasks.graph_surgery import GraphSurgeryParams
+from tasks.prune import PruneParams
 from tasks.quantize import QuantizeParams
 from tasks.report import ReportParams
 
@@ -122,6 +123,7 @@ class EdgeoptConfig(_Section):
     data: DataParams = DataParams()
     paths: PathsParams = PathsParams()
     fetch_model: FetchModelParams = FetchModelParams()
+    prune: PruneParams = Field(default_factory=PruneParams)
     export_onnx: ExportOnnxParams = ExportOnnxParams()
     reference: ReferenceParams = ReferenceParams()
     calibration_data: CalibrationDataParams = CalibrationDataParams()
@@ -173,9 +175,13 @@ class EdgeoptConfig(_Section):
 
     @model_validator(mode="after")
     def _models_are_defined(self) -> EdgeoptConfig:
-        unknown = sorted(set(self.models) - {DENSE})
+        unknown = sorted(set(self.models) - set(self.prune.models))
         if unknown:
-            raise ValueError(f"models: unknown model(s) {unknown}; known: {[DENSE]}")
+            raise ValueError(
+                f"models: unknown model(s) {unknown}; defined under prune.models: {sorted(self.prune.models)}"
+            )
+        if self.prune.models.get(DENSE) is not None and self.prune.models[DENSE].prunes:
+            raise ValueError(f"prune.models.{DENSE}: must prune nothing (it is the reference); name the pruned model otherwise")
         return self
 
     @model_validator(mode="after")

@@ -27,3 +27,7 @@ class BackendUnavailableError(EdgeoptError):
 
 class BenchmarkError(EdgeoptError):
     """A benchmark worker failed."""
+
+
+class ServiceError(EdgeoptError):
+    """A local service (MLflow server, Prefect server or worker) cannot start, stop or be reached."""

@@ -73,7 +73,7 @@ class _Settings(BaseModel):
 class DistillSettings(_Settings):
     """Recovery by knowledge distillation from the unpruned model on unlabelled text."""
 
-    steps: int = Field(600, ge=0, description="optimizer steps (batches); 0 = no recovery")
+    steps: int = Field(600, ge=0, description="optimizer steps; 0 = no recovery (600 x 32 = 1.5 epochs of STS-B)")
     lr: float = Field(1e-4, gt=0, le=1e-2, description="AdamW peak learning rate")
     batch_size: int = Field(32, ge=1, le=1024, description="sentences per step")
     max_tokens: int = Field(128, ge=4, description="sentences are truncated to this many tokens")
@@ -120,7 +120,8 @@ class PruneSettings(_Settings):
 def _default_models() -> dict[str, PruneSettings]:
     return {
         "dense": PruneSettings(),
-        # Tuned on all-MiniLM-L6-v2 (seq 128, 2 threads; README / issue 6): see the stage.json numbers.
+        # all-MiniLM-L6-v2, ORT CPU fp32, seq 128, 2 threads: 1.7x faster than dense, STS-B test Spearman
+        # 81.80 vs 82.03 (held-out cosine to dense 0.60 before, 0.89 after 600 steps, ~4 min on 2 cores).
         "pruned": PruneSettings(head_ratio=0.25, ffn_ratio=0.5),
     }
 

@@ -80,21 +80,66 @@ class OrtStaticSettings(_Settings):
         "MatMul weights (exact in float; alpha = share of the outlier moved); null = off",
     )
     smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
+    gemm_linear_layers: bool = Field(
+        False,
+        description="rewrite each MatMul(x, W) + Add(bias) as Reshape -> Gemm -> Reshape before quantizing, so "
+        "ONNX Runtime CPU runs the layer as one QGemm (int8 GEMM, bias folded in); left as MatMul + Add, ORT's "
+        "MatMul+Add->Gemm fusion runs before its QDQ fusions, puts a Reshape between the activation's "
+        "DequantizeLinear and the layer, and the layer runs in float on weights dequantized every run",
+    )
+    float_output_op_types: list[str] = Field(
+        [],
+        description="op types whose outputs get no Q/DQ pair (ORT's OpTypesToExcludeOutputQuantization); "
+        "[MatMul, Gemm] lets ORT CPU fuse each into an integer GEMM with a float output instead of "
+        "requantizing its result to 8 bits and dequantizing it for the next float op",
+    )
+    activation_matmuls: bool = Field(
+        True,
+        description="quantize MatMuls whose inputs are both activations (attention Q.K^T and P.V); false keeps "
+        "them float (ORT CPU has no faster integer kernel for these small per-head products)",
+    )
     tensor_overrides: dict[str, dict[str, str | float | int | bool]] = Field(
         {}, description="ORT TensorQuantOverrides per tensor: quant_type (e.g. uint16), rmin+rmax, symmetric"
     )
 
 
 class OrtQnnSettings(_Settings):
-    """ONNX Runtime's QDQ recipe for the QNN execution provider (16-bit activations by default)."""
+    """ONNX Runtime's QDQ recipe for the QNN execution provider (16-bit activations by default), with
+    three changes measured on MiniLM against the HTP simulator (README, "QNN recipe"): per-channel int8
+    MatMul weights, a floor under the Softmax inputs, and attention's activation x activation MatMuls
+    left in float (fp16 on the HTP). Each is a setting; all off is ORT's stock recipe."""
 
     method: Literal["ort_qnn"] = "ort_qnn"
     activation_type: Literal["uint16", "uint8"] = "uint16"
-    weight_type: Literal["uint8", "int8"] = "uint8"
-    per_channel: bool = False
+    weight_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="per-tensor weights (LayerNorm, embeddings; MatMul/Gemm unless matmul_per_channel)"
+    )
+    weight_symmetric: bool | None = Field(
+        None, description="null = the recipe's rule (symmetric for signed weight types)"
+    )
+    matmul_per_channel: bool = Field(
+        True,
+        description="MatMul/Gemm weights int8, symmetric, one scale per output channel. The stock per-tensor "
+        "uint8 weights are asymmetric, and the HTP takes 8-bit weights as int8 around their zero point: "
+        "entries beyond it are clipped (one output column per projection off by up to 134 steps)",
+    )
+    per_channel: bool = Field(False, description="ORT's flag: per-channel Conv weights")
     activation_symmetric: bool = False
     calibrate_method: CalibrateMethod = "MinMax"
     calibration_rows: int | None = Field(None, ge=1, description="first N rows of the npz; null = all")
+    softmax_input_floor: float | None = Field(
+        -20.0,
+        lt=0,
+        description="clip the calibrated minimum of every Softmax input (scores + mask) to this value: the "
+        "-1e4 mask fill otherwise makes the 16-bit step 0.15 logits, where one rounding flip moves a "
+        "probability by 16%; weight lost < e^floor; null = off",
+    )
+    float_activation_matmuls: bool = Field(
+        True,
+        description="keep MatMuls of two activations (attention Q.K^T, P.V) and the constant scaling of their "
+        "output in float: the HTP runs them in fp16 (compile.qnn_htp.enable_htp_fp16_precision). Quantized, "
+        "the HTP computes them below the 16-bit precision the CPU EP runs the QDQ graph at",
+    )
     op_types: list[str] | None = Field(None, description="null = every op type except Cast (the recipe's default)")
     nodes_to_exclude: list[str] = []
     qnn_preprocess: bool = Field(
@@ -143,10 +188,20 @@ VariantSettings = Annotated[
 
 DEFAULT_VARIANTS: dict[str, VariantSettings] = {
     "fp32": NoQuantization(),
-    # Measured on all-MiniLM-L6-v2 (STS-B test, seq 128): plain MinMax a8w8 loses 44 Spearman points
-    # (mask fill swamps the attention scores); floor + 16-bit residual stream + LayerNorm smoothing
-    # brings it within 0.1 of fp32 with every MatMul still reading 8-bit activations.
-    "ort_qdq_a8w8": OrtStaticSettings(softmax_input_floor=-20.0, residual_type="uint16", smooth_layernorm_alpha=0.85),
+    # For ONNX Runtime CPU: Q/DQ only where ORT fuses it into an integer kernel, i.e. every linear layer
+    # (one QGemm each, float output); LayerNorm, GELU, Softmax, the residual stream and the per-head
+    # attention products stay float: ORT CPU has no faster integer kernel for them, so their Q/DQ pairs
+    # only add work (seq 128: 42 ms with every op in QDQ, 14 ms like this, fp32 22-24 ms).
+    "ort_qdq_a8w8": OrtStaticSettings(
+        op_types=["MatMul", "Gemm"], gemm_linear_layers=True, float_output_op_types=["MatMul", "Gemm"],
+        activation_matmuls=False,
+    ),
+    # Every op in QDQ, 8-bit (what a full-graph NPU partition needs). Measured on all-MiniLM-L6-v2 (STS-B
+    # test, seq 128): plain MinMax loses 44 Spearman points (the mask fill swamps the attention scores);
+    # floor + 16-bit residual stream + LayerNorm smoothing bring it within 0.4 of fp32.
+    "ort_qdq_a8w8_allops": OrtStaticSettings(
+        softmax_input_floor=-20.0, residual_type="uint16", smooth_layernorm_alpha=0.85
+    ),
     "ort_qdq_a16w8": OrtQnnSettings(),
     "ort_dynamic_int8": OrtDynamicSettings(),
     "ov_nncf_int8": NncfPtqSettings(),
@@ -526,6 +581,91 @@ def smooth_layernorm_outputs(model: Path, out: Path, feeds: dict[str, np.ndarray
     return len(plans)
 
 
+def _constants(graph) -> set[str]:
+    """Initializers, and the Identity outputs exporters use to tie a weight to another."""
+    names = {i.name for i in graph.initializer}
+    return names | {n.output[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in names}
+
+
+def activation_matmuls(graph) -> list[str]:
+    """Names of the MatMuls that multiply two activations (attention Q.K^T and P.V): no weight input."""
+    constant = _constants(graph)
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & constant]
+
+
+def linear_layers_as_gemm(model: Path, out: Path) -> int:
+    """Rewrite every MatMul(x, W) + Add(b) (W [K, N] and b [N] constants, x of static shape) as
+    Reshape(x, [M, K]) -> Gemm(x, W, b) -> Reshape([..., N]); exact in float. Returns how many.
+
+    This is what ONNX Runtime's MatMulAddFusion does at session start; done before quantization, the
+    quantizer puts the activation's Q/DQ pair right at the Gemm and quantizes the bias to int32, so ORT
+    CPU fuses each layer into one QGemm instead of running it in float.
+    """
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+
+    proto = shape_inference.infer_shapes(onnx.load(str(model)))
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    shapes = {}
+    for info in (*graph.value_info, *graph.input):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[:-1]):  # K comes from the weight
+            shapes[info.name] = [d.dim_value for d in dims[:-1]]
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    tied = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+
+    def constant(name):  # the initializer behind `name`, also through an exporter's Identity (tied weights)
+        return inits.get(tied.get(name, name))
+
+    def linear(node):  # (bias Add, weight, bias, input's leading dims) of a MatMul + Add layer, else None
+        readers = users.get(node.output[0], [])
+        if node.op_type != "MatMul" or len(readers) != 1 or readers[0].op_type != "Add":
+            return None
+        add = readers[0]
+        weight, x_shape = constant(node.input[1]), shapes.get(node.input[0])
+        bias = constant(next((i for i in add.input if i != node.output[0]), ""))
+        if weight is None or bias is None or len(weight.dims) != 2 or list(bias.dims) != [weight.dims[1]] or not x_shape:
+            return None
+        return add, weight, bias, x_shape
+
+    nodes, fused_adds, count = [], set(), 0
+    for node in graph.node:
+        if node.op_type == "Add" and node.output[0] in fused_adds:
+            continue
+        layer = linear(node)
+        if layer is None:
+            nodes.append(node)
+            continue
+        add, weight, bias, x_shape = layer
+        k, n = weight.dims
+        rows = int(np.prod(x_shape))
+        flat_in, flat_out = f"{node.name}/gemm_input", f"{node.name}/gemm_output"
+        # A bias of its own: ORT quantizes a Gemm bias initializer to int32 in place, which would also
+        # hand that int32 copy to any other reader of a shared (exporter-deduplicated) bias.
+        own_bias = f"{node.name}/bias"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([rows, k], np.int64), f"{flat_in}_shape"),
+            numpy_helper.from_array(np.array([*x_shape, n], np.int64), f"{add.output[0]}_shape"),
+            numpy_helper.from_array(numpy_helper.to_array(bias), own_bias),
+        ])
+        nodes += [
+            helper.make_node("Reshape", [node.input[0], f"{flat_in}_shape"], [flat_in], name=f"{node.name}/flatten"),
+            helper.make_node("Gemm", [flat_in, weight.name, own_bias], [flat_out], name=node.name),
+            helper.make_node("Reshape", [flat_out, f"{add.output[0]}_shape"], [add.output[0]], name=f"{node.name}/unflatten"),
+        ]
+        fused_adds.add(add.output[0])
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    onnx.save(proto, str(out))
+    return count
+
+
 def _structural_overrides(graph, s: OrtStaticSettings, ranges) -> dict[str, list[dict]]:
     """TensorQuantOverrides from the settings: explicit ones, residual stream type, Softmax floor."""
     overrides = _tensor_overrides(s.tensor_overrides)
@@ -548,12 +688,20 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, chunk: int, out: Path,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
+    if s.gemm_linear_layers:
+        gemm = tmp / "gemm.onnx"
+        if linear_layers_as_gemm(model, gemm):
+            model = gemm
     pre = _preprocess(model, tmp, s)
     if s.smooth_layernorm_alpha is not None:
         smoothed = tmp / "smoothed.onnx"
         if smooth_layernorm_outputs(pre, smoothed, feeds, s.smooth_layernorm_alpha, s.smooth_rows):
             pre = smoothed
     graph = onnx.load(str(pre), load_external_data=False).graph
+    absent = sorted(set(s.float_output_op_types) - {n.op_type for n in graph.node})
+    if absent:
+        raise InputError(f"quantize.variants (ort_static): float_output_op_types {absent} not in {model}; fix the names")
+    excluded = list(s.nodes_to_exclude) + ([] if s.activation_matmuls else activation_matmuls(graph))
     cache = tmp / "calibration.json"
     common = dict(
         quant_format=QuantFormat.QDQ,
@@ -562,7 +710,7 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, chunk: int, out: Path,
         reduce_range=s.reduce_range,
         activation_type=_qtype(s.activation_type),
         weight_type=_qtype(s.weight_type),
-        nodes_to_exclude=list(s.nodes_to_exclude),
+        nodes_to_exclude=excluded,
         calibrate_method=getattr(CalibrationMethod, s.calibrate_method),
         calibration_cache_path=str(cache),
     )
@@ -570,6 +718,7 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, chunk: int, out: Path,
         "ActivationSymmetric": s.activation_symmetric,
         "CalibStridedMinMax": _chunk(_rows(feeds), chunk),
         "CalibPercentile": s.percentile,
+        "OpTypesToExcludeOutputQuantization": list(s.float_output_op_types),
     }
     ranges = {}
     if s.softmax_input_floor is not None:
@@ -589,33 +738,93 @@ def _is16(qtype) -> bool:
     return qtype is not None and "16" in str(getattr(qtype, "name", qtype))
 
 
+def _activation_matmuls(graph) -> list[str]:
+    """Names of the MatMuls whose two inputs are activations, and of the Mul/Div by a constant that is
+    the sole consumer of one (attention's score scaling), so that none of them gets a QDQ pair."""
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or any(i in constants for i in node.input):
+            continue
+        names.append(node.name)
+        after = consumers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type in ("Mul", "Div") and any(i in constants for i in after[0].input):
+            names.append(after[0].name)
+    if not all(names):
+        raise StageError("quantize (ort_qnn): an unnamed attention MatMul cannot be kept in float; name the nodes")
+    return names
+
+
 def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk: int, out: Path, tmp: Path) -> None:
-    from onnxruntime.quantization import CalibrationMethod, quantize
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     if s.qnn_preprocess:
-        import onnx
-
         from tasks.graph_surgery import qnn_preprocess
 
         fused, _ = qnn_preprocess(onnx.load(str(model)), tmp)
         model = tmp / "qnn_preprocessed.onnx"
         onnx.save(fused, str(model))
     pre = _preprocess(model, tmp, s)
-    reader = _NpzReader(feeds)
+    graph = onnx.load(str(pre), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    overrides = {}
+    if s.matmul_per_channel:
+        for node in graph.node:
+            if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
+                transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+                axis = 0 if transposed else 1  # the output channels
+                overrides[node.input[1]] = [{"quant_type": _qtype("int8"), "symmetric": True, "axis": axis}]
+    excluded = list(s.nodes_to_exclude) + (_activation_matmuls(graph) if s.float_activation_matmuls else [])
     config = get_qnn_qdq_config(
         str(pre),
-        reader,
+        _NpzReader(feeds),
         calibrate_method=getattr(CalibrationMethod, s.calibrate_method),
         activation_type=_qtype(s.activation_type),
         weight_type=_qtype(s.weight_type),
         per_channel=s.per_channel,
+        init_overrides=overrides or None,
         activation_symmetric=s.activation_symmetric,
-        stride=_chunk(len(reader), chunk),
+        weight_symmetric=s.weight_symmetric,
+        stride=_chunk(_rows(feeds), chunk),
         op_types_to_quantize=s.op_types,
-        nodes_to_exclude=list(s.nodes_to_exclude) or None,
+        nodes_to_exclude=excluded or None,
     )
-    quantize(str(pre), str(out), config)
+    # The recipe's `quantize(config)` cannot reuse a calibration; quantize_static with its settings can.
+    cache = tmp / "qnn_calibration.json"
+    common = dict(
+        quant_format=config.quant_format,
+        op_types_to_quantize=config.op_types_to_quantize,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        activation_type=config.activation_type,
+        weight_type=config.weight_type,
+        nodes_to_quantize=config.nodes_to_quantize,
+        nodes_to_exclude=config.nodes_to_exclude,
+        calibrate_method=config.calibrate_method,
+        calibration_providers=config.calibration_providers,
+        extra_options=config.extra_options,
+        calibration_cache_path=str(cache),
+    )
+    if s.softmax_input_floor is not None:
+        # Calibrate once (the throwaway model fills the cache), then set each Softmax input's range from
+        # the floor and its calibrated maximum; the second call reads the cache instead of recalibrating.
+        quantize_static(str(pre), str(tmp / "qnn_calibrated.onnx"), _NpzReader(feeds), **common)
+        ranges = load_tensors_data(cache).data
+        tensor_overrides = config.extra_options["TensorQuantOverrides"]
+        for node in graph.node:
+            if node.op_type == "Softmax" and node.input[0] in ranges:
+                high = float(np.asarray(ranges[node.input[0]].range_value[1]).ravel()[0])
+                entry = tensor_overrides.setdefault(node.input[0], [{}])[0]
+                entry.update(rmin=np.float32(min(s.softmax_input_floor, high - 1e-3)), rmax=np.float32(high))
+    quantize_static(str(pre), str(out), _NpzReader(feeds), **common)
 
 
 def _ort_dynamic(model: Path, s: OrtDynamicSettings, out: Path, tmp: Path) -> None:

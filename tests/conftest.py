@@ -50,7 +50,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["data"]["stsb_dir"] = str(STSB_DIR)
     params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(model_dir.parent)]
     params["fetch_model"].update(source="path", path=str(model_dir))
-    params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, stsb_pairs=40)
+    params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, repeats=2, stsb_pairs=40)
     params["reference"].update(sentences=40)
     params["calibration_data"].update(
         samples=16,

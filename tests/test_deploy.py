@@ -174,15 +174,15 @@ def test_best_openvino_ir_is_registered_as_files_once(tiny_onnx, tmp_path):
     ov.save_model(ov.convert_model(str(tiny_onnx)), str(ir))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("edgeopt", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    row = {"model": "dense", "variant": "ov_nncf_int8", "device": "openvino_cpu", "seq_len": 16,
+    row = {"model": "dense", "variant": "ov_nncf_int8", "device": "openvino_cpu", "target": "host", "seq_len": 16,
            "artifact": str(ir.relative_to(tmp_path)), "artifact_sha256": "ab12", "latency_p50_ms": 1.5,
            "stsb_spearman": 80.0, "spearman_drop": 0.1, "dvc_stage": "benchmark@dense-target4-16"}
-    best = {"openvino_cpu/16": {"model": "dense", "variant": "ov_nncf_int8", "artifact": row["artifact"]}}
+    best = {"openvino_cpu/16": {"model": "dense", "variant": "ov_nncf_int8", "target": "host", "artifact": row["artifact"]}}
     registered = []
     for _ in range(2):
         run_id = client.create_run(experiment).info.run_id
         registered.append(register_best(client, EdgeoptConfig(), tmp_path, best, [row],
-                                        {("dense", "ov_nncf_int8", "openvino_cpu", 16): run_id}))
+                                        {("dense", "ov_nncf_int8", "openvino_cpu", "host", 16): run_id}))
     assert registered == [{"openvino_cpu/16": "edgeopt-openvino_cpu-seq16/1"}] * 2
     version = client.get_model_version("edgeopt-openvino_cpu-seq16", "1")
     assert version.tags["format"] == "openvino_ir" and version.tags["artifact_sha256"] == "ab12"

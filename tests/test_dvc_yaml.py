@@ -70,6 +70,11 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
             assert declared == {f"compile.{call.args['device']}", *common}
         elif call.stage == "calibration_data":
             assert declared == {"calibration_data", "seq_lens"}
+        elif call.stage == "latency_curve":
+            assert declared == {"report.latency_curve", "export_onnx", "graph_surgery", "calibration_data",
+                                "quantize", "benchmark", "targets"}
+        elif call.stage == "prune":
+            assert declared == {f"prune.models.{call.args['model']}"}
         elif call.stage == "quantize":
             assert declared == {f"quantize.variants.{call.args['variant']}", "quantize.calibration_chunk"}
         else:

@@ -34,4 +34,4 @@ def test_minilm_fp32_stsb_spearman(workspace):
     assert row["stsb_pairs"] == 1379
     assert row["stsb_spearman"] == pytest.approx(82.0, abs=0.1)
     assert row["size_mb"] == pytest.approx(90.3, abs=0.5)
-    assert result["stages"]["export_onnx@128"] == "Completed"
+    assert result["stages"]["export_onnx@dense-128"] == "Completed"

@@ -110,9 +110,16 @@ def _one_line(exc: BaseException) -> str:
 
 def model_precision(model, fp16: bool = True) -> str:
     """`a16w8`-style label from a QDQ graph: activation bits from QuantizeLinear zero points, weight
-    bits from DequantizeLinear nodes fed by initializers (32-bit biases ignored); else fp16/fp32."""
+    bits from DequantizeLinear nodes fed by initializers (32-bit biases ignored); else fp16/fp32.
+    MatMul/Gemm nodes a QDQ graph leaves in float (not DQ inputs -> op -> Q output) run in fp16 on
+    the HTP, and the label says how many (e.g. `a16w8 + fp16 MatMul x12`)."""
     inits = {i.name: i.data_type for i in model.graph.initializer}
-    acts, weights = Counter(), Counter()
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    acts, weights, float_matmuls = Counter(), Counter(), 0
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
             acts[_BITS.get(inits[node.input[2]], 0)] += 1
@@ -120,11 +127,15 @@ def model_precision(model, fp16: bool = True) -> str:
             bits = _BITS.get(inits[node.input[0]], 0)
             if bits != 32:
                 weights[bits] += 1
+        elif node.op_type in ("MatMul", "Gemm"):
+            dq_in = all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])
+            q_out = consumers.get(node.output[0], []) == ["QuantizeLinear"]
+            float_matmuls += not (dq_in and q_out)
     if not acts and not weights:
         return "fp16" if fp16 else "fp32"
     a = f"a{acts.most_common(1)[0][0]}" if acts else "a?"
     w = f"w{weights.most_common(1)[0][0]}" if weights else "w?"
-    return a + w
+    return a + w + (f" + {'fp16' if fp16 else 'fp32'} MatMul x{float_matmuls}" if float_matmuls else "")
 
 
 def _placement(source, compiled) -> dict[str, Any]:

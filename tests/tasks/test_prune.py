@@ -38,6 +38,15 @@ from tiny_models import WORDS, make_tiny_encoder
 FAST = DistillSettings(steps=0, batch_size=8, max_tokens=32, heldout_sentences=16)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are all overhead: two OpenMP threads on a busy 2-core machine spin-wait (~20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _sentences(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) + "." for _ in range(n)]
@@ -183,7 +192,8 @@ def test_distillation_recovers_and_is_deterministic(spread_bert, text, tmp_path)
         outs[name] = run(model_dir=spread_bert, text=text, model="p", params=params, out_dir=tmp_path / name, key="k")
     d, cos = outs["a"]["distill"], outs["a"]["heldout_cosine_to_dense"]
     assert d["loss_last_window"] < 0.5 * d["loss_first"]
-    assert cos["after_distill"]["mean"] > cos["before_distill"]["mean"] + 0.02
+    # Half the heads and channels gone: the embedding is far off (~0.5) until distillation pulls it back.
+    assert cos["before_distill"]["mean"] < 0.8 and cos["after_distill"]["mean"] > 0.95
     weights = {n: (tmp_path / n / "model" / "model.safetensors").read_bytes() for n in outs}
     assert weights["a"] == weights["b"] and weights["a"] != weights["c"]
     assert len(d["loss_curve"]) == 20 and d["loss_curve"][-1]["step"] == 30

@@ -88,9 +88,8 @@ def _min_cos(a, b):
 
 def test_default_variants_and_discriminated_settings():
     params = QuantizeParams()
-    assert {"ort_qdq_a8w8", "ort_qdq_a16w8", "ort_dynamic_int8", "ov_nncf_int8", "ov_nncf_w8", "ov_nncf_w4"} <= set(
-        params.variants
-    )
+    assert {"ort_qdq_a8w8", "ort_qdq_a8w8_allops", "ort_qdq_a16w8", "ort_dynamic_int8", "ov_nncf_int8", "ov_nncf_w8",
+            "ov_nncf_w4"} <= set(params.variants)
     assert params.variants == DEFAULT_VARIANTS
     parsed = QuantizeParams.model_validate(
         {"variants": {"a": {"method": "ort_static", "calibrate_method": "Entropy"}, "b": {"method": "nncf_weights"}}}
@@ -129,7 +128,7 @@ def _qparams(graph, tensor):
 
 
 def test_ort_static_recipe_floor_and_16_bit_residuals(tmp_path, tiny_onnx, tiny_fixed, calib, eval_feeds):
-    settings = DEFAULT_VARIANTS["ort_qdq_a8w8"]
+    settings = DEFAULT_VARIANTS["ort_qdq_a8w8_allops"]
     assert settings.softmax_input_floor is not None and settings.residual_type == "uint16"
     assert settings.smooth_layernorm_alpha is not None
     # The floor clips the mask fill out of the score range, so even the unfixed export quantizes well.
@@ -174,6 +173,65 @@ def test_layernorm_smoothing_is_exact_and_shrinks_outliers(tmp_path, tiny_fixed,
     scales = [onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "s.onnx").graph.initializer
               if i.name.endswith("/smooth_scale")]
     assert len(scales) == n and min(s.min() for s in scales) == 1.0 and max(s.max() for s in scales) > 1.0
+
+
+def _ort_cpu_ops(path, tmp_path):
+    """Op types of `path` as ONNX Runtime's CPU EP runs it (all graph optimizations, as the benchmark),
+    and the float MatMul/Gemm nodes that read a DequantizeLinear output (layers run on dequantized values)."""
+    from collections import Counter
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / f"{path.parent.name}-ort.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    float_on_dq = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and set(n.input) & dq_outputs]
+    return Counter(n.op_type for n in graph.node), float_on_dq
+
+
+def test_linear_layers_as_gemm_is_exact(tmp_path, tiny_fixed, eval_feeds):
+    from tasks.quantize import linear_layers_as_gemm
+
+    out = tmp_path / "gemm.onnx"
+    assert linear_layers_as_gemm(tiny_fixed, out) == 12  # 2 layers x (q, k, v, out, ffn in, ffn out)
+    graph = onnx.load(out).graph
+    constant = {i.name for i in graph.initializer}
+    assert sum(n.op_type == "Gemm" for n in graph.node) == 12
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constant]
+    np.testing.assert_allclose(_ort_embed(out, eval_feeds), _ort_embed(tiny_fixed, eval_feeds), atol=1e-5)
+
+
+def test_ort_static_cpu_recipe_runs_integer_gemms(tmp_path, tiny_fixed, calib, eval_feeds):
+    """The default a8w8 recipe: every linear layer becomes one ORT CPU QGemm, attention stays float."""
+    settings = DEFAULT_VARIANTS["ort_qdq_a8w8"]
+    assert settings.gemm_linear_layers and not settings.activation_matmuls
+    out, payload = _quantize(tmp_path, tiny_fixed, calib, "cpu", settings)
+    q = onnx.load(out / "model.onnx").graph
+    inits = {i.name: i for i in q.initializer}
+    producers = {o: n for n in q.node for o in n.output}
+    gemms = [n for n in q.node if n.op_type == "Gemm"]
+    assert len(gemms) == 12
+    for gemm in gemms:  # uint8 activation, int8 weight, int32 bias, each behind a DequantizeLinear
+        dqs = [producers[i] for i in gemm.input]
+        assert [d.op_type for d in dqs] == ["DequantizeLinear"] * 3
+        assert inits[dqs[0].input[2]].data_type == onnx.TensorProto.UINT8
+        assert [inits[d.input[0]].data_type for d in dqs[1:]] == [onnx.TensorProto.INT8, onnx.TensorProto.INT32]
+        assert not _has_q(q, gemm.output[0])  # float output: no requantization
+    attention = [n for n in q.node if n.op_type == "MatMul"]
+    assert len(attention) == 4 and not any(i in producers and producers[i].op_type == "DequantizeLinear"
+                                           for n in attention for i in n.input)
+
+    ops, float_on_dq = _ort_cpu_ops(out / "model.onnx", tmp_path)
+    assert ops["QGemm"] == 12 and not float_on_dq and ops["DequantizeLinear"] == 0
+    assert _min_cos(_ort_embed(out / "model.onnx", eval_feeds), _ort_embed(tiny_fixed, eval_feeds)) > 0.98
+
+
+
+def test_float_output_op_types_must_occur(tmp_path, tiny_fixed, calib):
+    settings = OrtStaticSettings(float_output_op_types=["Matmul"])
+    with pytest.raises(InputError, match="float_output_op_types"):
+        _quantize(tmp_path, tiny_fixed, calib, "typo", settings)
 
 
 def _has_q(graph, tensor):
@@ -253,7 +311,7 @@ def test_bad_inputs_are_one_line_input_errors(tmp_path, tiny_onnx, tiny_fixed, c
     ]
     for kwargs, message in cases:
         with pytest.raises(InputError, match=message):
-            run(model=tiny_onnx, params=params, out_dir=tmp_path / "o", key="k", **kwargs)
+            run(model=tiny_fixed, params=params, out_dir=tmp_path / "o", key="k", **kwargs)
     bad_nodes = QuantizeParams(variants={"v": OrtStaticSettings(nodes_to_exclude=["/no/such/node"])})
     with pytest.raises(InputError, match="nodes_to_exclude"):
         run(model=tiny_fixed, calibration=calib, variant="v", params=bad_nodes, out_dir=tmp_path / "o", key="k")
