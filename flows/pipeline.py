@@ -13,15 +13,15 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect.serializers import JSONSerializer
 from prefect.states import Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import stages
 from flows.caching import StageCachePolicy, results_dir
 from flows.locking import workspace_lock
 from flows.tracking import log_pipeline
 from tasks import catalog, dashboard
-from tasks.config import load_config
-from tasks.errors import EdgeoptError
+from tasks.config import ExecutionParams, load_config
+from tasks.errors import ConfigError, EdgeoptError
 
 # State name of a stage stopped by an error the user can fix (bad input, failed check): the flow
 # ends Failed with that one-line message instead of a traceback. Other exceptions are bugs and
@@ -61,11 +61,37 @@ def _run(call: stages.StageCall, states: dict[str, str]) -> dict:
     return _settle(call, _stage_task()(call=call, return_state=True), states)
 
 
-def _fan_out(calls: list[stages.StageCall], states: dict[str, str]) -> list[dict]:
-    """Submit independent stage calls to the flow's task runner (all finish before a failure stops the flow)."""
-    futures = _stage_task().map(call=calls)
-    wait(futures)
-    return [_settle(call, future.state, states) for call, future in zip(calls, futures)]
+def task_runner(params: ExecutionParams) -> TaskRunner:
+    """Where fanned-out stages (compile, benchmark, latency curve) run: threads of this process, or
+    the processes of a Dask cluster (a scheduler at `dask_address`, or a local cluster)."""
+    if params.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=params.max_workers)
+    from prefect.settings import PREFECT_API_URL
+    from prefect_dask import DaskTaskRunner
+
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        raise ConfigError(
+            "execution.task_runner: dask needs a running Prefect server that its workers report to; start one "
+            '(`edgeopt services start prefect-server`, then `eval "$(edgeopt services env)"`) or use threads'
+        )
+    os.environ.setdefault("PREFECT_API_URL", api_url)  # inherited by local cluster workers
+    if params.dask_address:
+        return DaskTaskRunner(address=params.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True})
+
+
+def _fan_out(calls: list[stages.StageCall], states: dict[str, str], execution: ExecutionParams) -> list[dict]:
+    """Run independent stage calls on the configured task runner (all finish before a failure stops the flow)."""
+    if not calls:
+        return []
+    with task_runner(execution) as runner:
+        client = getattr(runner, "client", None)
+        if client is not None:  # Dask workers resolve the stages' project-relative paths from here
+            client.run(os.chdir, os.getcwd())
+        futures = runner.map(_stage_task(), parameters={"call": calls})
+        wait(futures)
+        return [_settle(call, future.state, states) for call, future in zip(calls, futures)]
 
 
 def sync_dvc_lock(root: Path) -> bool:
@@ -79,8 +105,7 @@ def sync_dvc_lock(root: Path) -> bool:
     return True
 
 
-# One worker by default: compile and benchmark each need the whole machine to be measured fairly.
-@flow(name="edgeopt-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="edgeopt-pipeline", log_prints=True)
 def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the DAG in `project_dir`. `overrides` (e.g. from a deployment) are merged into
     `params_file`; such a run does not update dvc.lock, which describes `params_file` alone."""
@@ -93,9 +118,9 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
         with workspace_lock(root):
             for call in stages.prepare_calls(cfg):
                 _run(call, states)
-            _fan_out(stages.compile_calls(cfg), states)
-            _fan_out(stages.benchmark_calls(cfg), states)
-            _fan_out(stages.latency_curve_calls(cfg), states)
+            _fan_out(stages.compile_calls(cfg), states, cfg.execution)
+            _fan_out(stages.benchmark_calls(cfg), states, cfg.execution)
+            _fan_out(stages.latency_curve_calls(cfg), states, cfg.execution)
             report = _run(stages.report(cfg), states)
             # The human-facing report of this run (`edgeopt report` rebuilds it from metrics/).
             report_files = dashboard.write_report(

@@ -108,6 +108,19 @@ class Target(_Section):
     device: str
 
 
+class ExecutionParams(_Section):
+    """Where the fanned-out stages (compile, benchmark, latency curve) run."""
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads of the flow process, or a Dask cluster (needs a Prefect server)"
+    )
+    max_workers: int = Field(
+        1, ge=1, description="threads: stages at once; keep 1 on a machine that also measures latency"
+    )
+    dask_address: str | None = Field(None, description="dask: scheduler address (tcp://host:8786); null = local cluster")
+    dask_workers: int = Field(2, ge=1, description="dask, local cluster: worker processes, one thread each")
+
+
 class TrackingParams(_Section):
     tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str = "edgeopt"
@@ -133,6 +146,7 @@ class EdgeoptConfig(_Section):
     benchmark: BenchmarkParams = BenchmarkParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    execution: ExecutionParams = ExecutionParams()
 
     @field_validator("seq_lens")
     @classmethod

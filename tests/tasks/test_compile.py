@@ -88,7 +88,7 @@ def test_real_encoder_fallbacks_are_named_and_trip_the_gate(tiny_bert, tmp_path)
 
     from tasks.backends.qnn_htp import BACKEND
 
-    qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", preprocess=False)
+    qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", qnn_preprocess=False)
     source = {n.name: n.op_type for n in onnx.load(str(qdq)).graph.node}
     with pytest.raises(StageError) as err:
         run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(), tmp_path / "gated", key="k", model_dir=tiny_bert)

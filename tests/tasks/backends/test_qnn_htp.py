@@ -52,43 +52,28 @@ def tiny_sentences(n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(n)]
 
 
-def make_tiny_qdq(model_dir: Path, folder: Path, preprocess: bool = True) -> Path:
-    """Export the tiny encoder (static [1, 16]) and quantize it QDQ a16w8 for QNN; `preprocess=False`
-    skips ORT's QNN pre-pass, leaving ops the HTP rejects (Erf, the mask's Shape/Expand chain)."""
+def make_tiny_qdq(model_dir: Path, folder: Path, **recipe) -> Path:
+    """Export the tiny encoder (static [1, 16]) and quantize it with the project's QNN recipe
+    (tasks.quantize, `OrtQnnSettings(**recipe)`); e.g. `qnn_preprocess=False` leaves ops the HTP
+    rejects (the Erf GELU, the mask's Shape/Expand chain)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
     from transformers import AutoTokenizer
 
     from tasks.config import ExportOnnxParams
     from tasks.export_onnx import run as export_run
     from tasks.export_onnx import tokenize
+    from tasks.quantize import OrtQnnSettings, QuantizeParams
+    from tasks.quantize import run as quantize_run
 
     export_run(model_dir, SEQ_LEN, ExportOnnxParams(), folder / "fp32", key="test")
     fp32 = onnx.load(str(folder / "fp32" / "model.onnx"))
     assert clamp_mask_fill(fp32) >= 1
     onnx.save(fp32, str(folder / "clamped.onnx"))
-    # QNN's pre-pass fuses the Erf-based GELU and folds Shape/Expand, ops QNN HTP would leave on the CPU.
-    fixed = folder / "fixed.onnx"
-    if preprocess:
-        assert qnn_preprocess_model(str(folder / "clamped.onnx"), str(fixed))
-    else:
-        fixed = folder / "clamped.onnx"
-
-    feeds = tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.rows = iter(range(16))
-
-        def get_next(self):
-            i = next(self.rows, None)
-            return None if i is None else {k: v[i : i + 1] for k, v in feeds.items()}
-
-    config = get_qnn_qdq_config(str(fixed), Reader(), activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
-    out = folder / "qdq_a16w8.onnx"
-    quantize(str(fixed), str(out), config)
-    return out
+    np.savez(folder / "calibration.npz", **tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN))
+    params = QuantizeParams(variants={"qnn": OrtQnnSettings(**recipe)})
+    quantize_run(model=folder / "clamped.onnx", calibration=folder / "calibration.npz", variant="qnn",
+                 params=params, out_dir=folder / "qdq", key="test")
+    return folder / "qdq" / "model.onnx"
 
 
 def make_unsupported_graph(path: Path) -> Path:
