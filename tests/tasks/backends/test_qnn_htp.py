@@ -69,7 +69,8 @@ def make_tiny_qdq(model_dir: Path, folder: Path, **recipe) -> Path:
     fp32 = onnx.load(str(folder / "fp32" / "model.onnx"))
     assert clamp_mask_fill(fp32) >= 1
     onnx.save(fp32, str(folder / "clamped.onnx"))
-    np.savez(folder / "calibration.npz", **tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN))
+    feeds = tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
+    np.savez(folder / "calibration.npz", **feeds)
     params = QuantizeParams(variants={"qnn": OrtQnnSettings(**recipe)})
     quantize_run(model=folder / "clamped.onnx", calibration=folder / "calibration.npz", variant="qnn",
                  params=params, out_dir=folder / "qdq", key="test")
@@ -139,7 +140,7 @@ def test_compile_places_whole_qdq_model_on_htp_and_context_reproduces_cpu(tiny_q
     assert placement["cpu_fallback"] == {"count": 0, "op_types": {}, "nodes": []}
     assert placement["nodes_per_ep"]["QNNExecutionProvider"] == placement["nodes_total"] > 100
     assert placement["qnn_partitions"] == 1
-    assert result["precision"] == "a16w8"
+    assert result["precision"] == "a16w8 + fp16 MatMul x4"  # attention's Q.K^T and P.V per layer
     assert result["options"]["soc_model"] == "57" and result["options"]["offload_graph_io_quantization"] == "0"
     assert result["versions"]["qnn_sdk_build"].startswith("v" + result["versions"]["qnn_sdk"])
     assert result["versions"]["ep_compatibility_info"].split(":")[4:6] == ["75", "57"]  # htp_arch, soc_model
