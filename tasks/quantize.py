@@ -17,6 +17,7 @@ Variants are data: `QuantizeParams.variants` maps a name to settings discriminat
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -587,12 +588,6 @@ def _constants(graph) -> set[str]:
     return names | {n.output[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in names}
 
 
-def activation_matmuls(graph) -> list[str]:
-    """Names of the MatMuls that multiply two activations (attention Q.K^T and P.V): no weight input."""
-    constant = _constants(graph)
-    return [n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & constant]
-
-
 def linear_layers_as_gemm(model: Path, out: Path) -> int:
     """Rewrite every MatMul(x, W) + Add(b) (W [K, N] and b [N] constants, x of static shape) as
     Reshape(x, [M, K]) -> Gemm(x, W, b) -> Reshape([..., N]); exact in float. Returns how many.
@@ -738,11 +733,10 @@ def _is16(qtype) -> bool:
     return qtype is not None and "16" in str(getattr(qtype, "name", qtype))
 
 
-def _activation_matmuls(graph) -> list[str]:
-    """Names of the MatMuls whose two inputs are activations, and of the Mul/Div by a constant that is
-    the sole consumer of one (attention's score scaling), so that none of them gets a QDQ pair."""
-    constants = {i.name for i in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+def activation_matmuls(graph) -> list[str]:
+    """Names of the MatMuls whose two inputs are activations (attention Q.K^T and P.V), and of the Mul/Div
+    by a constant that is the sole consumer of one (attention's score scaling), so none gets a QDQ pair."""
+    constants = _constants(graph) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -756,7 +750,7 @@ def _activation_matmuls(graph) -> list[str]:
         if len(after) == 1 and after[0].op_type in ("Mul", "Div") and any(i in constants for i in after[0].input):
             names.append(after[0].name)
     if not all(names):
-        raise StageError("quantize (ort_qnn): an unnamed attention MatMul cannot be kept in float; name the nodes")
+        raise StageError("quantize: an unnamed attention MatMul cannot be kept in float; name the nodes")
     return names
 
 
@@ -782,7 +776,7 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk: int, out: Path, tmp: 
                 transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
                 axis = 0 if transposed else 1  # the output channels
                 overrides[node.input[1]] = [{"quant_type": _qtype("int8"), "symmetric": True, "axis": axis}]
-    excluded = list(s.nodes_to_exclude) + (_activation_matmuls(graph) if s.float_activation_matmuls else [])
+    excluded = list(s.nodes_to_exclude) + (activation_matmuls(graph) if s.float_activation_matmuls else [])
     config = get_qnn_qdq_config(
         str(pre),
         _NpzReader(feeds),
@@ -866,7 +860,7 @@ def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
         )
     except nncf.ValidationError as exc:  # e.g. an ignored type that the model does not contain
         raise InputError(f"quantize.variants (nncf_ptq): {str(exc).splitlines()[0][:300]}; fix ignored_types") from exc
-    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    save_ir(quantized, out)
     return min(s.subset_size, rows)
 
 
@@ -883,7 +877,22 @@ def _nncf_weights(model: Path, s: NncfWeightsSettings, out: Path) -> None:
     elif s.group_size is not None or s.ratio is not None or s.all_layers is not None:
         raise InputError(f"quantize.variants: group_size/ratio/all_layers apply to int4 modes only, not {s.mode}")
     compressed = nncf.compress_weights(ov_model, **kwargs)
-    ov.save_model(compressed, str(out), compress_to_fp16=False)
+    save_ir(compressed, out)
+
+
+def save_ir(model, out: Path) -> None:
+    """Save an OpenVINO model as IR (fp32 weights kept as they are), with reproducible layer names.
+
+    OpenVINO names each op it creates `<Type>_<n>` from a process-wide counter, so the same model saved
+    by two processes (or twice in one) differs in those names only; they are renumbered by position.
+    """
+    import openvino as ov
+
+    for index, op in enumerate(model.get_ordered_ops()):
+        kind = op.get_type_name()
+        if re.fullmatch(rf"{re.escape(kind)}_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{kind}_{index}")
+    ov.save_model(model, str(out), compress_to_fp16=False)
 
 
 # ---------------------------------------------------------------------------------------------
