@@ -574,12 +574,16 @@ def smooth_layernorm_outputs(model: Path, out: Path, feeds: dict[str, np.ndarray
             nodes.append(after[node.name])
     graph.ClearField("node")
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]  # drop the weights the private copies replaced
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    _drop_unused_initializers(graph)  # the weights the private copies replaced
     onnx.save(proto, str(out))
     return len(plans)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
 
 
 def _constants(graph) -> set[str]:
@@ -657,6 +661,7 @@ def linear_layers_as_gemm(model: Path, out: Path) -> int:
         count += 1
     graph.ClearField("node")
     graph.node.extend(nodes)
+    _drop_unused_initializers(graph)  # the biases the private copies replaced
     onnx.save(proto, str(out))
     return count
 
