@@ -47,6 +47,7 @@ def tiny_onnx(tiny_bert, tmp_path_factory) -> Path:
 def tiny_params(model_dir: Path, **overrides) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seq_lens"] = [16, 32]
+    params["models"] = ["dense"]  # the pruned model's path through the DAG: tests/test_prune_pipeline.py
     params["data"]["stsb_dir"] = str(STSB_DIR)
     params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(model_dir.parent)]
     params["fetch_model"].update(source="path", path=str(model_dir))
