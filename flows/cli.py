@@ -264,11 +264,19 @@ def results(
                "spearman_drop": "drop", "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
     print(bench[list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".2f"))
     print()
-    columns = {"variant": "variant", "device": "device", "target": "target", "seq_len": "L", "status": "status",
-               "npu_nodes": "NPU nodes", "cpu_fallback_nodes": "CPU fallback", "compile_s": "compile s",
-               "cached_compile_s": "cached s", "verify_min_cosine": "cos→source min",
-               "verify_run_ms_median": "run ms", "simulated": "simulated"}
-    print(tables["compile.csv"][list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".4g"))
+    compiled = tables["compile.csv"]
+    formats = {"npu_nodes": ".0f", "cpu_fallback_nodes": ".0f", "compile_s": ".2f", "cached_compile_s": ".2f",
+               "verify_min_cosine": ".5f", "verify_run_ms_median": ".0f"}
+    compiled = compiled.assign(**{
+        column: ["" if pd.isna(v) else format(v, spec) for v in compiled[column]] for column, spec in formats.items()
+    })
+    compiled["verify_run_ms_median"] += [" (sim)" if s and v else "" for v, s in
+                                         zip(compiled["verify_run_ms_median"], compiled["simulated"])]
+    columns = {"model": "model", "variant": "variant", "device": "device", "target": "target", "seq_len": "L",
+               "status": "status", "npu_nodes": "NPU nodes", "cpu_fallback_nodes": "CPU fallback",
+               "compile_s": "compile s", "cached_compile_s": "cached s", "verify_min_cosine": "cos→source min",
+               "verify_run_ms_median": "run ms"}
+    print(compiled[list(columns)].rename(columns=columns).to_markdown(index=False, disable_numparse=True))
 
 
 @app.command()

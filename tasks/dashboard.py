@@ -316,7 +316,8 @@ def build(metrics: dict, run: str, budget: float) -> tuple[str, str, dict[str, s
                      "QDQ graph on the ONNX Runtime CPU EP over the full test split; the compiled context's own "
                      "agreement is the 'sim subset' column.")
     if len(unstable):
-        names = ", ".join(f"{r.variant}/{r.device}/{r.seq_len}" for r in unstable.itertuples())
+        names = ", ".join(f"{r.model}/{r.variant}/{r.device}/{r.target}/{r.seq_len} ({r.latency_p50_spread_pct:.0f} %)"
+                          for r in unstable.itertuples())
         notes.append(f"Latency p50 of these rows varied across repeats by more than the tolerance: {names}.")
     coverage = summary.get("seq_len_choice", {}).get("coverage")
     lengths = (f"{inputs.get('inputs')} inputs, p50 {inputs.get('p50', 0):.0f} / p99 {inputs.get('p99', 0):.0f} / "
