@@ -673,14 +673,22 @@ def _structural_overrides(graph, s: OrtStaticSettings, ranges) -> dict[str, list
         for name in residual_tensors(graph):
             overrides.setdefault(name, [{}])[0].setdefault("quant_type", _qtype(s.residual_type))
     if s.softmax_input_floor is not None:
-        for node in graph.node:
-            if node.op_type != "Softmax" or node.input[0] not in ranges:
-                continue
-            high = float(np.asarray(ranges[node.input[0]].range_value[1]).ravel()[0])
-            entry = overrides.setdefault(node.input[0], [{}])[0]
-            entry.setdefault("rmin", np.float32(min(s.softmax_input_floor, high - 1e-3)))
-            entry.setdefault("rmax", np.float32(high))
+        for name, (low, high) in _softmax_floor_ranges(graph, ranges, s.softmax_input_floor).items():
+            entry = overrides.setdefault(name, [{}])[0]
+            entry.setdefault("rmin", low)  # an explicit tensor_overrides range wins
+            entry.setdefault("rmax", high)
     return overrides
+
+
+def _softmax_floor_ranges(graph, ranges, floor: float) -> dict[str, tuple[np.float32, np.float32]]:
+    """(rmin, rmax) for every calibrated Softmax input: the floor (kept below the calibrated maximum)
+    and that maximum."""
+    floored = {}
+    for node in graph.node:
+        if node.op_type == "Softmax" and node.input[0] in ranges:
+            high = float(np.asarray(ranges[node.input[0]].range_value[1]).ravel()[0])
+            floored[node.input[0]] = (np.float32(min(floor, high - 1e-3)), np.float32(high))
+    return floored
 
 
 def _ort_static(model: Path, feeds, s: OrtStaticSettings, chunk: int, out: Path, tmp: Path) -> None:
@@ -818,11 +826,8 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk: int, out: Path, tmp: 
         quantize_static(str(pre), str(tmp / "qnn_calibrated.onnx"), _NpzReader(feeds), **common)
         ranges = load_tensors_data(cache).data
         tensor_overrides = config.extra_options["TensorQuantOverrides"]
-        for node in graph.node:
-            if node.op_type == "Softmax" and node.input[0] in ranges:
-                high = float(np.asarray(ranges[node.input[0]].range_value[1]).ravel()[0])
-                entry = tensor_overrides.setdefault(node.input[0], [{}])[0]
-                entry.update(rmin=np.float32(min(s.softmax_input_floor, high - 1e-3)), rmax=np.float32(high))
+        for name, (low, high) in _softmax_floor_ranges(graph, ranges, s.softmax_input_floor).items():
+            tensor_overrides.setdefault(name, [{}])[0].update(rmin=low, rmax=high)
     quantize_static(str(pre), str(out), _NpzReader(feeds), **common)
 
 
