@@ -14,11 +14,12 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem
+from prefect.logging import get_logger
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
 
 from flows.stages import StageCall
-from tasks.fingerprint import is_current
+from tasks.core.fingerprint import changed_files, is_current, read_stamp
 
 RESULTS_DIR = Path(".edgeopt") / "prefect-results"
 
@@ -29,12 +30,17 @@ def results_dir(root: Path | None = None) -> Path:
 
 
 class StageCachePolicy(CachePolicy):
-    """Key = the stage call's content key; valid only while its outputs carry that key."""
+    """Key = the stage call's content key (per run folder); valid only while its outputs carry that key and
+    still hold what the stage wrote."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
         call: StageCall = inputs["call"]
-        key = call.key
-        if not is_current(call.out_dir, key):
+        key = call.cache_key
+        if not is_current(call.out_dir, call.key):
+            stamp = read_stamp(call.out_dir)
+            if stamp and stamp.get("key") == call.key:
+                changed = ", ".join(changed_files(call.out_dir, stamp)[:3])
+                get_logger("edgeopt").warning(f"{call.name}: {changed} changed since the stage wrote it: rerunning")
             (results_dir() / key).unlink(missing_ok=True)
         return key
 
@@ -42,4 +48,4 @@ class StageCachePolicy(CachePolicy):
 def record_result(call: StageCall, result: dict, root: Path | None = None) -> None:
     """Store `result` as the Prefect cache record of `call` (used by the DVC stage runner)."""
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(results_dir(root))), serializer=JSONSerializer())
-    store.write(result, key=call.key)
+    store.write(result, key=call.cache_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,13 +16,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.errors import EdgeoptError
+from tasks.core.errors import EdgeoptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err_console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml of the project")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="a run folder under runs/ (default: the tracked outputs)")]
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _folder_name(name: str, option: str) -> str:
+    """A single folder name: nothing that could lead outside the folder it is made in."""
+    if not _FOLDER_NAME.fullmatch(name):
+        from tasks.core.errors import ConfigError
+
+        raise ConfigError(f"{option} {name!r}: use letters, digits, '.', '_' and '-' only (one folder name)")
+    return name
+
+
+def _outputs(run_name: str | None):
+    from tasks.core.catalog import MAIN, run_catalog
+
+    return MAIN if run_name is None else run_catalog(_folder_name(run_name, "--run"))
 
 
 @contextlib.contextmanager
@@ -54,8 +72,11 @@ def _rows_table(rows: list[dict]) -> Table:
     title = "benchmark (metrics/benchmark.csv)" + ("  [QUICK MODE: not for decisions]" if quick else "")
     table = Table(title=title, caption="(sim) = HTP simulator time, not device latency" if any(
         r.get("simulated") for r in rows) else None)
+    from tasks.data.evaluation import metric_label
+
+    metric = metric_label(rows[0]["eval_set"], rows[0]["metric_name"]) if rows else "metric"
     columns = ("model", "variant", "device", "target", "seq_len", "size MB", "p50 ms", "p99 ms", "p50 spread %",
-               "cold ms", "warm ms", "STS-B ρ×100", "drop", "in budget", "cos→fp32 min")
+               "cold ms", "warm ms", metric, "drop", "in budget", "cos→fp32 min")
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "variant", "device", "target") else "right")
     for r in rows:
@@ -66,8 +87,8 @@ def _rows_table(rows: list[dict]) -> Table:
         table.add_row(
             r["model"], r["variant"], r["device"], r["target"], str(r["seq_len"]), f"{r['size_mb']:.1f}",
             f"{r['latency_p50_ms']:.2f}{sim}", f"{r['latency_p99_ms']:.2f}{sim}", spread,
-            f"{r['cold_start_ms']:.0f}", _num(r.get("warm_start_ms"), ".0f"), f"{r['stsb_spearman']:.2f}",
-            f"{r['spearman_drop']:+.2f}", "[green]yes[/]" if r["within_budget"] else "[red]no[/]",
+            f"{r['cold_start_ms']:.0f}", _num(r.get("warm_start_ms"), ".0f"), f"{r['metric_value']:.2f}",
+            f"{r['metric_drop']:+.2f}", "[green]yes[/]" if r["within_budget"] else "[red]no[/]",
             f"{r['cosine_to_fp32_min']:.5f}",
         )
     return table
@@ -105,7 +126,7 @@ def _compile_table(rows: list[dict]) -> Table:
 def run(
     params: ParamsOpt = Path("params.yaml"),
     quick: Annotated[bool, typer.Option(
-        "--quick", help="few timed runs and an STS-B subset (benchmark.quick); rows are marked quick, dvc.lock is left alone"
+        "--quick", help="few timed runs and an evaluation subset (benchmark.quick); rows are marked quick, dvc.lock is left alone"
     )] = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped (cached)."""
@@ -117,11 +138,31 @@ def run(
 
         overrides = {"benchmark": {"quick": True}} if quick else None
         with contextlib.chdir(root):  # params paths are relative to the project root
-            stages.preflight(load_config(params, overrides))  # validate before anything starts
-        from flows.pipeline import USER_ERROR, pipeline
-        from tasks.errors import StageError
+            cfg = load_config(params, overrides)
+            stages.preflight(cfg)  # validate before anything starts
+            from flows import tracking
 
-        state = pipeline(project_dir=str(root), params_file=params.name, overrides=overrides, return_state=True)
+            tracking.check_uri(tracking.tracking_uri(cfg, root))
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows import services
+        from flows.locking import run_scratch
+        from flows.pipeline import USER_ERROR, pipeline
+        from tasks.core.errors import StageError
+
+        try:
+            # The run owns its temp folder and its Prefect server: a Ctrl-C, or a kill, leaves neither behind.
+            with run_scratch(root), services.run_api(root) as api, temporary_settings({PREFECT_API_URL: api}):
+                state = pipeline(project_dir=str(root), params_file=params.name, overrides=overrides,
+                                 return_state=True)
+                # The run's logs and events reach its server before the server stops.
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted:[/] finished stages are kept; `edgeopt run` continues from them")
+            raise typer.Exit(130) from None
         if state.name == USER_ERROR:
             raise StageError(state.message)
         result = state.result()
@@ -137,13 +178,14 @@ def run(
     console.print(_choice_table(result["seq_len_choice"]))
     if result.get("mlflow_fallback_reason"):
         err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
+    console.print(f"outputs: {result['outputs']}" + ("" if result["dvc_synced"] else " (a run folder: dvc.lock untouched)"))
     console.print(f"report: {result['report_files'][0]}")
     console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
 
 
 def _target(cfg, variant: str, device: str):
     """(index, target) of the params.yaml target with this variant and device."""
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
 
     for index, target in enumerate(cfg.targets):
         if (target.variant, target.device) == (variant, device):
@@ -152,7 +194,7 @@ def _target(cfg, variant: str, device: str):
 
 
 def _job(cfg, variant: str, device: str, target: str):
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
 
     for index, job in enumerate(cfg.compile.jobs):
         if (job.variant, job.device, job.target) == (variant, device, target):
@@ -177,11 +219,14 @@ def stage(
         from flows import stages
         from flows.caching import record_result
         from tasks.config import load_config
-        from tasks.errors import ConfigError
+        from tasks.core.errors import ConfigError
 
         cfg = load_config(params)
         with contextlib.chdir(params.resolve().parent):
             stages.preflight(cfg)
+        from flows import dvc_yaml
+
+        dvc_yaml.check(cfg, params.resolve().parent)
         needed = {
             "export_onnx": ("seq_len",),
             "reference": ("seq_len",),
@@ -209,8 +254,13 @@ def stage(
         }
         if name not in builders:
             raise ConfigError(f"unknown stage {name!r}; known: {', '.join(builders)}")
+        # Only instances dvc.yaml knows: anything else would write an output no stage declares.
         if model not in cfg.models:
             raise ConfigError(f"--model {model}: not in params.yaml models {cfg.models}")
+        if seq_len is not None and seq_len not in cfg.seq_lens:
+            raise ConfigError(f"--seq-len {seq_len}: not in params.yaml seq_lens {cfg.seq_lens}")
+        if name == "quantize" and variant not in cfg.variants:
+            raise ConfigError(f"--variant {variant}: not in params.yaml variants {cfg.variants}")
         from flows.locking import workspace_lock
 
         call = builders[name]()
@@ -229,6 +279,7 @@ def _records(frame) -> list[dict]:
 def results(
     markdown: Annotated[bool, typer.Option(help="print Markdown tables (what the README's results are)")] = False,
     project: Annotated[Path, typer.Option(help="project root")] = Path("."),
+    run_name: RunOpt = None,
 ) -> None:
     """Show the last run's metrics/benchmark.csv, metrics/compile.csv and the seq-len choice."""
     with _user_errors():
@@ -236,12 +287,12 @@ def results(
 
         import pandas as pd
 
-        from tasks import catalog
-        from tasks.errors import InputError
+        from tasks.core.errors import InputError
+        from tasks.data.evaluation import metric_label
 
         tables = {}
         for name in ("benchmark.csv", "compile.csv", "summary.json"):
-            path = project / catalog.report_dir() / name
+            path = project / _outputs(run_name).report_dir() / name
             if not path.is_file():
                 raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) first")
             tables[name] = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
@@ -260,8 +311,9 @@ def results(
     )
     columns = {"model": "model", "variant": "variant", "device": "device", "target": "target", "seq_len": "L",
                "precision": "precision", "size_mb": "MB", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
-               "latency_p50_spread_pct": "p50 spread %", "speedup": "× ORT fp32", "stsb_spearman": "STS-B",
-               "spearman_drop": "drop", "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
+               "latency_p50_spread_pct": "p50 spread %", "speedup": "× ORT fp32",
+               "metric_value": metric_label(bench["eval_set"].iloc[0], bench["metric_name"].iloc[0]),
+               "metric_drop": "drop", "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
     print(bench[list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".2f"))
     print()
     compiled = tables["compile.csv"]
@@ -283,21 +335,23 @@ def results(
 def report(
     params: ParamsOpt = Path("params.yaml"),
     name: Annotated[str | None, typer.Option(help="folder under reports/ (default: a timestamp)")] = None,
+    run_name: RunOpt = None,
 ) -> None:
     """Rebuild the HTML + Markdown report (reports/<name>/) from metrics/ of the last run."""
     with _user_errors():
-        from tasks import catalog, dashboard
+        from flows import dashboard
         from tasks.config import load_config
 
         root = params.resolve().parent
         cfg = load_config(params)
-        out = root / dashboard.REPORTS / (name or dashboard.run_name())
-        files = dashboard.write_report(root / catalog.report_dir(), out, cfg.report.accuracy_budget)
+        outputs = _outputs(run_name)
+        folder = root / outputs.reports_dir() / _folder_name(name or dashboard.run_name(), "--name")
+        files = dashboard.write_report(root / outputs.report_dir(), folder, cfg.report.accuracy_budget)
     console.print(f"report: {files[0]}")
 
 
-COMPARED = (("latency_p50_ms", "lower"), ("latency_p99_ms", "lower"), ("cold_start_ms", "lower"),
-            ("size_mb", "lower"), ("stsb_spearman", "higher"), ("cosine_to_fp32_min", "higher"))
+def _value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 @app.command()
@@ -305,41 +359,77 @@ def compare(
     run_a: Annotated[str, typer.Argument(help="MLflow parent run id (the baseline)")],
     run_b: Annotated[str, typer.Argument(help="MLflow parent run id (compared to the baseline)")],
     params: ParamsOpt = Path("params.yaml"),
+    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
 ) -> None:
-    """Metric deltas (B - A) between two pipeline runs, per benchmark row, from MLflow."""
+    """What differs between two pipeline runs: their settings, then each artifact's metrics (B - A), with a
+    latency change inside the rows' measured p50 spread called "within noise"."""
     with _user_errors():
-        from flows.compare import benchmark_children, deltas
+        import json
+
+        from flows.compare import compare as compare_runs
         from flows.tracking import tracking_uri
         from tasks.config import load_config
 
         cfg = load_config(params)
-        uri = tracking_uri(cfg, params.resolve().parent)
-        a, b = benchmark_children(uri, run_a), benchmark_children(uri, run_b)
-        table_rows, only_a, only_b = deltas(a, b, [m for m, _ in COMPARED])
-    better = dict(COMPARED)
-    table = Table(title=f"B {run_b[:8]} vs A {run_a[:8]} (B - A; green = better)")
-    for col in ("model", "variant", "device", "target", "L", *[m for m, _ in COMPARED]):
-        table.add_column(col, justify="left" if col in ("model", "variant", "device", "target") else "right")
-    for key, values in table_rows:
-        cells = []
-        for metric, _ in COMPARED:
-            va, vb = values.get(metric, (None, None))
-            if va is None or vb is None:
-                cells.append("")
-                continue
-            delta = vb - va
-            if delta == 0:
-                cells.append("0")
-                continue
-            good = (delta < 0) if better[metric] == "lower" else (delta > 0)
-            pct = f" ({delta / va:+.1%})" if va else ""
-            colour = "green" if good else "red"
-            cells.append(f"[{colour}]{delta:+.4g}{pct}[/]")
-        table.add_row(*key[:4], str(key[4]), *cells)
-    console.print(table)
-    for label, keys in (("only in A", only_a), ("only in B", only_b)):
-        if keys:
-            console.print(f"{label}: " + ", ".join("/".join(str(k) for k in key) for key in keys))
+        result = compare_runs(tracking_uri(cfg, params.resolve().parent), run_a, run_b)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    changes = [c for c in result["changes"] if c["verdict"] != "same"]
+    if markdown:
+        print(f"B `{result['b']['name']}` vs A `{result['a']['name']}` ({result['tracking_uri']})\n")
+        print("| setting | A | B |\n|---|---|---|")
+        for p in result["params"]:
+            print(f"| {p['param']} | {p['a']} | {p['b']} |")
+        print("\n| artifact | metric | A | B | change | verdict |\n|---|---|---|---|---|---|")
+        for c in changes:
+            pct = "" if c["change_pct"] is None else f"{c['change_pct']:+.1f} %"
+            print(f"| {c['row']} | {c['metric']} | {_value(c['a'])} | {_value(c['b'])} | {pct} | {c['verdict']} |")
+        return
+    # Narrow: one block per artifact, readable at 80 columns.
+    console.print(f"B [bold]{result['b']['name']}[/] ({run_b[:8]})\nvs A [bold]{result['a']['name']}[/] ({run_a[:8]})",
+                  highlight=False)
+    console.print(f"in {result['tracking_uri']}", style="dim", highlight=False)
+    console.print("\n[bold]settings that differ[/]" if result["params"] else "\nsettings: the same")
+    for p in result["params"]:
+        console.print(f"  {p['param']}: {p['a']} -> {p['b']}", highlight=False)
+    colours = {"better": "green", "worse": "red"}
+    row = None
+    for c in changes:
+        if c["row"] != row:
+            row = c["row"]
+            console.print(f"\n[bold]{row}[/]", highlight=False)
+        pct = "" if c["change_pct"] is None else f"{c['change_pct']:+.1f}%"
+        verdict = c["verdict"]
+        colour = colours.get(verdict, "dim")
+        console.print(f"  {c['metric']:<19} {_value(c['a']):>9} -> {_value(c['b']):<9} {pct:>8}  [{colour}]{verdict}[/]",
+                      highlight=False)
+    if not changes:
+        console.print("\nmetrics: the same for every artifact in both runs")
+    for label, names in (("only in A", result["only_in_a"]), ("only in B", result["only_in_b"])):
+        if names:
+            console.print(f"{label}: " + ", ".join(names), highlight=False)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml_command(
+    params: ParamsOpt = Path("params.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="only say whether dvc.yaml is current (exit 1 if not)")] = False,
+) -> None:
+    """Write dvc.yaml from params.yaml and the stages' imports (what `dvc repro` runs)."""
+    with _user_errors():
+        from flows import dvc_yaml
+        from tasks.config import load_config
+
+        cfg = load_config(params)
+        root = params.resolve().parent
+        if check:
+            dvc_yaml.check(cfg, root)
+            console.print(f"{root / dvc_yaml.DVC_YAML}: current")
+            return
+        path = dvc_yaml.write(cfg, root)
+    console.print(f"wrote {path}")
 
 
 @app.command()

@@ -18,7 +18,7 @@ import yaml
 
 from flows.services import HEALTH_REQUEST_TIMEOUT_S, ServiceError
 from tasks.config import load_config
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 DEPLOY_TIMEOUT_S = 300

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,3 +41,40 @@ def workspace_lock(root: Path, on_wait: Callable[[str], None] = print, poll_s: f
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+SCRATCH = Path(".edgeopt") / "tmp"
+
+
+@contextlib.contextmanager
+def run_scratch(root: Path) -> Iterator[Path]:
+    """A temp folder for one run, under the project, used by everything the run starts (TMPDIR): a run killed
+    mid-stage leaves it behind, and the next run removes it (its pid is gone) instead of leaving /tmp to fill."""
+    base = Path(root) / SCRATCH
+    base.mkdir(parents=True, exist_ok=True)
+    for folder in base.iterdir():
+        if folder.name.isdigit() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    scratch = base / str(os.getpid())
+    scratch.mkdir(exist_ok=True)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(scratch), str(scratch)
+    try:
+        yield scratch
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

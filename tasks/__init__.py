@@ -1,6 +1,6 @@
-"""edgeopt stages: plain typed functions, files and params in, files out.
+"""edgeopt's pipeline code, in one-way layers (checked by import-linter, see pyproject.toml):
 
-Each module is one stage (`fetch_model`, `export_onnx`, `benchmark`, `report`). A stage's `run`
-never reads `params.yaml`, never logs to MLflow and never knows which orchestrator called it;
-`flows/` does that wiring for Prefect and for `dvc repro` alike.
+core ← data, transforms ← families, recipes, backends ← builders ← stages ← config; `flows/` sits on top.
+A stage's `run` never reads `params.yaml`, never logs to MLflow and never knows which orchestrator called
+it; `flows/` does that wiring for Prefect and for `dvc repro` alike.
 """

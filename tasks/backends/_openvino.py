@@ -17,21 +17,41 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from tasks.errors import BackendUnavailableError, ConfigError, InputError, StageError
-from tasks.fingerprint import write_json_atomic
+from tasks.backends.base import DeviceCompileParams
+from tasks.core.errors import BackendUnavailableError, ConfigError, InputError, StageError
+from tasks.core.feeds import build_feeds
+from tasks.core.fingerprint import write_json_atomic
 
-OUTPUT_NAME = "embedding"
 ARTIFACT = "model.blob"
 IR_FILE = "model.xml"
 CONFIG_FILE = "ov_config.json"
-# Compile options (tasks.compile.OpenVinoCompileParams.backend_options); the ones that do not apply
+# Compile options (OpenVinoCompileParams.backend_options); the ones that do not apply
 # to a device (threads and num_streams on the NPU, npu_turbo on the CPU) are ignored.
 OPTIONS = ("performance_hint", "inference_precision", "threads", "num_streams", "npu_turbo")
 _LOW_BIT = {"i8": "int8", "u8": "int8", "i4": "int4", "u4": "int4"}
+
+
+class OpenVinoCompileParams(DeviceCompileParams):
+    """OpenVINO plugin config for a compiled blob; `target` is only a label for the machine class."""
+
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    inference_precision: str | None = Field(
+        None, description="INFERENCE_PRECISION_HINT (f32, bf16, f16); null = the device default"
+    )
+    num_streams: int = Field(1, ge=1, description="CPU only")
+    npu_turbo: bool = Field(True, description="NPU only: NPU_TURBO")
+
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
+        options = {"performance_hint": self.performance_hint, "num_streams": self.num_streams,
+                   "npu_turbo": self.npu_turbo, "threads": threads}
+        if self.inference_precision:
+            options["inference_precision"] = self.inference_precision
+        return options
 
 
 def _precision_name(value) -> str:
@@ -174,7 +194,7 @@ def describe_precision(hint: str, quant: dict[str, int], layers: Counter) -> str
     return hint
 
 
-# OpenVINO element types as the ONNX Runtime type strings `tasks.graph_surgery.build_feeds` reads.
+# OpenVINO element types as the ONNX Runtime type strings `tasks.core.feeds.build_feeds` reads.
 _ORT_TYPES = {"i64": "tensor(int64)", "i32": "tensor(int32)", "f32": "tensor(float)", "f16": "tensor(float16)",
               "boolean": "tensor(bool)"}
 _FILL_KEY = ("framework", "edgeopt.attention_bias_fill")  # ONNX metadata as OpenVINO keeps it (IR too)
@@ -207,8 +227,6 @@ class OpenVinoModel:
     details: dict = field(default_factory=dict)
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        from tasks.graph_surgery import build_feeds
-
         # Casts int64 token arrays to the declared dtypes and builds attention_bias / pooling_mask
         # when graph surgery replaced the mask chain by float inputs.
         tensors = build_feeds(self.args, feed, mask_fill_value=self.mask_fill_value)
@@ -218,6 +236,7 @@ class OpenVinoModel:
 
 class OpenVinoBackend:
     engine_package = "openvino"
+    compile_params: type[OpenVinoCompileParams] = OpenVinoCompileParams
 
     def __init__(
         self,
@@ -322,7 +341,7 @@ class OpenVinoBackend:
             inputs[port.get_any_name()] = np.dtype(et.to_dtype())
             shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
             args.append(_InputArg(port.get_any_name(), _ORT_TYPES.get(et.get_type_name(), et.get_type_name()), shape))
-        outputs = [p for p in compiled.outputs if OUTPUT_NAME in p.get_names()] or list(compiled.outputs)
+        outputs = list(compiled.outputs)  # the export has exactly one output
         details = {
             "inference_precision_hint": hint,
             "quantization": quant,
@@ -379,7 +398,7 @@ class OpenVinoBackend:
 
     def load_reference(self, source: Path, threads: int) -> OpenVinoModel:
         """The uncompiled source of a blob, compiled here for the same device at the backend's precision:
-        what `tasks.compile` checks the blob against (an NNCF IR is not a file ONNX Runtime reads)."""
+        what the compile stage checks the blob against (an NNCF IR is not a file ONNX Runtime reads)."""
         return self.load(source, threads)
 
     def _import_blob(self, artifact: Path, threads: int) -> OpenVinoModel:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.backends._openvino import IR_FILE, OpenVinoBackend, OpenVinoModel, ov_versions
-from tasks.fingerprint import write_json_atomic
+from tasks.core.fingerprint import write_json_atomic
 
 NPU_CONFIG_FILE = "npu_config.json"
 NPU_CACHE_DIR = "cache"
@@ -21,6 +21,9 @@ NPU_CACHE_DIR = "cache"
 class OpenVinoNpuBackend(OpenVinoBackend):
     def __init__(self, inference_precision: str | None = None, cache_dir=None):
         super().__init__("openvino_npu", "NPU", inference_precision=inference_precision, cache_dir=cache_dir)
+
+    def accelerator_nodes(self, placement: dict) -> int:
+        return int(sum(n for ep, n in placement["nodes_per_ep"].items() if ep != "CPU"))
 
     def offline_bundle(self, model: Path, out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Write the static IR (model.xml/.bin, fp32 weights) and npu_config.json (device, plugin config

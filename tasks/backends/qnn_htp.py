@@ -25,20 +25,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from tasks.errors import BackendUnavailableError, StageError
+from tasks.backends.base import DeviceCompileParams
+from tasks.core.errors import BackendUnavailableError, ConfigError, StageError
+from tasks.core.params import StrictParams
 
 EP_NAME = "QNNExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 ARTIFACT = "model_ctx.onnx"
 PRECISION_KEY = "edgeopt.precision"
 # An uncompiled model is finalized at load time for this SoC (Snapdragon 8 Gen 3, SM8650, HTP v75);
-# compile it with `tasks.compile` to choose the SoC.
+# compile it (the compile stage) to choose the SoC.
 JIT_SOC_MODEL = 57
-# Compile options this backend understands (tasks.compile.QnnHtpCompileParams.backend_options).
+# Compile options this backend understands (QnnHtpCompileParams.backend_options).
 REQUIRED_OPTIONS = ("soc_model", "htp_arch")
 DEFAULT_OPTIONS: dict[str, Any] = {
     "embed_context": False,
@@ -47,6 +50,66 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "htp_graph_finalization_optimization_mode": 3,
     "vtcm_mb": 0,
 }
+
+class QnnSoc(StrictParams):
+    """One Qualcomm SoC as QNN names it: the `soc_model` and `htp_arch` provider options."""
+
+    chipset: str = Field(description="Qualcomm part number, for the record")
+    soc_model: int = Field(gt=0, description="QNN Qnn_SocModel_t value")
+    htp_arch: int = Field(ge=68, description="Hexagon HTP architecture (QnnHtpDevice_Arch_t): 68, 69, 73, 75, 79, 81")
+
+
+# soc_model: Qnn_SocModel_t in the QNN SDK header include/QNN/QnnTypes.h (SM8550 = 43, SM8650 = 57,
+#   SC8380XP = 60, SM8750 = 69; e.g. the copy in github.com/chuzcjoe/qnnx). The ONNX Runtime QNN EP
+#   docs point to the QAIRT "supported Snapdragon devices" table for the same numbers.
+# htp_arch: Qualcomm's SoC table in google-ai-edge/LiteRT litert/vendors/qualcomm/core/schema/soc_table.cc
+#   (SM8550 V73, SM8650 V75, SM8750 V79, SC8380XP V73); Olive's QAIRT pass documents the X Elite as
+#   'dsp_arch:v73;soc_model:60' (olive/passes/qairt/gen_ai_builder.py).
+# Snapdragon X Elite: SC8380XP was renamed X1E80100 (linux-arm-msm, Nov 2023: "refers to the exact same
+#   SoC"); QNN keeps the SC8380XP name.
+QNN_SOCS: dict[str, QnnSoc] = {
+    "snapdragon_8_gen_2": QnnSoc(chipset="SM8550", soc_model=43, htp_arch=73),
+    "snapdragon_8_gen_3": QnnSoc(chipset="SM8650", soc_model=57, htp_arch=75),
+    "snapdragon_8_elite": QnnSoc(chipset="SM8750", soc_model=69, htp_arch=79),
+    "snapdragon_x_elite": QnnSoc(chipset="X1E80100 (SC8380XP)", soc_model=60, htp_arch=73),
+}
+
+
+class QnnHtpCompileParams(DeviceCompileParams):
+    targets: dict[str, QnnSoc] = Field(
+        default_factory=lambda: dict(QNN_SOCS), description="SoC name -> QNN soc_model/htp_arch"
+    )
+    embed_context: bool = Field(False, description="context binary inside the ONNX file (one file) or beside it")
+    offload_graph_io_quantization: bool = Field(
+        False, description="true: graph-input Q / output DQ run on the CPU EP (the EP default); false: in the context"
+    )
+    enable_htp_fp16_precision: bool = Field(True, description="run fp32 models in fp16 (HTP has no fp32 path)")
+    htp_graph_finalization_optimization_mode: Literal[0, 1, 2, 3] = Field(
+        3, description="0 default, 1 fastest prepare, 3 slowest prepare / most optimal graph"
+    )
+    vtcm_mb: int = Field(0, ge=0, description="VTCM size in MB; 0 = the SoC's default")
+
+    def check_target(self, target: str) -> None:
+        if target not in self.targets:
+            raise ConfigError(
+                f"compile.qnn_htp: unknown target SoC {target!r}; known: {', '.join(sorted(self.targets))} "
+                "(add one under compile.qnn_htp.targets)"
+            )
+
+    def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:
+        # The HTP runs the graph itself; host threads only matter for the verification sessions.
+        self.check_target(target)
+        soc = self.targets[target]
+        return {
+            "soc_model": soc.soc_model,
+            "htp_arch": soc.htp_arch,
+            "embed_context": self.embed_context,
+            "offload_graph_io_quantization": self.offload_graph_io_quantization,
+            "enable_htp_fp16_precision": self.enable_htp_fp16_precision,
+            "htp_graph_finalization_optimization_mode": self.htp_graph_finalization_optimization_mode,
+            "vtcm_mb": self.vtcm_mb,
+        }
+
 
 _register_lock = threading.Lock()
 _BITS = {2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 21: 4, 22: 4}  # onnx TensorProto data type -> bits
@@ -208,7 +271,11 @@ class _QnnModel:
 class QnnHtpBackend:
     name = "qnn_htp"
     engine_package = "onnxruntime-qnn"
+    compile_params = QnnHtpCompileParams
     simulated = is_simulator()
+
+    def accelerator_nodes(self, placement: dict) -> int:
+        return int(placement["nodes_per_ep"].get(EP_NAME, 0))
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -319,7 +386,7 @@ class QnnHtpBackend:
         try:
             session = ort.InferenceSession(str(artifact), options)
         except Exception as exc:
-            hint = "" if compiled else "; compile it (tasks.compile) to see which nodes QNN rejects"
+            hint = "" if compiled else "; compile it (the compile stage) to see which nodes QNN rejects"
             raise StageError(f"qnn_htp: cannot load {artifact} on the HTP: {_one_line(exc)}{hint}") from exc
         placement: Counter = Counter()
         cpu_nodes = []

@@ -8,17 +8,17 @@ import numpy as np
 import onnxruntime as ort
 import openvino as ov
 import pytest
+from conftest import SENTENCE_ENCODER
+from tiny_models import WORDS
 
 from tasks.backends._openvino import describe_precision
 from tasks.backends.openvino_cpu import BACKEND as CPU
 from tasks.backends.openvino_cpu import OpenVinoCpuBackend
 from tasks.backends.openvino_npu import BACKEND as NPU
-from tasks.errors import BackendUnavailableError, InputError
-from tasks.export_onnx import tokenize
-from tiny_models import WORDS
+from tasks.core.errors import BackendUnavailableError, InputError
+from tasks.families.sentence_encoder import FAMILY
 
 SEQ = 16
-
 
 @pytest.fixture(scope="module")
 def feeds(tiny_bert):
@@ -26,7 +26,7 @@ def feeds(tiny_bert):
 
     rng = np.random.default_rng(0)
     sentences = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(4)]
-    return tokenize(AutoTokenizer.from_pretrained(tiny_bert), sentences, SEQ)
+    return FAMILY.samples(AutoTokenizer.from_pretrained(tiny_bert), sentences, SEQ)
 
 
 def _rows(feeds):
@@ -67,7 +67,7 @@ def test_cpu_loads_ir_with_int32_inputs_and_casts_int64_feeds(tiny_onnx, feeds, 
     assert set(loaded.inputs.values()) == {np.dtype(np.int32)}
     got = np.concatenate([loaded.run(row) for row in _rows(feeds)])  # int64 feeds, as the worker sends
     np.testing.assert_allclose(got, _reference(tiny_onnx, feeds), atol=1e-5)
-    with pytest.raises(InputError, match="cannot be built from tokenized arrays"):
+    with pytest.raises(InputError, match="cannot be built from samples"):
         loaded.run({"input_ids": feeds["input_ids"][:1]})
 
 
@@ -145,11 +145,11 @@ def test_cpu_builds_float_mask_inputs_of_a_surgery_model(tiny_onnx, feeds, tmp_p
     """graph_surgery float_mask_input: attention_bias/pooling_mask come from attention_mask, also for an IR."""
     import nncf
 
-    from tasks.graph_surgery import GraphSurgeryParams
-    from tasks.graph_surgery import run as surgery
+    from tasks.stages.graph_surgery import GraphSurgeryParams
+    from tasks.stages.graph_surgery import run as surgery
 
     params = GraphSurgeryParams(float_mask_input=True)
-    surgery(tiny_onnx, params, tmp_path / "s", key="k")
+    surgery(tiny_onnx, params, SENTENCE_ENCODER, tmp_path / "s", key="k")
     model_path = tmp_path / "s" / "model.onnx"
     names = {p.get_any_name() for p in ov.Core().read_model(str(model_path)).inputs}
     assert {"attention_bias", "pooling_mask"} <= names

@@ -7,15 +7,18 @@ import json
 import numpy as np
 import openvino as ov
 import pytest
+from conftest import SENTENCE_ENCODER
+from helpers import min_cosine
+from tiny_models import WORDS
 
 from tasks.backends.openvino_cpu import BACKEND as CPU
 from tasks.backends.openvino_npu import BACKEND as NPU
-from tasks.errors import BackendUnavailableError, ConfigError, InputError
-from tasks.export_onnx import tokenize
-from tiny_models import WORDS
+from tasks.core.errors import BackendUnavailableError, ConfigError, InputError
+from tasks.families.sentence_encoder import FAMILY
 
 SEQ = 16
-# What tasks.compile passes (OpenVinoCompileParams.backend_options + threads): npu_turbo is ignored on the CPU.
+# What tasks.stages.compile passes (OpenVinoCompileParams.backend_options, threads included): npu_turbo is
+# ignored on the CPU.
 OPTIONS = {
     "performance_hint": "LATENCY", "num_streams": 1, "npu_turbo": True, "inference_precision": "f32", "threads": 1
 }
@@ -27,16 +30,13 @@ def rows(tiny_bert):
 
     rng = np.random.default_rng(0)
     sentences = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(4)]
-    feeds = tokenize(AutoTokenizer.from_pretrained(tiny_bert), sentences, SEQ)
+    feeds = FAMILY.samples(AutoTokenizer.from_pretrained(tiny_bert), sentences, SEQ)
     return [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(len(sentences))]
 
 
 def _outputs(model, rows) -> np.ndarray:
     return np.concatenate([model.run(row) for row in rows])
 
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
 
 def test_cpu_compiles_onnx_to_a_blob_that_matches_its_source(tiny_onnx, rows, tmp_path):
@@ -66,18 +66,18 @@ def test_cpu_compiles_onnx_to_a_blob_that_matches_its_source(tiny_onnx, rows, tm
     assert blob.precision == "f32" and blob.details["inference_num_threads"] == 2  # the caller's threads win
     reference = CPU.load_reference(tiny_onnx, 2)
     got, want = _outputs(blob, rows), _outputs(reference, rows)
-    assert np.abs(got - want).max() < 1e-6 and _min_cosine(got, want) >= 0.99999
+    assert np.abs(got - want).max() < 1e-6 and min_cosine(got, want) >= 0.99999
 
 
 def test_cpu_compiles_a_quantized_surgery_ir_and_keeps_its_labels(tiny_onnx, rows, tmp_path):
     """An NNCF weight-compressed IR with float mask inputs: the blob keeps precision and mask fill."""
     import nncf
 
-    from tasks.graph_surgery import GraphSurgeryParams
-    from tasks.graph_surgery import run as surgery
+    from tasks.stages.graph_surgery import GraphSurgeryParams
+    from tasks.stages.graph_surgery import run as surgery
 
     params = GraphSurgeryParams(float_mask_input=True)
-    surgery(tiny_onnx, params, tmp_path / "s", key="k")
+    surgery(tiny_onnx, params, SENTENCE_ENCODER, tmp_path / "s", key="k")
     ir = tmp_path / "w8.xml"
     ov.save_model(nncf.compress_weights(ov.Core().read_model(str(tmp_path / "s" / "model.onnx"))), str(ir))
 
@@ -87,7 +87,7 @@ def test_cpu_compiles_a_quantized_surgery_ir_and_keeps_its_labels(tiny_onnx, row
     assert blob.precision == result["precision"] and blob.details["quantization"]["int8_constants"] > 0
     assert blob.mask_fill_value == params.mask_fill_value
     got, want = _outputs(blob, rows), _outputs(CPU.load_reference(ir, 1), rows)  # int64 tokenizer feeds
-    assert _min_cosine(got, want) >= 0.99999
+    assert min_cosine(got, want) >= 0.99999
 
 
 def test_bad_inputs_and_blobs_are_one_line_errors(tiny_onnx, tmp_path):

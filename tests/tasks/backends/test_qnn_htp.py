@@ -1,7 +1,7 @@
 """QNN HTP backend on the HTP simulator: compile to an EPContext model, place, load, run.
 
 The fixtures here (a tiny QDQ a16w8 BERT and a float graph with an op QNN rejects) are reused by
-tests/tasks/test_compile.py; they belong in tests/tiny_models.py once that file can take them.
+tests/tasks/stages/test_compile_qnn_htp.py; they belong in tests/tiny_models.py once that file can take them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_models import WORDS
 
 SEQ_LEN = 16
@@ -54,26 +53,28 @@ def tiny_sentences(n: int) -> list[str]:
 
 def make_tiny_qdq(model_dir: Path, folder: Path, **recipe) -> Path:
     """Export the tiny encoder (static [1, 16]) and quantize it with the project's QNN recipe
-    (tasks.quantize, `OrtQnnSettings(**recipe)`); e.g. `qnn_preprocess=False` leaves ops the HTP
+    (tasks.recipes.ort_qnn, `OrtQnnSettings(**recipe)`); e.g. `qnn_preprocess=False` leaves ops the HTP
     rejects (the Erf GELU, the mask's Shape/Expand chain)."""
     import onnx
     from transformers import AutoTokenizer
 
-    from tasks.config import ExportOnnxParams
-    from tasks.export_onnx import run as export_run
-    from tasks.export_onnx import tokenize
-    from tasks.quantize import OrtQnnSettings, QuantizeParams
-    from tasks.quantize import run as quantize_run
+    from tasks.families.sentence_encoder import FAMILY, SentenceEncoderSettings
+    from tasks.recipes.ort_qnn import OrtQnnSettings
+    from tasks.stages.export_onnx import ExportOnnxParams
+    from tasks.stages.export_onnx import run as export_run
+    from tasks.stages.quantize import QuantizeParams
+    from tasks.stages.quantize import run as quantize_run
 
-    export_run(model_dir, SEQ_LEN, ExportOnnxParams(), folder / "fp32", key="test")
+    family = SentenceEncoderSettings()
+    export_run(model_dir, SEQ_LEN, ExportOnnxParams(), family, folder / "fp32", key="test")
     fp32 = onnx.load(str(folder / "fp32" / "model.onnx"))
     assert clamp_mask_fill(fp32) >= 1
     onnx.save(fp32, str(folder / "clamped.onnx"))
-    feeds = tokenize(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
+    feeds = FAMILY.samples(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
     np.savez(folder / "calibration.npz", **feeds)
     params = QuantizeParams(variants={"qnn": OrtQnnSettings(**recipe)})
     quantize_run(model=folder / "clamped.onnx", calibration=folder / "calibration.npz", variant="qnn",
-                 params=params, out_dir=folder / "qdq", key="test")
+                 params=params, family=family, out_dir=folder / "qdq", key="test")
     return folder / "qdq" / "model.onnx"
 
 
@@ -128,7 +129,7 @@ def cpu_session(path: Path):
 def test_compile_places_whole_qdq_model_on_htp_and_context_reproduces_cpu(tiny_qdq, tiny_bert, tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.export_onnx import tokenize
+    from tasks.families.sentence_encoder import FAMILY
 
     backend = _backend()
     result = backend.compile(tiny_qdq, tmp_path, SOC_8_GEN_3)
@@ -150,7 +151,7 @@ def test_compile_places_whole_qdq_model_on_htp_and_context_reproduces_cpu(tiny_q
     assert "a16w8" in loaded.precision and ("simulator" in loaded.precision) == backend.simulated
     assert loaded.placement == {"QNNExecutionProvider": 1} and loaded.cpu_nodes == []
 
-    feeds = tokenize(AutoTokenizer.from_pretrained(tiny_bert), tiny_sentences(8), SEQ_LEN)
+    feeds = FAMILY.samples(AutoTokenizer.from_pretrained(tiny_bert), tiny_sentences(8), SEQ_LEN)
     reference = cpu_session(tiny_qdq)
     for i in range(8):
         feed = {k: v[i : i + 1] for k, v in feeds.items()}
@@ -181,7 +182,7 @@ def test_unsupported_op_is_reported_by_name_and_runs_on_cpu_only_when_baked_in(u
     assert cosine(loaded.run({"x": x}), cpu_session(unsupported_onnx).run(None, {"x": x})[0]) >= 0.999
 
     # The uncompiled model is refused: load never lets the CPU EP take nodes silently.
-    from tasks.errors import StageError
+    from tasks.core.errors import StageError
 
     with pytest.raises(StageError, match="fallback to CPU EP has been explicitly disabled"):
         backend.load(unsupported_onnx, threads=1)

@@ -1,0 +1,132 @@
+"""Benchmark worker: measures one artifact on one backend in a process of its own.
+
+Engines sharing a process skew each other (ORT ran 2x slower beside loaded OpenVINO models), so the
+benchmark, reference and latency-curve stages start `python -m tasks.backends.worker REQUEST.json` once
+per artifact and timing repeat. Request: backend, artifact, threads, warmup_runs, timed_runs (0 for
+outputs only), feeds (npz), result (json), outputs (npy path, or null for timing only), and optionally
+cache_dir (an engine cache folder, passed to backends whose `load` takes one: OpenVINO's CACHE_DIR) and
+label (for the progress bar). The first row of the feeds is the timing input; all rows are run for outputs.
+
+Result: latencies_ms, start_ms (load + compile + first run, with whatever the engine cache holds),
+peak_rss_mb, precision, engine_version.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from tasks.backends import get_backend
+from tasks.core.errors import BenchmarkError
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space exec created; ru_maxrss
+    would also count the parent's pages this process held between fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def takes_cache_dir(backend) -> bool:
+    """Whether the backend has an engine cache (its `load` accepts `cache_dir`)."""
+    return "cache_dir" in inspect.signature(backend.load).parameters
+
+
+def measure(request: dict) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    backend = get_backend(request["backend"])
+    with np.load(request["feeds"]) as npz:
+        feeds = {name: npz[name] for name in npz.files}
+    rows = next(iter(feeds.values())).shape[0]
+    first = {name: arr[:1] for name, arr in feeds.items()}
+    load_options = {}
+    if request.get("cache_dir") and takes_cache_dir(backend):
+        load_options["cache_dir"] = Path(request["cache_dir"])
+
+    start = time.perf_counter()
+    model = backend.load(Path(request["artifact"]), int(request["threads"]), **load_options)
+    model.run(first)
+    start_ms = (time.perf_counter() - start) * 1e3
+
+    warmup, timed = int(request["warmup_runs"]), int(request["timed_runs"])
+    label = request.get("label") or Path(request["artifact"]).name
+    latencies: list[float] = []
+    outputs = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        if timed:
+            timing = progress.add_task(f"{label}: {warmup} warm-up + {timed} timed runs", total=warmup + timed)
+            for _ in range(warmup):
+                model.run(first)
+                progress.advance(timing)
+            for _ in range(timed):
+                t0 = time.perf_counter()
+                model.run(first)
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                progress.advance(timing)
+        if request.get("outputs"):
+            running = progress.add_task(f"{label}: running {rows} samples", total=rows)
+            for i in range(rows):
+                outputs.append(model.run({name: arr[i : i + 1] for name, arr in feeds.items()})[0])
+                progress.advance(running)
+    if request.get("outputs"):
+        np.save(request["outputs"], np.stack(outputs).astype(np.float32))
+    return {
+        "latencies_ms": latencies,
+        "start_ms": start_ms,
+        "peak_rss_mb": peak_rss_mb(),
+        "precision": model.precision,
+        "engine_version": metadata.version(backend.engine_package),
+    }
+
+
+def launch_worker(request: dict, timeout_s: float) -> dict:
+    """Run `measure(request)` in a fresh interpreter; raise BenchmarkError with its last line on failure."""
+
+    request_path = Path(request["result"]).with_name(Path(request["result"]).stem + "-request.json")
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tasks.backends.worker", str(request_path)],
+            stdout=subprocess.PIPE,
+            stderr=None if sys.stderr.isatty() else subprocess.PIPE,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchmarkError(
+            f"benchmark worker for {request['artifact']} exceeded benchmark.worker_timeout_s={timeout_s}"
+        ) from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["see the output above"]
+        raise BenchmarkError(f"benchmark worker failed on {request['artifact']} (exit {proc.returncode}): {tail[0]}")
+    return json.loads(Path(request["result"]).read_text(encoding="utf-8"))
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    result = measure(request)
+    Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,318 @@
+"""Evaluation sets a user configures, and the metric each one reports.
+
+Formats (`evaluation.sets[].format` in params.yaml):
+  sentence_pairs  two texts and a gold score per row -> Spearman x100 of the cosine of the two outputs
+                  against the gold scores (reader `stsb` reads the STS Benchmark files as distributed)
+  labelled_text   a text and its label per row -> accuracy x100 or macro F1 x100 of the argmax of the
+                  outputs (the model's class names map labels to output indices)
+  retrieval       queries, a corpus and relevance judgements -> nDCG@10 or recall@10 x100 of the corpus
+                  ranked by cosine to each query
+Every metric is higher-is-better, scaled to 0-100. `load` turns a set into `EvalData`: the unique texts
+the model must run (in an order where the texts of the first N items are a prefix of all the texts, so a
+reference computed on a prefix lines up with any run row by row) and a scorer from outputs to the metric.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+import pandera.errors
+from pydantic import Field, model_validator
+
+from tasks.core.errors import InputError
+from tasks.core.onnx_graph import row_cosines
+from tasks.core.params import StrictParams
+from tasks.core.schemas import LABELLED_TEXT, RETRIEVAL_QRELS, SENTENCE_PAIRS, describe
+from tasks.data.stsb import read_pairs
+from tasks.data.text import read_table, read_text_file
+
+Reader = Literal["csv", "tsv", "jsonl"]
+TOP_K = 10
+
+
+class _EvalSetBase(StrictParams):
+    name: str = Field(pattern=r"^[a-z0-9_\-]+$", description="label in tables and MLflow (lower-case, digits, _ -)")
+    max_items: int | None = Field(None, ge=2, description="first N items (pairs, texts, queries); null = all")
+
+
+class SentencePairsSet(_EvalSetBase):
+    format: Literal["sentence_pairs"] = "sentence_pairs"
+    path: Path
+    reader: Literal["stsb", "csv", "tsv", "jsonl"] = Field(
+        "csv", description="stsb: the STS Benchmark files as distributed (tab-separated, no header)"
+    )
+    sentence1: str = "sentence1"
+    sentence2: str = "sentence2"
+    score: str = "score"
+    metric: Literal["spearman"] = "spearman"
+
+    def files(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def columns(self) -> list[str]:
+        return [] if self.reader == "stsb" else [self.sentence1, self.sentence2, self.score]
+
+
+class LabelledTextSet(_EvalSetBase):
+    format: Literal["labelled_text"] = "labelled_text"
+    path: Path
+    reader: Reader = "csv"
+    text: str = Field("text", description="column holding the text")
+    label: str = Field("label", description="column holding the label: a class name of the model or its index")
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+
+    def files(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def columns(self) -> list[str]:
+        return [self.text, self.label]
+
+
+class RetrievalSet(_EvalSetBase):
+    format: Literal["retrieval"] = "retrieval"
+    queries: Path = Field(description="columns id, text")
+    corpus: Path = Field(description="columns id, text")
+    qrels: Path = Field(description="columns query_id, doc_id, relevance (> 0 = relevant)")
+    reader: Reader = "csv"
+    metric: Literal["ndcg@10", "recall@10"] = "ndcg@10"
+
+    def files(self) -> dict[str, Path]:
+        return {"queries": self.queries, "corpus": self.corpus, "qrels": self.qrels}
+
+    def columns(self) -> list[str]:
+        return ["id", "text"]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RetrievalSet:
+        if len({self.queries, self.corpus, self.qrels}) != 3:
+            raise ValueError("queries, corpus and qrels must be three different files")
+        return self
+
+
+EvalSet = Annotated[SentencePairsSet | LabelledTextSet | RetrievalSet, Field(discriminator="format")]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """One evaluation set ready to run: the texts, and how outputs for them become the metric."""
+
+    name: str
+    metric_name: str
+    inputs: list[str]
+    items: int
+    score: Callable[[np.ndarray], float]
+    subset: Callable[[int], EvalData]
+    """The same set cut to its first n items (for slow engines such as a simulator)."""
+    total_items: int
+    """Items in the whole file: more than `items` when the set was cut (max_items, quick mode)."""
+    higher_is_better: bool = True
+
+
+# --------------------------------------------------------------------------- checks before a run
+
+
+def check_columns(eval_set: EvalSet) -> None:
+    """Read only the header (or first line) of each file: a missing column is one line before any stage."""
+    for field_name, path in eval_set.files().items():
+        where = f"evaluation set {eval_set.name!r} ({field_name})"
+        text = read_text_file(Path(path), where)
+        if eval_set.reader == "stsb":
+            continue
+        needed = eval_set.columns()
+        if isinstance(eval_set, RetrievalSet) and field_name == "qrels":
+            needed = list(RETRIEVAL_QRELS.columns)
+        first = text.splitlines()[0] if text.splitlines() else ""
+        if eval_set.reader == "jsonl":
+            read_table(Path(path), "jsonl", needed, where)  # small files; parses every line
+            continue
+        header = next(csv.reader([first], delimiter="," if eval_set.reader == "csv" else "\t"))
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise InputError(
+                f"{path}: {where} has no column(s) {missing} (columns found: {header}); "
+                "fix the column names under evaluation.sets in params.yaml"
+            )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _validated(frame: pd.DataFrame, schema, path: Path) -> pd.DataFrame:
+    try:
+        return schema.validate(frame, lazy=False)
+    except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        raise InputError(f"{path}: {describe(exc)}") from exc
+
+
+def _first(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+    return frame.head(limit) if limit else frame
+
+
+def load(eval_set: EvalSet, class_names: list[str] | None = None, limit: int | None = None) -> EvalData:
+    """The set read and validated, cut to `max_items` and then to `limit` items (quick mode)."""
+    caps = [n for n in (eval_set.max_items, limit) if n]
+    cap = min(caps) if caps else None
+    if isinstance(eval_set, SentencePairsSet):
+        return _pairs(eval_set, cap)
+    if isinstance(eval_set, LabelledTextSet):
+        return _labelled(eval_set, class_names, cap)
+    return _retrieval(eval_set, cap)
+
+
+def unique_pair_texts(pairs: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Unique sentences in pair order (s1, s2, s1, s2, ...) and each pair's two indices into them.
+
+    Pair order makes the unique sentences of the first N pairs a prefix of those of all pairs.
+    """
+    sentences = list(dict.fromkeys(s for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair))
+    index = {s: i for i, s in enumerate(sentences)}
+    return sentences, pairs["sentence1"].map(index).to_numpy(), pairs["sentence2"].map(index).to_numpy()
+
+
+def spearman_x100(outputs: np.ndarray, left: np.ndarray, right: np.ndarray, gold: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(row_cosines(outputs[left], outputs[right]), gold).statistic * 100)
+
+
+def _pairs(s: SentencePairsSet, cap: int | None) -> EvalData:
+    if s.reader == "stsb":
+        pairs = read_pairs(s.path)
+    else:
+        raw = read_table(s.path, s.reader, [s.sentence1, s.sentence2, s.score], f"evaluation set {s.name!r}")
+        raw = raw.rename(columns={s.sentence1: "sentence1", s.sentence2: "sentence2", s.score: "score"})
+        raw = raw.assign(sentence1=raw["sentence1"].str.strip(), sentence2=raw["sentence2"].str.strip())
+        pairs = _validated(raw[["score", "sentence1", "sentence2"]], SENTENCE_PAIRS, s.path)
+    full = pairs
+
+    def build(n: int | None) -> EvalData:
+        cut = _first(full, n)
+        texts, left, right = unique_pair_texts(cut)
+        gold = cut["score"].to_numpy()
+        return EvalData(s.name, s.metric, texts, len(cut), lambda out: spearman_x100(out, left, right, gold),
+                        subset=lambda k: build(min(k, len(cut))), total_items=len(full))
+
+    return build(cap)
+
+
+def class_index(labels: pd.Series, class_names: list[str] | None, path: Path) -> np.ndarray:
+    """Labels as output indices: a class name of the model, or the index itself."""
+    names = {str(name): i for i, name in enumerate(class_names or [])}
+    out = []
+    for label in labels:
+        if label in names:
+            out.append(names[label])
+        elif label.isdigit() and (not class_names or int(label) < len(class_names)):
+            out.append(int(label))
+        else:
+            known = ", ".join(list(names)[:8]) or "none"
+            raise InputError(
+                f"{path}: label {label!r} is neither a class name of the model ({known}) nor a class index; "
+                "fix the label column"
+            )
+    return np.asarray(out)
+
+
+def macro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    scores = []
+    for c in np.unique(np.concatenate([predicted, truth])):
+        tp = np.sum((predicted == c) & (truth == c))
+        denom = np.sum(predicted == c) + np.sum(truth == c)
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+def _labelled(s: LabelledTextSet, class_names: list[str] | None, cap: int | None) -> EvalData:
+    raw = read_table(s.path, s.reader, [s.text, s.label], f"evaluation set {s.name!r}")
+    frame = raw.rename(columns={s.text: "text", s.label: "label"})
+    frame = _validated(frame.assign(text=frame["text"].str.strip(), label=frame["label"].str.strip()), LABELLED_TEXT,
+                       s.path)
+    truth_all = class_index(frame["label"], class_names, s.path)
+
+    def build(n: int | None) -> EvalData:
+        cut = _first(frame, n)
+        truth = truth_all[: len(cut)]
+
+        def score(outputs: np.ndarray) -> float:
+            predicted = np.asarray(outputs).reshape(len(outputs), -1).argmax(axis=1)
+            if s.metric == "accuracy":
+                return float(np.mean(predicted == truth) * 100)
+            return macro_f1(predicted, truth) * 100
+
+        return EvalData(s.name, s.metric, cut["text"].tolist(), len(cut), score, subset=lambda k: build(min(k, len(cut))),
+                        total_items=len(frame))
+
+    return build(cap)
+
+
+def ranking_metric(similarity: np.ndarray, relevant: list[dict[int, float]], metric: str, k: int = TOP_K) -> float:
+    """Mean nDCG@k (linear gain, as trec_eval) or recall@k over queries, x100."""
+    values = []
+    for row, judged in zip(similarity, relevant):
+        top = np.argsort(-row, kind="stable")[:k]
+        if metric.startswith("recall"):
+            hits = sum(1 for d in top if judged.get(int(d), 0) > 0)
+            values.append(hits / max(1, sum(1 for r in judged.values() if r > 0)))
+            continue
+        dcg = sum(judged.get(int(d), 0.0) / np.log2(i + 2) for i, d in enumerate(top))
+        ideal = sorted(judged.values(), reverse=True)[:k]
+        idcg = sum(r / np.log2(i + 2) for i, r in enumerate(ideal))
+        values.append(dcg / idcg if idcg > 0 else 0.0)
+    return float(np.mean(values) * 100)
+
+
+def _retrieval(s: RetrievalSet, cap: int | None) -> EvalData:
+    where = f"evaluation set {s.name!r}"
+    queries = read_table(s.queries, s.reader, ["id", "text"], where)
+    corpus = read_table(s.corpus, s.reader, ["id", "text"], where)
+    qrels = _validated(read_table(s.qrels, s.reader, list(RETRIEVAL_QRELS.columns), where), RETRIEVAL_QRELS, s.qrels)
+    for frame, path in ((queries, s.queries), (corpus, s.corpus)):
+        if frame["id"].duplicated().any():
+            raise InputError(f"{path}: duplicate id {frame['id'][frame['id'].duplicated()].iloc[0]!r}; ids must be unique")
+    doc_index = {d: i for i, d in enumerate(corpus["id"])}
+    unknown = sorted(set(qrels["doc_id"]) - set(doc_index))
+    if unknown:
+        raise InputError(f"{s.qrels}: doc_id {unknown[0]!r} is not in {s.corpus} (+{len(unknown) - 1} more)")
+    judged_queries = queries[queries["id"].isin(set(qrels["query_id"]))].reset_index(drop=True)
+    if judged_queries.empty:
+        raise InputError(f"{s.qrels}: no query_id matches an id of {s.queries}")
+
+    def build(n: int | None) -> EvalData:
+        q = _first(judged_queries, n)
+        relevant = [
+            {doc_index[d]: float(r) for d, r in zip(g["doc_id"], g["relevance"])}
+            for g in (qrels[qrels["query_id"] == qid] for qid in q["id"])
+        ]
+        # Corpus first: the texts of the first n queries are then a prefix of those of all queries.
+        texts = [*corpus["text"], *q["text"]]
+
+        def score(outputs: np.ndarray) -> float:
+            dv, qv = outputs[: len(corpus)], outputs[len(corpus):]
+            qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
+            dv = dv / np.linalg.norm(dv, axis=1, keepdims=True)
+            return ranking_metric(qv @ dv.T, relevant, s.metric)
+
+        return EvalData(s.name, s.metric, texts, len(q), score, subset=lambda k: build(min(k, len(q))),
+                        total_items=len(judged_queries))
+
+    return build(cap)
+
+
+METRIC_LABELS = {
+    "spearman": "Spearman x100",
+    "accuracy": "accuracy %",
+    "macro_f1": "macro F1 x100",
+    "ndcg@10": "nDCG@10 x100",
+    "recall@10": "recall@10 x100",
+}
+
+
+def metric_label(eval_set: str, metric_name: str) -> str:
+    """How tables and plots name a metric, e.g. `stsb Spearman x100`."""
+    return f"{eval_set} {METRIC_LABELS.get(metric_name, metric_name)}"

@@ -1,0 +1,138 @@
+"""Text sources named in params (calibration text, distillation text, the inputs a deployment will see).
+
+Each source is read as UTF-8 text: `csv`/`tsv`/`jsonl` take the named `column`, `txt` one text per line,
+`stsb` both sentences of every pair (`tasks.data.stsb.read_pairs`). Missing, empty, binary (NUL bytes),
+UTF-16 or non-UTF-8 files, a missing column, or a file whose rows are all the same text stop with a
+one-line `InputError` naming the file. `load_pool` strips, drops blank rows, removes repeats (first
+occurrence wins, across sources) and validates the pool against `CALIBRATION_TEXT`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pandera.errors
+from pydantic import Field, model_validator
+
+from tasks.core.errors import InputError, StageError
+from tasks.core.params import StrictParams
+from tasks.core.schemas import CALIBRATION_TEXT
+from tasks.data.stsb import read_pairs
+
+
+class TextSource(StrictParams):
+    path: Path = Field(description="text file, relative to the project root")
+    format: Literal["csv", "tsv", "jsonl", "txt", "stsb"] = Field(description="how to read `path`")
+    column: str | None = Field(None, description="column/key holding the text, for csv, tsv and jsonl")
+
+    @model_validator(mode="after")
+    def _column(self) -> TextSource:
+        if self.format in ("csv", "tsv", "jsonl") and not self.column:
+            raise ValueError(f"{self.path}: format {self.format} needs `column` (the column holding the text)")
+        if self.format in ("txt", "stsb") and self.column:
+            raise ValueError(f"{self.path}: format {self.format} takes no `column`; remove it")
+        return self
+
+
+def read_text_file(path: Path, what: str = "text source") -> str:
+    """The file as UTF-8 text; InputError naming the file when it is missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found; fix its path in params.yaml")
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"{path}: file is empty; point the {what} at a file with text")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise InputError(f"{path}: UTF-16 text; re-save it as UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise InputError(f"{path}: binary file (NUL byte at offset {nul}); a {what} must be UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+
+
+def require_column(frame_columns, column: str, path: Path) -> None:
+    if column not in frame_columns:
+        found = ", ".join(repr(str(c)) for c in frame_columns) or "none"
+        raise InputError(f"{path}: no column {column!r} (columns found: {found}); fix the column name in params.yaml")
+
+
+def read_table(path: Path, fmt: Literal["csv", "tsv", "jsonl"], columns: list[str], what: str) -> pd.DataFrame:
+    """The named columns of a csv/tsv/jsonl file as strings (missing values ""), in file order."""
+    path = Path(path)
+    text = read_text_file(path, what)
+    if fmt == "jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: not a JSON object ({exc.msg}); one JSON object per line") from exc
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            for column in columns:
+                if column not in obj:
+                    require_column(list(obj), column, path)
+            rows.append({c: "" if obj[c] is None else str(obj[c]) for c in columns})
+        return pd.DataFrame(rows, columns=columns)
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise InputError(f"{path}: cannot parse as {fmt.upper()} ({first})") from exc
+    for column in columns:
+        require_column(list(frame.columns), column, path)
+    return frame[columns]
+
+
+def read_source(source: TextSource, path: Path) -> list[str]:
+    """Raw (unstripped, possibly repeated) texts of one source, in file order."""
+    path = Path(path)
+    if source.format == "stsb":
+        read_text_file(path)
+        pairs = read_pairs(path)
+        return [s for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair]
+    if source.format == "txt":
+        return read_text_file(path).splitlines()
+    return read_table(path, source.format, [source.column], "text source")[source.column].tolist()
+
+
+def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFrame, dict]:
+    """All sources read, stripped, de-duplicated (first occurrence wins) and validated."""
+    if len(sources) != len(paths):
+        raise StageError(f"text pool: {len(paths)} source paths for {len(sources)} configured sources")
+    frames, per_source = [], []
+    for source, path in zip(sources, paths):
+        raw = pd.Series(read_source(source, Path(path)), dtype=object).astype(str).str.strip()
+        nonblank = raw[raw.str.len() > 0]
+        if nonblank.empty:
+            raise InputError(f"{path}: no text in the rows read (format {source.format}); check the file and column")
+        unique = nonblank.drop_duplicates()
+        if len(unique) < 2 and len(nonblank) > 1:
+            raise InputError(f"{path}: all {len(nonblank)} rows are the same sentence; calibration needs varied text")
+        per_source.append(
+            {
+                "path": Path(path).as_posix(),
+                "rows": int(len(raw)),
+                "blank": int(len(raw) - len(nonblank)),
+                "unique": int(len(unique)),
+            }
+        )
+        frames.append(pd.DataFrame({"sentence": unique.to_numpy(), "source": Path(path).name}))
+    pool = pd.concat(frames, ignore_index=True)
+    before = len(pool)
+    pool = pool.drop_duplicates("sentence", keep="first").reset_index(drop=True)
+    try:
+        pool = CALIBRATION_TEXT.validate(pool, lazy=False)
+    except (pandera.errors.SchemaError, ValueError) as exc:
+        raise InputError(f"text sources: {str(exc).splitlines()[0]}") from exc
+    info = {"sources": per_source, "unique_sentences": int(len(pool)), "cross_source_duplicates": before - len(pool)}
+    return pool, info

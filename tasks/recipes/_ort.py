@@ -1,0 +1,121 @@
+"""What the ONNX Runtime recipes share: the calibration reader, quantization types, pre-processing, overrides."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.core.errors import InputError
+from tasks.recipes.base import rows
+
+
+class NpzReader:
+    """CalibrationDataReader over in-memory rows; set_range lets ORT calibrate chunk by chunk."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self.feeds = feeds
+        self.start, self.end = 0, rows(feeds)
+        self.pos = self.start
+
+    def __len__(self) -> int:
+        return rows(self.feeds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= self.end:
+            return None
+        i, self.pos = self.pos, self.pos + 1
+        return {name: arr[i : i + 1] for name, arr in self.feeds.items()}
+
+    def rewind(self) -> None:
+        self.pos = self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, min(end_index, len(self))
+        self.pos = self.start
+
+
+def chunk(n_rows: int, limit: int) -> int:
+    """The largest chunk <= limit that divides n_rows (ORT's strided calibration needs a divisor)."""
+    return max(d for d in range(1, min(n_rows, limit) + 1) if n_rows % d == 0)
+
+
+
+_QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "uint16": "QUInt16", "int16": "QInt16"}
+
+
+def qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return getattr(QuantType, _QTYPES[name])
+
+
+def preprocess(model: Path, tmp: Path, settings) -> Path:
+    """ORT's pre-processing (shape inference + basic optimisation), then check names from params."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = tmp / "preprocessed.onnx"
+    # The symbolic shape pass crashes on this export's mask subgraph; ONNX shape inference suffices
+    # because every shape is static.
+    quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
+    graph = onnx.load(str(out), load_external_data=False).graph
+    where = f"quantize.variants ({settings.method})"
+    unknown = sorted(set(settings.nodes_to_exclude) - {n.name for n in graph.node})
+    if unknown:
+        raise InputError(f"{where}: nodes_to_exclude {unknown[:3]} not in the pre-processed graph of {model}; fix the names")
+    tensors = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
+    unknown = sorted(set(getattr(settings, "tensor_overrides", {})) - tensors)
+    if unknown:
+        raise InputError(f"{where}: tensor_overrides {unknown[:3]} not tensors of {model}; fix the names")
+    present = {n.op_type for n in graph.node}
+    if settings.op_types is not None and not set(settings.op_types) & present:
+        raise InputError(f"{where}: none of op_types {settings.op_types} occurs in {model}; fix op_types")
+    return out
+
+
+def tensor_overrides(overrides: dict[str, dict]) -> dict[str, list[dict]]:
+    fixed = {}
+    for tensor, values in overrides.items():
+        entry = dict(values)
+        if "quant_type" in entry:
+            if entry["quant_type"] not in _QTYPES:
+                raise InputError(
+                    f"quantize.variants: tensor_overrides[{tensor!r}].quant_type {entry['quant_type']!r} "
+                    f"unknown; use one of {sorted(_QTYPES)}"
+                )
+            entry["quant_type"] = qtype(entry["quant_type"])
+        if ("rmin" in entry) != ("rmax" in entry):
+            raise InputError(f"quantize.variants: tensor_overrides[{tensor!r}] needs both rmin and rmax")
+        for bound in ("rmin", "rmax"):  # ORT needs numpy scalars here, not Python floats
+            if bound in entry:
+                entry[bound] = np.float32(entry[bound])
+        fixed[tensor] = [entry]
+    return fixed
+
+
+def is16(qtype) -> bool:
+    return qtype is not None and "16" in str(getattr(qtype, "name", qtype))
+
+
+def onnx_quant_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return {
+        "quantize_linear_nodes": ops["QuantizeLinear"],
+        "dequantize_linear_nodes": ops["DequantizeLinear"],
+        "dynamic_quantize_nodes": ops["DynamicQuantizeLinear"] + ops["DynamicQuantizeMatMul"] + ops["MatMulInteger"],
+    }
+
+

@@ -1,0 +1,107 @@
+"""What a quantization recipe is, and what every recipe shares.
+
+A recipe is one module with a settings class (`method: Literal[...]`, the discriminator of
+`quantize.variants` entries), whether it reads calibration data, the file it writes and `apply`, which
+turns one ONNX model into one quantized artifact. Registered in `tasks.recipes.RECIPES`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tasks.core.errors import InputError
+from tasks.core.feeds import build_feeds
+from tasks.core.onnx_graph import input_specs
+from tasks.core.params import StrictParams
+from tasks.transforms.quant_rewrites import huge_float_constants
+
+ONNX_ARTIFACT = "model.onnx"
+IR_ARTIFACT = "model.xml"
+
+
+class RecipeSettings(StrictParams):
+    """Each recipe's settings add `method: Literal["<method>"]` and their options."""
+
+    method: str
+
+
+@dataclass(frozen=True)
+class RecipeContext:
+    """What the quantize stage hands every recipe besides the model and its settings."""
+
+    calibration_chunk: int
+    """Calibration rows held in memory at once."""
+    hints: Any = None
+    """The model family's QuantizationHints (tasks.families.base), or None."""
+
+
+class Recipe(Protocol):
+    method: str
+    settings: type[RecipeSettings]
+    artifact: str
+    tools: tuple[str, ...]
+
+    def needs_calibration(self, settings: RecipeSettings) -> bool: ...
+
+    def check(self, model: Path, settings: RecipeSettings) -> None:
+        """InputError before any work when the model cannot take this recipe."""
+
+    def apply(self, model: Path, feeds: dict[str, np.ndarray] | None, settings: RecipeSettings,
+              context: RecipeContext, out: Path, tmp: Path) -> dict[str, Any]:
+        """Write the artifact to `out`; returns facts for the stage record (e.g. calibration rows used)."""
+
+    def counts(self, artifact: Path) -> dict[str, Any]:
+        """How many quantization ops the artifact holds (0 everywhere: nothing was quantized)."""
+
+
+def rows(feeds: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def refuse_huge_mask_fill(model: Path) -> None:
+    """Activation quantization cannot survive a -3.4e38 mask fill: refuse instead of emitting garbage."""
+    huge = huge_float_constants(model)
+    if huge:
+        raise InputError(
+            f"{model}: float constant(s) {huge[:3]} hold |v| > 1e30 (the attention-mask fill); activation "
+            "quantization ranges would be swamped; run graph_surgery (mask fill -1e4) on the model first"
+        )
+
+
+def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, np.ndarray]:
+    """Feeds for every input of `model` from a calibration npz (the family's sample arrays), [rows, ...] each.
+
+    Integer inputs are cast to the declared dtypes; a graph-surgery model's float `attention_bias` /
+    `pooling_mask` inputs are built from `attention_mask` (tasks.core.feeds.build_feeds).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration npz not found; run the calibration_data stage first")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name][:limit] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable npz ({exc.__class__.__name__}); rerun calibration_data") from exc
+    for spec in input_specs(model)[0]:
+        arr = arrays.get(spec.name)
+        if arr is None:
+            continue  # build_feeds makes it (attention_bias, pooling_mask) or names what is missing
+        if arr.ndim != len(spec.shape) or arr.ndim < 1 or arr.shape[0] < 1:
+            raise InputError(
+                f"{path}: {spec.name} has shape {arr.shape}, expected [N, ...] matching model input {list(spec.shape)}"
+            )
+        want = tuple(spec.shape[1:])
+        if any(w is not None and w != got for w, got in zip(want, arr.shape[1:], strict=True)):
+            raise InputError(
+                f"{path}: {spec.name} rows have shape {arr.shape[1:]}, the model expects {want}; "
+                "use the calibration file made for this shape"
+            )
+    try:
+        return build_feeds(Path(model), arrays)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc

@@ -1,0 +1,73 @@
+"""Recipe `nncf_ptq`: NNCF post-training quantization of the OpenVINO model (FakeQuantize in the IR, int8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.core.errors import InputError
+from tasks.recipes._openvino import ir_quant_counts, save_ir
+from tasks.recipes.base import IR_ARTIFACT, RecipeContext, RecipeSettings, rows
+
+
+class NncfPtqSettings(RecipeSettings):
+    """NNCF post-training quantization of the OpenVINO model (int8 activations and weights)."""
+
+    method: Literal["nncf_ptq"] = "nncf_ptq"
+    preset: Literal["mixed", "performance"] = Field("mixed", description="mixed: asymmetric activations")
+    model_type: Literal["transformer"] | None = "transformer"
+    subset_size: int = Field(300, ge=1, description="calibration rows used (capped at the rows in the npz)")
+    fast_bias_correction: bool = True
+    ignored_types: list[str] = Field([], description="OpenVINO op types to keep in float")
+
+
+def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
+    import nncf
+    import openvino as ov
+
+    ov_model = ov.Core().read_model(str(model))
+    names = [port.get_any_name() for port in ov_model.inputs]
+    missing = sorted(set(names) - set(feeds))
+    if missing:
+        raise InputError(f"calibration npz lacks OpenVINO model input(s) {missing}")
+    n_rows = rows(feeds)
+    dataset = nncf.Dataset(range(n_rows), lambda i: {n: feeds[n][i : i + 1] for n in names})
+    ignored = nncf.IgnoredScope(types=list(s.ignored_types)) if s.ignored_types else None
+    try:
+        quantized = nncf.quantize(
+            ov_model,
+            dataset,
+            preset=nncf.QuantizationPreset(s.preset),
+            model_type=nncf.ModelType.TRANSFORMER if s.model_type == "transformer" else None,
+            subset_size=min(s.subset_size, n_rows),
+            fast_bias_correction=s.fast_bias_correction,
+            **({"ignored_scope": ignored} if ignored else {}),
+        )
+    except nncf.ValidationError as exc:  # e.g. an ignored type that the model does not contain
+        raise InputError(f"quantize.variants (nncf_ptq): {str(exc).splitlines()[0][:300]}; fix ignored_types") from exc
+    save_ir(quantized, out)
+    return min(s.subset_size, n_rows)
+
+
+class NncfPtqRecipe:
+    method = "nncf_ptq"
+    settings = NncfPtqSettings
+    artifact = IR_ARTIFACT
+    tools = ("openvino", "nncf")
+
+    def needs_calibration(self, settings: NncfPtqSettings) -> bool:
+        return True
+
+    def check(self, model: Path, settings: NncfPtqSettings) -> None:
+        return None  # NNCF leaves the attention-mask add in float
+
+    def apply(self, model: Path, feeds, settings: NncfPtqSettings, context: RecipeContext, out: Path, tmp: Path) -> dict:
+        return {"calibration_rows": _nncf_ptq(model, feeds, settings, out)}
+
+    def counts(self, artifact: Path) -> dict:
+        return ir_quant_counts(artifact)
+
+
+RECIPE = NncfPtqRecipe()

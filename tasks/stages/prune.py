@@ -1,0 +1,233 @@
+"""Stage prune: structured pruning of attention heads and FFN channels, recovered by distillation.
+
+Reads: the fetched model folder and, when anything is pruned, a CSV of unlabelled text (column
+`sentence`; `calibration_data`'s `text_pool.csv`). Writes:
+
+- `model/`: a model folder the family loads: the dense `config.json`, the tokenizer and pooling files,
+  `model.safetensors` with the pruned shapes and `prune.json` (`tasks.families.encoder_pruning`).
+- `stage.json`: what was pruned per layer, parameter counts before/after, the distillation loss curve,
+  times, and the agreement between the pruned and the dense model's outputs on held-out text.
+
+Method: importance per head and FFN channel, selection and slicing as `tasks.families.encoder_pruning`
+describes (every architecture of its `LAYOUTS`; one that cannot lose heads says why), then recovery
+(`tasks.families.distillation`, skipped when nothing is pruned: the student would equal the teacher) of
+the family's exported output on the text, with `heldout_sentences` of the shuffled text never trained on.
+With both ratios 0 the output holds the fetched weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from tasks.core.errors import InputError, StageError
+from tasks.core.fingerprint import atomic_output_dir, write_stamp
+from tasks.core.params import StrictParams
+from tasks.families import FAMILIES, encoder_pruning
+from tasks.families.base import FamilySettings, LoadedModel
+from tasks.families.distillation import DistillSettings, by_length, curve, distill, embed_all
+
+TOOLS = ("torch", "transformers", "safetensors", "numpy", "pandas")
+MODEL_SUBDIR = "model"
+
+
+class PruneSettings(StrictParams):
+    """How one model is made from the fetched one; both ratios 0 = the fetched model unchanged."""
+
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="share of attention heads removed")
+    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="share of FFN (intermediate) channels removed")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: the ratio in every layer; global: ranked across layers"
+    )
+    importance: Literal["l1", "activation"] = Field(
+        "l1", description="l1: weight norms; activation: contribution to the residual stream on text"
+    )
+    importance_sentences: int = Field(256, ge=1, description="training sentences used by importance: activation")
+    ffn_multiple: int = Field(16, ge=1, description="kept FFN widths are rounded up to a multiple of this")
+    seed: int = Field(0, ge=0, description="held-out split, importance sample and batch order")
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+
+    @property
+    def prunes(self) -> bool:
+        return self.head_ratio > 0 or self.ffn_ratio > 0
+
+
+class PruneParams(StrictParams):
+    models: dict[str, PruneSettings] = Field(default_factory=lambda: {"dense": PruneSettings()}, min_length=1)
+
+    def model(self, name: str) -> PruneSettings:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise InputError(
+                f"prune.models: unknown model {name!r}; known: {sorted(self.models)} "
+                "(add it under prune.models or fix the name in models)"
+            ) from None
+
+
+def needs_text(settings: PruneSettings) -> bool:
+    """Whether the model reads the text pool (so callers can skip it as a dependency)."""
+    return settings.prunes
+
+
+def read_text(path: Path) -> list[str]:
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{path}: cannot read the distillation text ({exc.__class__.__name__}); pass text_pool.csv"
+        ) from exc
+    if "sentence" not in frame.columns:
+        raise InputError(f"{path}: no column 'sentence' (columns: {list(frame.columns)}); pass text_pool.csv")
+    sentences = [s for s in frame["sentence"].str.strip().tolist() if s]
+    return list(dict.fromkeys(sentences))
+
+
+def _check_text(sentences: list[str], text: Path, model: str, limit: int | None, d: DistillSettings) -> None:
+    if limit is not None and d.max_tokens > limit:
+        raise InputError(
+            f"prune.models.{model}.distill.max_tokens: {d.max_tokens} exceeds what the model takes ({limit}); lower it"
+        )
+    if len(sentences) < d.heldout_sentences + d.batch_size:
+        raise InputError(
+            f"{text}: {len(sentences)} unique sentences; prune.models.{model}.distill needs at least "
+            f"heldout_sentences + batch_size = {d.heldout_sentences + d.batch_size}"
+        )
+
+
+def _agreement(student, teacher) -> dict[str, float]:
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(student.reshape(len(student), -1), teacher.reshape(len(teacher), -1))
+    cos = cos.numpy()
+    return {"mean": float(cos.mean()), "p5": float(np.percentile(cos, 5)), "min": float(cos.min())}
+
+
+def prune_and_distill(impl, family: FamilySettings, teacher: LoadedModel, student: LoadedModel, layout,
+                      sentences: list[str], settings: PruneSettings) -> tuple[list, dict]:
+    """Importance, selection, slicing and recovery on `student` (a copy of `teacher`), in place."""
+    import torch
+
+    d = settings.distill
+    tokenizer = teacher.preprocessor
+    pad_id = tokenizer.pad_token_id
+
+    def collate(batch_ids):
+        return impl.collate(batch_ids, pad_id)
+
+    order = np.random.default_rng(settings.seed).permutation(len(sentences))
+    heldout = impl.encode(tokenizer, [sentences[i] for i in order[: d.heldout_sentences]], d.max_tokens)
+    train = impl.encode(tokenizer, [sentences[i] for i in order[d.heldout_sentences :]], d.max_tokens)
+
+    t0 = time.perf_counter()
+    if settings.importance == "l1":
+        head_scores, ffn_scores = encoder_pruning.l1_importance(student.model, layout)
+    else:
+        sample = train[: settings.importance_sentences]
+        batches = (collate([sample[i] for i in idx]) for idx in by_length(sample, d.batch_size))
+        head_scores, ffn_scores = encoder_pruning.activation_importance(student.model, layout, batches)
+    plan = encoder_pruning.select(settings, head_scores, ffn_scores)
+    encoder_pruning.apply_plan(student.model, layout, plan)
+    importance_s = time.perf_counter() - t0
+
+    teacher_out, _ = impl.export_module(teacher, family)
+    student_out, _ = impl.export_module(student, family)
+    t0 = time.perf_counter()
+    held_teacher = embed_all(teacher_out, heldout, collate, d.batch_size)
+    before = _agreement(embed_all(student_out, heldout, collate, d.batch_size), held_teacher)
+    targets = embed_all(teacher_out, train, collate, d.batch_size) if d.steps else None
+    teacher_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frozen = [] if d.train_embeddings else list(encoder_pruning.base_model(student.model).embeddings.parameters())
+    losses = (
+        distill(student_out, train, collate, targets, impl.distill_loss(d, student_out), d, settings.seed, frozen)
+        if d.steps else []
+    )
+    distill_s = time.perf_counter() - t0
+    after = _agreement(embed_all(student_out, heldout, collate, d.batch_size), held_teacher)
+    if not all(math.isfinite(x) for x in losses) or not math.isfinite(after["mean"]):
+        raise StageError("prune: distillation diverged (non-finite loss); lower distill.lr")
+    points = curve(losses)
+    report = {
+        "distill": {
+            "train_sentences": len(train),
+            "heldout_sentences": len(heldout),
+            "epochs": d.steps * d.batch_size / len(train),
+            "loss_first": losses[0] if losses else None,
+            "loss_last_window": points[-1]["loss"] if points else None,
+            "loss_curve": points,
+            "importance_s": importance_s,
+            "teacher_outputs_s": teacher_s,
+            "distill_s": distill_s,
+            "threads": torch.get_num_threads(),
+        },
+        "heldout_agreement_with_dense": {"before_distill": before, "after_distill": after},
+    }
+    return plan, report
+
+
+def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, family: FamilySettings,
+        out_dir: Path, key: str) -> dict:
+    settings = params.model(model)
+    impl = FAMILIES.get(family.name)
+    started = time.perf_counter()
+    if encoder_pruning.read_spec(Path(model_dir)) is not None:
+        raise InputError(f"{model_dir}: already pruned ({encoder_pruning.PRUNE_JSON}); prune the fetched model folder")
+    teacher = impl.load(Path(model_dir), family, "eager")
+    layout = impl.pruning_layout(teacher.config)
+    if settings.head_ratio > 0 and layout.no_head_pruning:
+        raise InputError(f"prune.models.{model}.head_ratio: {layout.no_head_pruning}")
+    base_shapes = encoder_pruning.layer_shapes(teacher.model, layout)
+    base_params = encoder_pruning.count_params(teacher.model, layout)
+    student = LoadedModel(teacher.folder, teacher.preprocessor, copy.deepcopy(teacher.model), teacher.config)
+
+    payload: dict = {"model": model, "settings": settings.model_dump(mode="json")}
+    if settings.prunes:
+        if text is None:
+            raise InputError(f"prune.models.{model}: prunes, so it needs the distillation text (text_pool.csv)")
+        sentences = read_text(Path(text))
+        _check_text(sentences, Path(text), model, impl.max_shape(teacher), settings.distill)
+        plan, report = prune_and_distill(impl, family, teacher, student, layout, sentences, settings)
+        payload.update(report)
+    else:
+        plan = [{"heads": list(range(b["heads"])), "ffn_channels": list(range(b["ffn"]))} for b in base_shapes]
+        # A no-op slice: the same code path as pruning, checked bit-exact by tests.
+        encoder_pruning.apply_plan(student.model, layout, plan)
+        payload["distill"] = {"skipped": "nothing pruned"}
+
+    shapes = encoder_pruning.layer_shapes(student.model, layout)
+    payload["layers"] = [
+        {
+            "heads_kept": keep["heads"],
+            "heads": s["heads"],
+            "heads_removed": b["heads"] - s["heads"],
+            "ffn": s["ffn"],
+            "ffn_removed": b["ffn"] - s["ffn"],
+        }
+        for keep, s, b in zip(plan, shapes, base_shapes)
+    ]
+    payload["params_before"] = base_params
+    payload["params_after"] = encoder_pruning.count_params(student.model, layout)
+    payload["params_ratio"] = payload["params_after"]["encoder_layers"] / base_params["encoder_layers"]
+
+    with atomic_output_dir(out_dir) as scratch:
+        folder = scratch / MODEL_SUBDIR
+        encoder_pruning.save_pruned(student.model, teacher.preprocessor, layout, plan, base_shapes[0], folder)
+        # Files the family reads beside the weights (e.g. the pooling config) that save_pretrained does not write.
+        for source in impl.folder_files(Path(model_dir)):
+            target = folder / source.relative_to(model_dir)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        payload["time_s"] = time.perf_counter() - started
+        write_stamp(scratch, key, payload)
+    return payload

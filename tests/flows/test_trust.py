@@ -1,0 +1,297 @@
+"""Outputs you can trust: verified reuse, one meaning for dvc.lock, checks before work, no escapes, one line
+for every bad input. One test per problem found by trying edgeopt as a new user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import write_params
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.pipeline import pipeline
+
+runner = CliRunner()
+
+
+def _ran(result: dict) -> set[str]:
+    return {name for name, state in result["stages"].items() if state != "Cached"}
+
+
+def _dvc(*args: str) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc.stdout
+
+
+# 1. A corrupted or hand-edited output is not reused.
+
+
+def test_a_truncated_output_is_not_reused(workspace):
+    pipeline(project_dir=str(workspace))
+    model = workspace / "artifacts/quantize/dense/ort_qdq_a16w8-16/model.onnx"
+    before = model.read_bytes()
+    os.truncate(model, len(before) // 2)
+    result = pipeline(project_dir=str(workspace))
+    assert "quantize@dense-ort_qdq_a16w8-16" in _ran(result)
+    assert model.read_bytes() == before  # rebuilt, byte for byte
+    assert "compile@dense-job0-16" not in _ran(result)  # its input is the same again
+
+
+def test_a_hand_edited_metric_is_not_kept_or_committed(workspace):
+    pipeline(project_dir=str(workspace))
+    table = workspace / "metrics/benchmark.csv"
+    real = pd.read_csv(table)
+    faked = real.assign(latency_p50_ms=0.001)
+    faked.to_csv(table, index=False)
+    result = pipeline(project_dir=str(workspace))
+    assert "report" in _ran(result)
+    assert pd.read_csv(table)["latency_p50_ms"].tolist() == pytest.approx(real["latency_p50_ms"].tolist())
+    assert "up to date" in _dvc("status")
+
+
+# 2. Only a plain run of params.yaml writes the tracked outputs and dvc.lock.
+
+
+def test_other_params_and_overrides_run_in_their_own_folder(workspace):
+    pipeline(project_dir=str(workspace))
+    lock = (workspace / "dvc.lock").read_text()
+    tracked = (workspace / "metrics/benchmark.csv").read_bytes()
+    other = yaml.safe_load((workspace / "params.yaml").read_text())
+    other["benchmark"]["timed_runs"] = 60
+    (workspace / "other.yaml").write_text(yaml.safe_dump(other))
+    result = pipeline(project_dir=str(workspace), params_file="other.yaml")
+    assert result["outputs"].endswith("runs/other") and not result["dvc_synced"]
+    assert (workspace / "runs/other/metrics/benchmark.csv").is_file()
+    # Stages the change does not reach are linked from the tracked outputs, not computed again.
+    assert _ran(result) == {"benchmark@dense-target0-16", "benchmark@dense-target0-32", "latency_curve@dense", "report"}
+    quick = pipeline(project_dir=str(workspace), overrides={"benchmark": {"quick": True}})
+    assert "runs/params-" in quick["outputs"]
+    assert (workspace / "dvc.lock").read_text() == lock and (workspace / "metrics/benchmark.csv").read_bytes() == tracked
+    assert "up to date" in _dvc("status")
+
+
+# 3. Everything that can be checked is checked before the first stage.
+
+
+def test_a_params_section_dvc_reads_but_params_yaml_lacks_stops_before_any_stage(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["compile"]["jobs"].append({"variant": "fp32", "device": "ort_cpu", "target": "host"})
+    del params["compile"]["ort_cpu"]
+    write_params(workspace, params)
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "compile.ort_cpu is not set, and dvc.yaml's stage compile reads it" in " ".join(result.output.split())
+    assert not (workspace / "artifacts").exists()
+
+
+def test_a_length_beyond_the_model_stops_before_any_stage(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["seq_lens"] = [16, 256]  # the tiny model takes 64 positions
+    write_params(workspace, params)
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1 and "seq_lens: [256] exceed what the model takes (64)" in result.output
+    assert not (workspace / "artifacts").exists()  # calibration data untouched
+
+
+# 4. No path escapes.
+
+
+def test_a_params_path_outside_the_project_is_refused(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["report"]["seq_len_choice"]["text"] = {"path": "/etc/passwd", "format": "txt"}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1
+    assert "report.seq_len_choice.text.path: /etc/passwd is outside the project" in result.output
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden"])
+def test_report_name_cannot_leave_reports(workspace, name):
+    result = runner.invoke(app, ["report", "--name", name])
+    assert result.exit_code == 1 and "one folder name" in result.output
+    assert not list(workspace.parent.glob("x"))
+
+
+# 5. Dead or malformed servers: one line, quickly.
+
+
+def test_a_dead_prefect_api_is_one_line_within_seconds(workspace, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # discard port: nothing listens
+    started = time.monotonic()
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1 and time.monotonic() - started < 10
+    assert "PREFECT_API_URL http://127.0.0.1:9/api is not answering" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def test_compare_with_an_unreachable_mlflow_is_one_line_within_seconds(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    started = time.monotonic()
+    result = runner.invoke(app, ["compare", "a", "b"])
+    assert result.exit_code == 1 and time.monotonic() - started < 10
+    assert "MLflow server http://127.0.0.1:9 unreachable" in result.output
+
+
+def test_a_malformed_tracking_uri_stops_before_any_stage(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1 and "unknown scheme 'foo'" in result.output
+    assert not (workspace / "artifacts").exists()
+
+
+# 6. A line where a traceback used to be.
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stage", "export_onnx", "--seq-len", "-3"], "--seq-len -3: not in params.yaml seq_lens [16, 32]"),
+        (["stage", "export_onnx", "--seq-len", "256"], "--seq-len 256: not in params.yaml seq_lens [16, 32]"),
+        (["stage", "quantize", "--variant", "int3", "--seq-len", "16"], "--variant int3: not in params.yaml variants"),
+    ],
+)
+def test_stage_instances_dvc_yaml_does_not_know_are_refused(workspace, args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (workspace / "artifacts").exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(workspace, tmp_path, tiny_bert):
+    broken = shutil.copytree(tiny_bert, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = 64  # the weights are 32 wide
+    (broken / "config.json").write_text(json.dumps(config))
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["fetch_model"]["path"] = str(broken)
+    params["paths"]["read_roots"].append(str(tmp_path))
+    write_params(workspace, params)
+    result = pipeline(project_dir=str(workspace))
+    assert "weights do not fit config.json" in result.message and "\n" not in result.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_one_line(workspace):
+    (workspace / "artifacts").mkdir()
+    (workspace / "artifacts").chmod(0o555)
+    try:
+        result = runner.invoke(app, ["stage", "fetch_model"])
+    finally:
+        (workspace / "artifacts").chmod(0o755)
+    assert result.exit_code == 1 and result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+# 7. Secrets never reach MLflow.
+
+
+def test_secrets_are_masked_in_params_tags_and_messages():
+    from flows.secrets import redact, redact_mapping
+
+    config = {"tracking": {"tracking_uri": "https://bob:s3cret@mlflow.example:8443/"},
+              "fetch_model": {"hub_token": "hf_abcdefghijklmnopqrstuvwxyz123456", "package": "m"},
+              "db": {"password": "hunter2"}, "seq_lens": [16]}
+    masked = redact_mapping(config)
+    assert masked["tracking"]["tracking_uri"] == "https://bob:***@mlflow.example:8443/"
+    assert masked["fetch_model"] == {"hub_token": "***", "package": "m"} and masked["db"]["password"] == "***"
+    assert masked["seq_lens"] == [16]
+    line = "pulling with HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz123456 and Authorization: Bearer abc.def.ghi12345"
+    assert "hf_abc" not in redact(line) and "abc.def" not in redact(line)
+    assert redact("MLflow server http://127.0.0.1:5001 unreachable") == "MLflow server http://127.0.0.1:5001 unreachable"
+
+
+def test_interrupt_stops_within_seconds_with_one_line_and_leaves_nothing(workspace, tmp_path):
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) mid-run: the run ends within 5 s with
+    one line, and neither its Prefect server nor its temp folder is left behind."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts its own server
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(workspace.glob("artifacts/export_onnx/dense/.seq*.tmp-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - interrupted < 5
+    output = log.read_text()
+    assert output.count("interrupted:") == 1 and "Traceback" not in output
+    assert not list((workspace / ".edgeopt" / "tmp").iterdir())
+    from flows.services import RUN_SERVER, service_processes
+
+    assert service_processes(workspace, RUN_SERVER) == []
+
+
+# Fault injection: kills at seeded random points across the stages, then the outputs an uninterrupted run gives.
+
+BYTE_IDENTICAL = ("artifacts/prune/dense/model/model.safetensors", "artifacts/export_onnx/dense/seq16/model.onnx",
+                  "artifacts/graph_surgery/dense/seq32/model.onnx", "artifacts/calibration_data/calib_seq16.npz",
+                  "artifacts/quantize/dense/ort_qdq_a16w8-16/model.onnx", "artifacts/quantize/dense/ort_qdq_a16w8-32/model.onnx")
+STAGE_SCRATCH = ("artifacts/.fetch_model.tmp-*", "artifacts/.calibration_data.tmp-*", "artifacts/prune/.dense.tmp-*",
+                 "artifacts/export_onnx/dense/.seq16.tmp-*", "artifacts/export_onnx/dense/.seq32.tmp-*",
+                 "artifacts/reference/.seq16.tmp-*", "artifacts/graph_surgery/dense/.seq16.tmp-*",
+                 "artifacts/quantize/dense/.ort_qdq_a16w8-16.tmp-*", "artifacts/quantize/dense/.ort_qdq_a16w8-32.tmp-*",
+                 "artifacts/compile/dense/.ort_qdq_a16w8-qnn_htp-snapdragon_8_gen_3-16.tmp-*",
+                 "artifacts/benchmark/dense/.fp32-ort_cpu-16.tmp-*", "artifacts/benchmark/dense/.fp32-ort_cpu-32.tmp-*",
+                 ".metrics.tmp-*")
+
+
+def _edgeopt_run(workspace: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts (and owns) its server
+    return subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
+                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _hashes(workspace: Path) -> dict[str, str]:
+    from tasks.core.fingerprint import file_sha256
+
+    return {rel: file_sha256(workspace / rel) for rel in BYTE_IDENTICAL}
+
+
+@pytest.mark.slow
+def test_random_kills_never_change_the_outcome(workspace, tmp_path):
+    import random
+    import signal
+
+    from flows.services import RUN_SERVER, service_processes
+
+    log = tmp_path / "runs.log"
+    rng = random.Random(20261126)
+    points = [(rng.choice(STAGE_SCRATCH), rng.uniform(0, 1.5), rng.choice([signal.SIGKILL, signal.SIGINT]))
+              for _ in range(12)]
+    kills = 0
+    for pattern, delay, sig in points:
+        proc = _edgeopt_run(workspace, log)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not list(workspace.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 10, "the kill points were reached"
+    final = _edgeopt_run(workspace, log)
+    assert final.wait(timeout=900) == 0, log.read_text()[-4000:]
+    interrupted = _hashes(workspace)
+
+    clean = workspace.parent / "clean"
+    shutil.copytree(workspace, clean, ignore=shutil.ignore_patterns("artifacts", "metrics", "reports", ".edgeopt",
+                                                                     "mlflow.db", "mlartifacts", "dvc.lock"))
+    run = _edgeopt_run(clean, tmp_path / "clean.log")
+    assert run.wait(timeout=900) == 0, (tmp_path / "clean.log").read_text()[-4000:]
+    assert interrupted == _hashes(clean)
+    assert "up to date" in _dvc("status")
+    assert service_processes(workspace, RUN_SERVER) == [] and not list((workspace / ".edgeopt/tmp").iterdir())
+    assert not list(workspace.glob("artifacts/**/.*.tmp-*")) and not list(workspace.glob("artifacts/**/.*.old-*"))

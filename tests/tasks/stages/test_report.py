@@ -1,0 +1,204 @@
+"""The report stage: the benchmark.csv / evaluation.csv results contract, the budget on every set, the seq-len choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SENTENCE_ENCODER
+
+from tasks.core.errors import StageError
+from tasks.data.text import TextSource
+from tasks.stages.report import ReportParams, choose, collect_rows
+from tasks.stages.report import run as report_run
+
+KEY = ("model", "variant", "device", "target", "seq_len")
+
+
+def _row(**overrides):
+    row = {
+        "model": "dense", "source_model": "m", "variant": "fp32", "device": "ort_cpu", "seq_len": 128,
+        "artifact": "artifacts/quantize/dense/fp32-128/model.onnx", "artifact_sha256": "0" * 64, "size_mb": 90.3,
+        "latency_p50_ms": 20.0, "latency_p90_ms": 22.0, "latency_p99_ms": 25.0, "latency_mean_ms": 20.5,
+        "latency_std_ms": 1.0, "timed_runs": 100, "cold_start_ms": 400.0, "threads": 2, "precision": "fp32",
+        "eval_set": "stsb", "metric_name": "spearman", "metric_value": 82.03, "higher_is_better": True,
+        "eval_items": 1379, "eval_total_items": 1379, "stsb_spearman": 82.03, "cosine_to_fp32_mean": 1.0, "cosine_to_fp32_min": 1.0,
+        "engine_version": "1.31.1", "dvc_stage": "benchmark@dense-target0-128", "target": "host",
+        "simulated": False, "quick": False, "timing_repeats": 3, "latency_p50_spread_pct": 1.5,
+        "latency_stable": True, "throughput_per_s": 48.8, "warm_start_ms": 300.0, "peak_rss_mb": 250.0,
+        "accuracy_source": "artifact", "sim_items": None, "sim_metric_value": None,
+        "sim_cosine_to_cpu_ep_mean": None, "sim_cosine_to_cpu_ep_min": None, "cpu_model": "AMD EPYC",
+        "cpu_flags": "avx2 fma", "tool_versions": "numpy 2.3; onnxruntime 1.31.1",
+    }
+    if "metric_value" in overrides and "stsb_spearman" not in overrides:
+        overrides = {**overrides, "stsb_spearman": overrides["metric_value"]}
+    return {**row, **overrides}
+
+
+def _scores(row, **other_sets):
+    """The benchmark stage's `evaluations` of a row: its first set, plus other sets' values by name."""
+    first = {"eval_set": row["eval_set"], "metric_name": row["metric_name"], "metric_value": row["metric_value"],
+             "higher_is_better": row["higher_is_better"], "items": row["eval_items"],
+             "total_items": row["eval_total_items"],
+             "accuracy_source": row["accuracy_source"]}
+    extra = [{**first, "eval_set": name, "metric_value": value, "items": 100, "total_items": 100}
+             for name, value in other_sets.items()]
+    return [{**{k: row[k] for k in KEY}, **s} for s in (first, *extra)]
+
+
+def _bench_dir(tmp_path, name, *rows, other_sets=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    evaluations = [s for r in rows for s in _scores(r, **(other_sets or {}).get(r["variant"], {}))]
+    (folder / "stage.json").write_text(
+        json.dumps({"key": "k", "files": [], "rows": list(rows), "evaluations": evaluations, "skipped": []})
+    )
+    return folder
+
+
+def _report(dirs, params, out, text, tokenizer_dir, **kwargs):
+    return report_run(dirs, params, SENTENCE_ENCODER, out, key="k", model_dir=tokenizer_dir, text=text, **kwargs)
+
+
+@pytest.fixture
+def inputs_txt(tmp_path):
+    """Inputs whose lengths the seq-len choice counts: 200 short sentences and 2 long ones (1 %)."""
+    path = tmp_path / "inputs.txt"
+    lines = [f"sentence number {i} is short." for i in range(200)] + [" ".join(["long"] * 300) + f" {i}" for i in range(2)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _txt(path):
+    return ReportParams().seq_len_choice.model_copy(update={"text": TextSource(path=path, format="txt")})
+
+
+def test_report_writes_validated_csv_and_summary(tmp_path, tiny_bert, inputs_txt):
+    dirs = [
+        _bench_dir(tmp_path, "a", _row()),
+        _bench_dir(tmp_path, "b", _row(seq_len=512)),
+        _bench_dir(tmp_path, "c", _row(variant="int8_ok", metric_value=81.6, latency_p50_ms=8.0)),
+        _bench_dir(tmp_path, "d", _row(variant="int8_bad", metric_value=38.6, latency_p50_ms=5.0)),
+    ]
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(dirs, params, tmp_path / "metrics", inputs_txt, tiny_bert)
+    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index("variant")
+    assert table.loc["int8_ok", "within_budget"] and not table.loc["int8_bad", "within_budget"]
+    assert table.loc["int8_bad", "metric_drop"] == pytest.approx(82.03 - 38.6)
+    summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
+    assert summary["dense/fp32/ort_cpu/host/512"]["metric_value"] == pytest.approx(82.03)
+    # 200 of the 202 inputs fit in 128 tokens (99.0 %): the shorter length is enough, with its fastest
+    # within-budget variant; the 512 row's latency is the cost avoided.
+    choice = summary["seq_len_choice"]["choice"]["ort_cpu/host"]
+    assert (choice["seq_len"], choice["variant"], choice["latency_p50_ms"]) == (128, "int8_ok", 8.0)
+    assert choice["covered_share"] == pytest.approx(200 / 202) and "2.5x faster than at 512 tokens" in choice["reason"]
+    candidates = pd.read_csv(tmp_path / "metrics" / "seq_len_choice.csv")
+    assert list(candidates["seq_len"]) == [128, 512] and list(candidates["chosen"]) == [True, False]
+    # The faster but broken variant is never the winner.
+    assert summary["best_within_budget"]["ort_cpu/128"]["variant"] == "int8_ok"
+    assert summary["best_within_budget"]["ort_cpu/512"]["variant"] == "fp32"
+
+
+def test_pruned_rows_are_judged_against_dense_and_their_own_fp32(tmp_path, tiny_bert, inputs_txt):
+    dirs = [
+        _bench_dir(tmp_path, "a", _row()),
+        _bench_dir(tmp_path, "b", _row(model="pruned", metric_value=81.0, latency_p50_ms=12.0)),
+        _bench_dir(tmp_path, "c", _row(model="pruned", variant="int8", metric_value=80.8, latency_p50_ms=6.0)),
+    ]
+    params = ReportParams(accuracy_budget=1.5, seq_len_choice=_txt(inputs_txt))
+    _report(dirs, params, tmp_path / "metrics", inputs_txt, tiny_bert)
+    table = pd.read_csv(tmp_path / "metrics" / "benchmark.csv").set_index(["model", "variant"])
+    assert table.loc[("pruned", "int8"), "metric_drop"] == pytest.approx(82.03 - 80.8)
+    assert table.loc[("pruned", "int8"), "drop_vs_own_fp32"] == pytest.approx(81.0 - 80.8)
+    assert table.loc[("dense", "fp32"), "drop_vs_own_fp32"] == 0
+    best = json.loads((tmp_path / "metrics" / "summary.json").read_text())["best_within_budget"]["ort_cpu/128"]
+    assert (best["model"], best["variant"]) == ("pruned", "int8")
+
+
+def test_budget_holds_on_every_evaluation_set(tmp_path, tiny_bert, inputs_txt):
+    """Within budget on the first set but 2 points down on another: not within budget, and never recommended."""
+    sets = {"fp32": {"heldout": 77.0}, "int8": {"heldout": 75.0}, "int8_ok": {"heldout": 76.9}}
+    dirs = [
+        _bench_dir(tmp_path, "a", _row(), other_sets=sets),
+        _bench_dir(tmp_path, "b", _row(variant="int8", metric_value=81.9, latency_p50_ms=6.0), other_sets=sets),
+        _bench_dir(tmp_path, "c", _row(variant="int8_ok", metric_value=81.8, latency_p50_ms=9.0), other_sets=sets),
+    ]
+    _report(dirs, ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt)), tmp_path / "m", inputs_txt,
+            tiny_bert)
+    table = pd.read_csv(tmp_path / "m" / "benchmark.csv").set_index("variant")
+    assert table.loc["int8", "metric_drop"] == pytest.approx(82.03 - 81.9) and not table.loc["int8", "within_budget"]
+    assert table.loc["int8_ok", "within_budget"]
+    per_set = pd.read_csv(tmp_path / "m" / "evaluation.csv").set_index(["variant", "eval_set"])
+    assert per_set.loc[("int8", "heldout"), "drop"] == pytest.approx(2.0)
+    assert per_set.loc[("int8", "stsb"), "within_budget"] and not per_set.loc[("int8", "heldout"), "within_budget"]
+    best = json.loads((tmp_path / "m" / "summary.json").read_text())["best_within_budget"]["ort_cpu/128"]
+    assert best["variant"] == "int8_ok"
+
+
+def test_lower_is_better_metrics_are_judged_in_their_direction(tmp_path, tiny_bert, inputs_txt):
+    dirs = [_bench_dir(tmp_path, "a", _row(metric_name="error", metric_value=10.0, higher_is_better=False)),
+            _bench_dir(tmp_path, "b", _row(variant="int8", metric_name="error", metric_value=10.4,
+                                           higher_is_better=False))]
+    _report(dirs, ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt)), tmp_path / "m", inputs_txt,
+            tiny_bert)
+    table = pd.read_csv(tmp_path / "m" / "benchmark.csv").set_index("variant")
+    assert table.loc["int8", "metric_drop"] == pytest.approx(0.4) and table.loc["int8", "within_budget"]
+
+
+def test_budget_needs_an_fp32_row(tmp_path, tiny_bert, inputs_txt):
+    with pytest.raises(StageError, match=r"no fp32 row for \['dense@128'\]"):
+        _report([_bench_dir(tmp_path, "a", _row(variant="int8"))], ReportParams(seq_len_choice=_txt(inputs_txt)),
+                tmp_path / "m", inputs_txt, tiny_bert)
+
+
+def test_seq_len_choice_takes_the_smallest_length_covering_the_share():
+    lengths = np.array([10] * 95 + [100] * 4 + [300])  # 95 % fit 64, 99 % fit 128, all fit 384
+    latency = pd.DataFrame({
+        "device": "ort_cpu", "target": "host", "seq_len": [64, 128, 384], "model": "dense", "variant": "int8",
+        "latency_p50_ms": [2.0, 4.0, 16.0], "measured_by": ["latency_curve", "benchmark", "latency_curve"],
+        "simulated": False,
+    })
+    table, choice = choose(lengths, latency, coverage=0.99)
+    assert choice["ort_cpu/host"]["seq_len"] == 128 and list(table["truncated_share"]) == [0.05, 0.01, 0.0]
+    assert choose(lengths, latency, coverage=0.999)[1]["ort_cpu/host"]["seq_len"] == 384
+    assert choose(lengths, latency, coverage=0.9)[1]["ort_cpu/host"]["measured_by"] == "latency_curve"
+    # Nothing measured covers the share: the longest, and the reason says to measure longer lengths.
+    short = choose(lengths, latency[latency["seq_len"] < 384], coverage=0.999)[1]["ort_cpu/host"]
+    assert short["seq_len"] == 128 and "measure longer lengths" in short["reason"]
+
+
+def test_simulated_and_quick_rows_may_have_few_runs_and_are_marked(tmp_path):
+    sim = _row(device="qnn_htp", variant="int8", target="snapdragon_8_gen_3", simulated=True, timed_runs=3,
+               timing_repeats=1, latency_p50_spread_pct=None, latency_stable=False, warm_start_ms=None,
+               accuracy_source="cpu_ep_same_graph", sim_items=32, sim_metric_value=80.1,
+               sim_cosine_to_cpu_ep_mean=0.9995, sim_cosine_to_cpu_ep_min=0.999)
+    table, _ = collect_rows([_bench_dir(tmp_path, "a", _row(quick=True, timed_runs=10), sim)])
+    assert list(table["simulated"]) == [False, True] and list(table["quick"]) == [True, False]
+    with pytest.raises(StageError, match="timed_runs >= 50 unless simulated or quick"):
+        collect_rows([_bench_dir(tmp_path, "b", _row(timed_runs=10))])
+
+
+def test_two_compile_targets_of_one_variant_are_two_rows(tmp_path):
+    rows = [_row(device="qnn_htp", target=t, simulated=True, timed_runs=3) for t in ("soc_a", "soc_b")]
+    assert list(collect_rows([_bench_dir(tmp_path, "a", *rows)])[0]["target"]) == ["soc_a", "soc_b"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [_row(latency_p50_ms=-1.0), _row(timed_runs=10), _row(artifact_sha256="abc"), _row(accuracy_source="guess")],
+)
+def test_rows_breaking_the_contract_are_refused(tmp_path, bad):
+    with pytest.raises(StageError, match="schema"):
+        collect_rows([_bench_dir(tmp_path, "a", bad)])
+
+
+def test_duplicate_rows_are_refused(tmp_path):
+    with pytest.raises(StageError, match="schema"):
+        collect_rows([_bench_dir(tmp_path, "a", _row()), _bench_dir(tmp_path, "b", _row())])
+
+
+def test_missing_benchmark_output(tmp_path):
+    with pytest.raises(StageError, match="run its benchmark stage first"):
+        collect_rows([tmp_path / "never-ran"])

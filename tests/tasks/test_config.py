@@ -1,0 +1,115 @@
+"""params.yaml is validated before any stage runs; each mistake gets one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import REPO
+
+from tasks.config import EdgeoptConfig, load_config, merge
+from tasks.core.errors import ConfigError
+
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+PAIRS = {"name": "mine", "format": "sentence_pairs", "path": "pairs.csv"}
+
+
+def test_repo_params_load_with_defaults():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.seq_lens == [128, 512]
+    assert cfg.fetch_model.source == "package" and not cfg.fetch_model.trust_remote_code
+    assert cfg.family.name == "sentence_encoder" and cfg.evaluation.names() == ["stsb"]
+    assert cfg == EdgeoptConfig.model_validate(cfg.model_dump())
+
+
+def test_a_classifier_family_takes_labelled_text(tmp_path):
+    """Families and evaluation formats pair up: a classifier is scored on labelled texts."""
+    labelled = {"name": "mine", "format": "labelled_text", "path": "texts.csv", "metric": "macro_f1"}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "family": {"name": "text_classifier"}, "evaluation": {"sets": [labelled]}}))
+    cfg = load_config(path)
+    assert cfg.family.name == "text_classifier" and cfg.evaluation.sets[0].metric == "macro_f1"
+    path.write_text(yaml.safe_dump({**BASE, "family": {"name": "text_classifier"}, "evaluation": {"sets": [PAIRS]}}))
+    with pytest.raises(ConfigError, match="format sentence_pairs cannot score family text_classifier"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("seq_lens: [0]", "seq_lens: lengths must be between 3 and 8192"),
+        ("seq_lens: [-5, 128]", "between 3 and 8192"),
+        ("seq_lens: [128, 128]", "duplicate lengths"),
+        ("seq_lens: []", "seq_lens"),
+        ("targets: [{variant: fp32, device: tpu}]", "targets: unknown device(s) ['tpu']"),
+        ("targets: [{variant: fp32}]", "targets.0.device: missing; add this section or key"),
+        ("targets: [{variant: fp32, device: ort_cpu}, {variant: fp32, device: ort_cpu}]", "listed twice"),
+        ("variants: [int3]", "variants: unknown variant(s) ['int3']"),
+        ("export_onnx: {opset: seventeen}", "export_onnx.opset"),
+        ("benchmark: {timed_runs: 10}", "benchmark.timed_runs"),
+        ("benchmark: {threadz: 2}", "benchmark.threadz: unknown key"),
+        ("colour: blue", "colour: unknown key"),
+        ("fetch_model: {source: path}", "source: path needs fetch_model.path"),
+        ("fetch_model: {source: hub, hub_id: x/y}", "pinned fetch_model.revision"),
+        ("models: [pruned]", "models: must include 'dense'"),
+        ("models: [dense, dense]", "duplicate models"),
+        ("models: [dense, Big-One]", "must be lower-case letters"),
+        ("models: [dense, tiny]", "models: unknown model(s) ['tiny']"),
+        ("report: {accuracy_budget: lots}", "report.accuracy_budget"),
+        ("report: {accuracy_budget: .inf}", "report.accuracy_budget: must be a finite number"),
+        ("targets: [{variant: ort_dynamic_int8, device: ort_cpu}]", "targets: no {variant: fp32, device: ort_cpu}"),
+        ("family: {name: image_generator}", "family: Input tag 'image_generator'"),
+        ("family: {name: sentence_encoder, pooling: sum}", "family.sentence_encoder.pooling"),
+        ("evaluation: {sets: []}", "evaluation.sets"),
+        ("evaluation: {sets: [{name: x, format: ranking, path: a.csv}]}", "evaluation.sets.0: Input tag 'ranking'"),
+        ("evaluation: {sets: [{name: x, format: labelled_text, path: a.csv}]}",
+         "format labelled_text cannot score family sentence_encoder (embedding output)"),
+        ("evaluation: {sets: [{name: x, format: sentence_pairs, path: a.csv}, {name: x, format: sentence_pairs, "
+         "path: b.csv}]}", "names ['x', 'x'] must be unique"),
+        ("calibration_data: {sources: [{path: ../shared/data/stsb/sts-test.csv, format: stsb}]}",
+         "calibration_data.sources[0]: ../shared/data/stsb/sts-test.csv is evaluation set 'stsb'"),
+        ("compile: {jobs: [{variant: ort_qdq_a16w8, device: qnn_htp, target: snapdragon_9000}]}",
+         "compile.jobs[0]: compile.qnn_htp: unknown target SoC 'snapdragon_9000'"),
+        ("compile: {jobs: [{variant: fp32, device: gpu, target: host}]}", "device 'gpu' has no compile step"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(BASE, yaml.safe_load(yaml_text)), sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message
+    assert message.startswith(str(path)) and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("seq_lens: [128", "not valid YAML"),
+        ("- a\n- b", "top level must be a mapping"),
+        ("seq_lens: [128]\nmodels: [dense]\nseq_lens: [512]\n", "line 3: key 'seq_lens' given twice; keep one"),
+        ("seq_lens: [128]\n", "evaluation: missing; add this section or key"),
+    ],
+)
+def test_bad_params_files_give_one_line(tmp_path, yaml_text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message
+    assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_merge_into_params_before_validation(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(BASE, {"seq_lens": [128, 512], "benchmark": {"threads": 2, "timed_runs": 60}})))
+    cfg = load_config(path, overrides={"seq_lens": [64], "benchmark": {"threads": 1}})
+    assert cfg.seq_lens == [64] and cfg.benchmark.threads == 1 and cfg.benchmark.timed_runs == 60
+    with pytest.raises(ConfigError, match="benchmark.threads"):
+        load_config(path, overrides={"benchmark": {"threads": 0}})
