@@ -162,7 +162,11 @@ def run(
                 EventsWorker.drain_all(timeout=10)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted:[/] finished stages are kept; `edgeopt run` continues from them")
-            raise typer.Exit(130) from None
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Not a normal exit: Prefect's exit hooks would wait, without end, to send the interrupted run's last
+            # logs and events to its server, which has already stopped. Our own cleanup is done (the `with` above).
+            os._exit(130)
         if state.name == USER_ERROR:
             raise StageError(state.message)
         result = state.result()
@@ -170,7 +174,7 @@ def run(
     states.add_column("stage")
     states.add_column("state")
     for name, stage_state in result["stages"].items():
-        states.add_row(name, f"[green]{stage_state}[/]" if stage_state == "Cached" else stage_state)
+        states.add_row(name, f"[green]{stage_state}[/]" if stage_state in ("Cached", "Linked") else stage_state)
     console.print(states)
     console.print(_rows_table(result["rows"]))
     if result["compile_rows"]:
@@ -180,7 +184,10 @@ def run(
         err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
     console.print(f"outputs: {result['outputs']}" + ("" if result["dvc_synced"] else " (a run folder: dvc.lock untouched)"))
     console.print(f"report: {result['report_files'][0]}")
-    console.print(f"MLflow parent run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}: `edgeopt ui` to browse")
+    local = not result["mlflow_tracking_uri"].startswith(("http://", "https://"))
+    console.print(f"MLflow parent run {result['mlflow_run_id']}: {result['mlflow_run_url']}"
+                  + (" (`edgeopt ui` serves it)" if local else ""), soft_wrap=True)
+    console.print(f"all runs with their headline metrics: {result['mlflow_view_url']}", soft_wrap=True)
 
 
 def _target(cfg, variant: str, device: str):
@@ -386,6 +393,7 @@ def compare(
         for c in changes:
             pct = "" if c["change_pct"] is None else f"{c['change_pct']:+.1f} %"
             print(f"| {c['row']} | {c['metric']} | {_value(c['a'])} | {_value(c['b'])} | {pct} | {c['verdict']} |")
+        print(f"\nSide by side in MLflow: {result['compare_url']}")
         return
     # Narrow: one block per artifact, readable at 80 columns.
     console.print(f"B [bold]{result['b']['name']}[/] ({run_b[:8]})\nvs A [bold]{result['a']['name']}[/] ({run_a[:8]})",
@@ -410,6 +418,7 @@ def compare(
     for label, names in (("only in A", result["only_in_a"]), ("only in B", result["only_in_b"])):
         if names:
             console.print(f"{label}: " + ", ".join(names), highlight=False)
+    console.print(f"\nside by side in MLflow: {result['compare_url']}", highlight=False, soft_wrap=True)
 
 
 @app.command("dvc-yaml")

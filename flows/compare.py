@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.secrets import redact
+from flows.tracking import compare_url, unreachable
 from tasks.core.errors import InputError
 
 Key = tuple[str, str, str, str, int]
@@ -42,8 +43,6 @@ class Change:
 
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
-
-    from flows.tracking import unreachable
 
     reason = unreachable(uri)
     if reason:
@@ -124,6 +123,7 @@ def compare(uri: str, run_a: str, run_b: str) -> dict:
             changes.append(Change(_name(key), metric, *judge(metric, lower, noisy, rows_a[key], rows_b[key])))
     return {
         "tracking_uri": redact(uri),
+        "compare_url": compare_url(uri, parent_a.info.experiment_id, [run_a, run_b]),
         "a": {"run_id": run_a, "name": parent_a.info.run_name},
         "b": {"run_id": run_b, "name": parent_b.info.run_name},
         "params": [{"param": k, "a": va, "b": vb} for k, va, vb in param_diff(settings(client, parent_a),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 from prefect.serializers import JSONSerializer
 from prefect.states import Failed, State
@@ -23,6 +23,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows import dashboard, dvc_yaml, stages
 from flows.caching import StageCachePolicy, results_dir
 from flows.locking import workspace_lock
+from flows.secrets import redact
 from flows.tracking import check_uri, log_pipeline, prefect_links, start_run, summary_markdown, tracking_uri
 from tasks.config import ExecutionParams, load_config
 from tasks.core.catalog import MAIN, Catalog, run_catalog
@@ -60,7 +61,10 @@ def _settle(call: stages.StageCall, state: State, states: dict[str, str]) -> dic
     states[call.name] = state.name
     if state.name == USER_ERROR:
         raise _Stop(state.message)
-    return state.result()  # re-raises a bug's exception with its traceback
+    result = state.result()  # re-raises a bug's exception with its traceback
+    if state.name == "Completed" and stages.LINKED_FROM in result:
+        states[call.name] = stages.LINKED
+    return result
 
 
 def _run(call: stages.StageCall, states: dict[str, str]) -> dict:
@@ -172,6 +176,8 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
             tracked = log_pipeline(tracked_run, cfg, root, root / out.report_dir(), rows, states,
                                    time.monotonic() - started, compile_rows=compiled, report_files=report_files)
             publish_summary(report["best_within_budget"], tracked_run.url, root / report_files[0])
+            get_run_logger().info("MLflow run %s (%s); report %s", tracked_run.url, redact(tracked_run.uri),
+                                  root / report_files[0])
             dvc_synced = out.is_main and sync_dvc_lock(root)
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))

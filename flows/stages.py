@@ -121,8 +121,14 @@ class StageCall:
         same code, params and input content) is linked in instead of computed again."""
         main = self.out_dir.relative_to(self.base) if self.base != MAIN.base else None
         if main is not None and is_current(main, self.key):
-            return link_output(main, self.out_dir)
+            return {**link_output(main, self.out_dir), LINKED_FROM: main.as_posix()}
         return self.fn(**self.inputs, **self.args, **self.params, out_dir=self.out_dir, key=self.key)
+
+
+LINKED_FROM = "linked_from"
+"""Payload key of a stage instance whose output was linked in from the tracked outputs, not computed."""
+LINKED = "Linked"
+"""Its state in a run's stage table (beside Prefect's Completed and Cached)."""
 
 
 def family_module(cfg: EdgeoptConfig) -> str:
@@ -434,7 +440,7 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         out_dir=out.report_dir(),
         inputs={
             "model_dir": catalog.model_folder(out.fetch_model_dir()),
-            "text": Path(cfg.report.seq_len_choice.text.path),
+            "text": out.rebase(Path(cfg.report.seq_len_choice.text.path)),
         },
         # Hash each configured output folder; the DVC stage depends on their parent folders.
         watch={

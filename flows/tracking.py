@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pandas as pd
 import yaml
@@ -59,7 +59,18 @@ ROW_PARAMS = ("model", "source_model", "variant", "device", "target", "seq_len",
               "accuracy_source", "engine_version", "within_budget", "simulated", "quick", "cpu_model", "cpu_flags",
               "tool_versions")
 ROW_TAGS = ("model", "variant", "device", "target", "seq_len")
+EXPERIMENT_NOTE = """edgeopt pipeline runs: one parent run per flow run (named model · variants · devices · commit),
+with a child per benchmarked artifact (`model/variant/device/L`) and per compile job.
+
+- **Headline columns:** the saved view *edgeopt: headline metrics* (URL `?viewStateShareKey={view}`): per
+  device and length the fastest within-budget p50 and its metric, the fp32 metric, the run's wall time.
+- **Two runs side by side:** tick two parent runs, then *Compare*: runs as columns, `p50_ms/...` and
+  `metric/...` of every artifact as rows. `edgeopt compare A B` says which settings differ and which
+  latency changes are inside the measured noise."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training view
+SAVED_VIEW = "edgeopt-headline"
+"""The experiment's saved view (MLflow keeps saved views as `mlflow.sharedViewState.<id>` experiment tags)."""
+RUN_NAME_COLUMN = "attributes.`Run Name`"
 LOCAL_UI = "http://127.0.0.1:5000"
 """Where `edgeopt ui` serves a local store's UI."""
 SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -96,6 +107,20 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
 
+def view_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's model-training view, opened in edgeopt's saved view (parent
+    runs with their headline columns). The view is chosen in the URL: MLflow 3.17's UI otherwise opens the
+    GenAI view a browser last used, whatever the experiment's `mlflow.experimentKind` tag says."""
+    return f"{ui_url(uri, experiment_id)}/runs?workflowType=machine_learning&viewStateShareKey={SAVED_VIEW}"
+
+
+def compare_url(uri: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of these runs (runs as columns; params and metrics as rows)."""
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return (f"{base}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
+            "&workflowType=machine_learning")
+
+
 def unreachable(uri: str) -> str | None:
     """Why an http(s) tracking server cannot be used, or None. Checked up front: MLflow's own
     client retries for minutes before giving up."""
@@ -128,9 +153,11 @@ def flat_config(cfg: EdgeoptConfig) -> dict[str, str]:
 def prefect_links() -> dict[str, str]:
     """Which Prefect flow run (and deployment) this MLflow run belongs to, and its UI page, when run by Prefect."""
     from prefect.runtime import deployment, flow_run
+    from prefect.utilities.urls import url_for
 
-    tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name,
-            "prefect.flow_run_url": flow_run.ui_url}
+    # Not `flow_run.ui_url`: Prefect 3.8 builds it as /flow-runs/flow-run/<id>, a page its UI does not have.
+    url = url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name, "prefect.flow_run_url": url}
     return {k: str(v) for k, v in tags.items() if v}
 
 
@@ -233,6 +260,9 @@ def start_run(cfg: EdgeoptConfig, root: Path) -> TrackedRun:
     goes to the local store instead and `fallback_reason` says so."""
     from mlflow.tracking import MlflowClient
 
+    # MLflow's client prints "View run ... at" for every run it ends on a server (dozens per flow run);
+    # `edgeopt run` prints the parent run's and the saved view's URLs itself.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri(cfg, root)
     fallback_reason = unreachable(uri)
     if fallback_reason:
@@ -251,9 +281,31 @@ def start_run(cfg: EdgeoptConfig, root: Path) -> TrackedRun:
     )
     for key, value in EXPERIMENT_KIND.items():
         client.set_experiment_tag(experiment_id, key, value)
+    save_view(client, experiment_id, cfg)
     parent = client.create_run(experiment_id, run_name=run_name(cfg, root), tags=prefect_links())
     run_id = parent.info.run_id
     return TrackedRun(client, uri, experiment_id, run_id, ui_url(uri, experiment_id, run_id), fallback_reason)
+
+
+def headline_columns(cfg: EdgeoptConfig) -> list[str]:
+    """The runs table columns of the saved view: what ran, then the headline metrics `headline_metrics` logs."""
+    devices = sorted({t.device for t in cfg.targets})
+    metrics = [f"best/{device}/{seq_len}/{m}" for device in devices for seq_len in cfg.seq_lens for m in ("p50_ms", "metric")]
+    metrics += [f"fp32/{seq_len}/metric" for seq_len in cfg.seq_lens] + ["run_seconds"]
+    return [f"params.`{p}`" for p in ("model", "variants", "devices", "seq_lens")] + [f"metrics.`{m}`" for m in metrics]
+
+
+def save_view(client, experiment_id: str, cfg: EdgeoptConfig) -> None:
+    """(Re)write the experiment's saved view and its description: MLflow's runs table shows no metric
+    columns until someone picks them, so the view picks the headline ones for this config."""
+    now = int(time.time() * 1000)
+    columns = headline_columns(cfg)
+    # Wide enough that run names (`model · N variants · N devices · commit`) are not cut to the model.
+    state = {"selectedColumns": columns, "columnOrder": [RUN_NAME_COLUMN, *columns],
+             "columnWidths": {RUN_NAME_COLUMN: 420}, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    envelope = {"name": "edgeopt: headline metrics", "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{SAVED_VIEW}", json.dumps(envelope))
+    client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_NOTE.format(view=SAVED_VIEW))
 
 
 def headline_metrics(rows: list[dict], summary: dict, seconds: float) -> dict[str, float]:
@@ -312,13 +364,13 @@ def log_pipeline(
     }
     client.log_batch(pid, params=[Param(k, redact(v)[:6000]) for k, v in params.items()],
                      metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rows, summary, seconds).items()])
-    ran = sum(state != "Cached" for state in stage_states.values())
+    ran = sum(state == "Completed" for state in stage_states.values())
     tags = {**versions, **machine, "git": git_revision(root), "stages.ran": str(ran),
-            "stages.cached": str(len(stage_states) - ran)}
+            "stages.reused": str(len(stage_states) - ran)}
     for key, value in tags.items():
         client.set_tag(pid, key, value)
     with tempfile.TemporaryDirectory() as tmp:
-        states = Path(tmp) / "stages.json"  # each stage instance: ran (Completed) or reused (Cached)
+        states = Path(tmp) / "stages.json"  # each stage instance: ran (Completed), or reused (Cached; Linked from the tracked outputs)
         states.write_text(json.dumps(stage_states, indent=1, sort_keys=True), encoding="utf-8")
         client.log_artifact(pid, str(states))
         config = Path(tmp) / "config.json"
@@ -370,6 +422,7 @@ def log_pipeline(
     return {
         "mlflow_run_id": pid,
         "mlflow_run_url": tracked.url,
+        "mlflow_view_url": view_url(tracked.uri, experiment_id),
         "mlflow_tracking_uri": redact(tracked.uri),
         "mlflow_fallback_reason": tracked.fallback_reason,
         "mlflow_registered": registered,

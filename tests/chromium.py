@@ -78,8 +78,24 @@ class _Pipe:
             self.events.append(event)
 
 
-def render(page: Path, width: int = 1400, height: int = 2400) -> Rendered:
-    """Load `page` (a local file), wait for it, and collect what it shows and what went wrong."""
+def _wait_until(pipe: _Pipe, session: str, expression: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pipe.call("Runtime.evaluate", session, returnByValue=True, expression=f"Boolean({expression})")
+        if value["result"].get("value"):
+            return
+        time.sleep(0.5)
+    text = pipe.call("Runtime.evaluate", session, returnByValue=True,
+                     expression="document.body ? document.body.innerText.slice(-800) : ''")["result"].get("value")
+    raise TimeoutError(f"page never satisfied {expression!r} within {timeout:.0f} s; it shows: {text!r}")
+
+
+def render(page: Path | str, width: int = 1400, height: int = 2400, ready: str | None = None,
+           ready_timeout: float = 60) -> Rendered:
+    """Load `page` (a local file or an http URL), wait for it, and collect what it shows and what went wrong.
+
+    `ready` is a JavaScript expression polled until it is true before the screenshot: a single-page app
+    (the MLflow UI) has fired its load event long before it has fetched and drawn its data."""
     binary = chromium()
     if binary is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
@@ -106,8 +122,11 @@ def render(page: Path, width: int = 1400, height: int = 2400) -> Rendered:
                 pipe.call(f"{domain}.enable", session)
             pipe.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height,
                       deviceScaleFactor=1, mobile=False)
-            pipe.call("Page.navigate", session, url=Path(page).resolve().as_uri())
+            url = page if isinstance(page, str) and page.startswith(("http://", "https://")) else Path(page).resolve().as_uri()
+            pipe.call("Page.navigate", session, url=url)
             pipe.wait_event("Page.loadEventFired")
+            if ready:
+                _wait_until(pipe, session, ready, ready_timeout)
             sizes = pipe.call(
                 "Runtime.evaluate", session, returnByValue=True,
                 expression="JSON.stringify([...document.querySelectorAll('svg')].map("

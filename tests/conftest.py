@@ -184,3 +184,19 @@ def make_workspace(tmp_path: Path, params: dict, monkeypatch) -> Path:
 def workspace(tmp_path, tiny_bert, monkeypatch) -> Path:
     """A fresh project checkout configured for the tiny BERT."""
     return make_workspace(tmp_path, tiny_params(tiny_bert), monkeypatch)
+
+
+@pytest.fixture
+def stack(workspace):
+    """MLflow, Prefect server and worker for the tiny workspace, on free ports; stopped however the
+    test ends."""
+    from helpers import free_port
+
+    from flows import services
+
+    params = services.ServicesParams(prefect_port=free_port(), mlflow_port=free_port(), worker_poll_s=1)
+    try:
+        services.start(workspace, params)
+        yield params
+    finally:
+        services.stop(workspace)

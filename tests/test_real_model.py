@@ -15,9 +15,9 @@ from flows.pipeline import pipeline
 @pytest.mark.slow
 def test_minilm_fp32_stsb_spearman(workspace):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["models"] = ["dense"]  # the pruned model's accuracy is measured by `edgeopt run` (README table)
+    params["models"] = ["dense"]  # the pruned model's accuracy is measured by `edgeopt run` (docs/benchmarks.md)
     params["seq_lens"] = [128]  # 512 gives the same score (STS-B sentences are short) at 4x the time
-    params["variants"] = ["fp32"]  # the quantized variants are measured by `edgeopt run` (README table)
+    params["variants"] = ["fp32"]  # the quantized variants are measured by `edgeopt run` (docs/benchmarks.md)
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
     params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
     params["evaluation"]["sets"][0]["path"] = str(STSB_TEST)

@@ -73,7 +73,7 @@ class OrtCpuCompileParams(DeviceCompileParams):
     graph_optimization_level: Literal["disable", "basic", "extended", "layout", "all"] = Field(
         "extended",
         description="extended: fusions into ORT contrib ops, portable to any ORT CPU build; layout/all add "
-        "layout transforms ORT ties to this CPU (measured: same graph and speed on MiniLM, README)",
+        "layout transforms ORT ties to this CPU",
     )
 
     def backend_options(self, target: str | None, threads: int) -> dict[str, Any]:

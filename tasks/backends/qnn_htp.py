@@ -32,6 +32,7 @@ from pydantic import Field
 
 from tasks.backends.base import DeviceCompileParams
 from tasks.core.errors import BackendUnavailableError, ConfigError, StageError
+from tasks.core.feeds import build_feeds
 from tasks.core.params import StrictParams
 
 EP_NAME = "QNNExecutionProvider"
@@ -265,7 +266,7 @@ class _QnnModel:
     cpu_nodes: list[str] = field(default_factory=list)
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run([self.output], feed)[0]
+        return self.session.run([self.output], build_feeds(self.session, feed))[0]
 
 
 class QnnHtpBackend:

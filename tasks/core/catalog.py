@@ -85,6 +85,13 @@ class Catalog:
         """The human-facing reports, one folder per run (not a stage output)."""
         return self.base / "reports"
 
+    def rebase(self, path: Path) -> Path:
+        """A params path naming a pipeline output (`artifacts/...`, `metrics/...`, e.g. the calibration text
+        pool as the seq-len choice's text) means this run's copy of it."""
+        if not path.is_absolute() and path.parts and path.parts[0] in ("artifacts", "metrics"):
+            return self.base / path
+        return path
+
 
 MAIN = Catalog()
 

@@ -100,8 +100,9 @@ class HfTextFamily:
         except (OSError, ValueError) as exc:
             raise InputError(f"{model_dir}: cannot load the model ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
         except RuntimeError as exc:  # e.g. weights whose shapes do not match config.json
-            first = str(exc).strip().splitlines()[0][:200]
-            raise InputError(f"{model_dir}: weights do not fit config.json ({first}); re-fetch the model") from exc
+            what = _first_mismatch(model_dir, auto) or str(exc).strip().splitlines()[0][:200]
+            raise InputError(f"{model_dir}: weights do not fit config.json ({what}); fix the model folder that "
+                             "fetch_model reads (its config.json or weights)") from exc
         return LoadedModel(folder=model_dir, preprocessor=tokenizer, model=model.eval(), config=model.config)
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
@@ -205,3 +206,25 @@ def _vocab_size(model) -> int:
         if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in ids and node.input[0] in inits:
             return int(inits[node.input[0]].dims[0])
     return 100
+
+
+def _first_mismatch(model_dir: Path, auto) -> str | None:
+    """The first weight whose shape differs from what config.json builds, as `name: [weights] vs [config]`
+    (transformers only says "see the report above", in a log the user never sees)."""
+    import transformers
+    from safetensors import safe_open
+
+    try:
+        expected = auto.from_config(transformers.AutoConfig.from_pretrained(model_dir)).state_dict()
+    except Exception:  # noqa: BLE001 (a config that cannot build a model has its own error; this is a hint)
+        return None
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            for name in weights.keys():
+                # Checkpoints name tensors with or without the base model's prefix (`bert.`).
+                candidates = [name, name.split(".", 1)[-1], *(f"{p}.{name}" for p in {n.split(".")[0] for n in expected})]
+                target = next((c for c in candidates if c in expected), None)
+                shape = list(weights.get_slice(name).get_shape())
+                if target is not None and list(expected[target].shape) != shape:
+                    return f"{name}: {shape} in the weights, {list(expected[target].shape)} from config.json"
+    return None

@@ -21,7 +21,7 @@ CalibrateMethod = Literal["MinMax", "Entropy", "Percentile"]
 
 class OrtQnnSettings(RecipeSettings):
     """ONNX Runtime's QDQ recipe for the QNN execution provider (16-bit activations by default), with
-    three changes measured on MiniLM against the HTP simulator (README, "QNN recipe"): per-channel int8
+    three changes measured on MiniLM against the HTP simulator (docs/quantization.md, "ort_qdq_a16w8"): per-channel int8
     MatMul weights, a floor under the Softmax inputs, and attention's activation x activation MatMuls
     left in float (fp16 on the HTP). Each is a setting; all off is ORT's stock recipe."""
 

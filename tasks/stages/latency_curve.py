@@ -1,9 +1,9 @@
 """Stage latency_curve (one per model): latency at sequence lengths beyond the deployed ones, for
 choosing a length.
 
-Static shapes force one sequence length per artifact; the seq-len choice (`tasks.seq_len_choice`)
+Static shapes force one sequence length per artifact; the seq-len choice (the report stage)
 weighs how many inputs a length truncates against what it costs. The deployed lengths (`seq_lens`)
-are measured by the benchmark stage; this stage adds `report.latency_curve.seq_lens` (off when
+are measured by the benchmark stage; this stage adds `latency_curve.seq_lens` (off when
 empty: the stage then writes no rows). For each extra length L it builds every variant the benchmark targets use with
 the pipeline's own build functions and settings (`tasks.builders`: export -> graph surgery -> calibration at L
 -> quantize) in a scratch folder, then times each target on its device

@@ -26,6 +26,7 @@ def _results(workspace) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(workspace / "metrics" / name)[cols] for name, cols in SAME.items()}
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_device_stages_run_in_dask_worker_processes_with_the_same_results(workspace):
     from distributed import Client, LocalCluster, get_task_stream
 

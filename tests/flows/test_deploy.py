@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from test_services import free_port
 
 from flows import services
 from flows.deploy import read_deployments, validate
@@ -37,18 +36,6 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) ->
                           env={**base, "COLUMNS": "200", **(env or {})})
 
 
-@pytest.fixture
-def stack(workspace):
-    """MLflow, Prefect server and worker for the tiny workspace, on free ports; stopped however the
-    test ends."""
-    params = services.ServicesParams(prefect_port=free_port(), mlflow_port=free_port(), worker_poll_s=1)
-    try:
-        services.start(workspace, params)
-        yield params
-    finally:
-        services.stop(workspace)
-
-
 def flow_run_state(api: str, run_id: str) -> dict:
     return requests.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
 
@@ -64,6 +51,7 @@ def as_dict(entries: list[dict]) -> dict:
     return {e["key"]: e["value"] for e in entries}
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_scheduled_deployment_runs_on_worker_and_logs_to_mlflow_server(workspace, stack):
     shutil.copy2(REPO / "prefect.yaml", workspace / "prefect.yaml")
     api = f"http://127.0.0.1:{stack.prefect_port}/api"
@@ -109,10 +97,10 @@ def test_scheduled_deployment_runs_on_worker_and_logs_to_mlflow_server(workspace
     children = mlflow_runs(mlflow, experiment["experiment_id"],
                            f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'")
     rows = {r["info"]["run_name"]: as_dict(r["data"]["params"]) for r in children}
-    [bench] = [name for name in rows if name.startswith("benchmark@")]
-    assert (rows[bench]["variant"], rows[bench]["device"], rows[bench]["seq_len"], rows[bench]["timed_runs"]) == (
-        "fp32", "ort_cpu", "16", "120")
-    assert any(name.startswith("compile@") and rows[name]["device"] == "qnn_htp" for name in rows)
+    bench = "dense/fp32/ort_cpu/16"
+    assert set(rows) == {bench, "compile dense/ort_qdq_a16w8/qnn_htp@snapdragon_8_gen_3/16"}
+    # 60 timed runs in each of the 2 repeats.
+    assert (rows[bench]["timed_runs_per_repeat"], rows[bench]["timed_runs_total"]) == ("60", "120")
     bench_run = next(r for r in children if r["info"]["run_name"] == bench)
     assert 0 < as_dict(bench_run["data"]["metrics"])["latency_p50_ms"] < 1000
 
@@ -191,9 +179,11 @@ def test_best_openvino_ir_is_registered_as_files_once(tiny_onnx, tmp_path):
 
 
 def test_credentials_in_uris_never_reach_mlflow_params():
-    from flows.tracking import _flatten, redact
+    from flows.tracking import flat_config, redact
+    from tasks.config import load_config
 
-    params: dict[str, str] = {}
-    _flatten("", {"tracking": {"tracking_uri": "https://bob:s3cret@mlflow.example:8443/"}, "seq_lens": [16]}, params)
-    assert params == {"tracking.tracking_uri": "https://bob:***@mlflow.example:8443/", "seq_lens": "[16]"}
+    cfg = load_config(REPO / "params.yaml", {"tracking": {"tracking_uri": "https://bob:s3cret@mlflow.example:8443/"}})
+    flat = flat_config(cfg)
+    assert flat["tracking.tracking_uri"] == "https://bob:***@mlflow.example:8443/"
+    assert not [k for k, v in flat.items() if "s3cret" in v]
     assert redact("MLflow server http://127.0.0.1:5001 unreachable") == "MLflow server http://127.0.0.1:5001 unreachable"

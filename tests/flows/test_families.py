@@ -85,7 +85,7 @@ def test_a_classifier_with_its_own_labelled_data(tmp_path, monkeypatch):
     parent = client.get_run(result["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    benchmarks = [c for c in children if c.info.run_name.startswith("benchmark@")]
+    benchmarks = [c for c in children if c.data.tags["kind"] == "benchmark"]
     assert benchmarks and all(c.data.params["metric_name"] == "accuracy" for c in benchmarks)
 
 

@@ -78,6 +78,7 @@ def test_sigkill_mid_stage_leaves_nothing_mistaken_for_done(workspace, tmp_path,
     REPORT_TABLE.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_two_runs_at_once_do_not_corrupt_each_other(workspace, tmp_path):
     env = _edgeopt_env(tmp_path)
     runs = [_start_run(workspace, env, tmp_path / f"run{i}.log") for i in range(2)]

@@ -133,6 +133,7 @@ def test_export_param_change_reruns_export_and_downstream_only(workspace):
     assert executed(result) == ALL_STAGES - {"fetch_model", "calibration_data", "prune@dense"}
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(workspace):
     # One length: every `dvc repro` stage is a fresh `edgeopt stage` process (seconds of imports each).
     params = yaml.safe_load((workspace / "params.yaml").read_text())
@@ -151,6 +152,7 @@ def test_dvc_repro_reruns_export_and_downstream_only_and_flow_then_skips_all(wor
     assert executed(pipeline(project_dir=str(workspace))) == set()
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["variants"].append("ort_dynamic_int8")

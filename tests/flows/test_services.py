@@ -1,7 +1,7 @@
 """`edgeopt services`: one-line errors when a port is taken or a server does not come up, with no
 process left behind; and the team stack in infra/docker-compose.yml, validated by Docker Compose's own
 loader (no engine here, so it is never run). The happy path (start, a worker running a deployment,
-stop) is in tests/test_deploy.py."""
+stop) is in tests/flows/test_deploy.py."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 
 from flows import services
 
 REPO = Path(__file__).resolve().parents[2]
 EDGEOPT = [sys.executable, "-m", "flows.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def edgeopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """Two runs from scratch with the same inputs give byte-identical model artifacts (issue 8).
 
 Each stage that writes a model runs twice into fresh folders; the files must match byte for byte.
-The README's "Reproducibility" section lists what this covers.
+docs/operations.md, "Reproducibility", lists what this covers.
 """
 
 from __future__ import annotations
