@@ -295,6 +295,7 @@ def results(
         import pandas as pd
 
         from tasks.core.errors import InputError
+        from tasks.core.schemas import COMPILE_ROWS, REPORT_ROWS
         from tasks.data.evaluation import metric_label
 
         tables = {}
@@ -303,6 +304,11 @@ def results(
             if not path.is_file():
                 raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) first")
             tables[name] = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
+            expected = {"benchmark.csv": REPORT_ROWS, "compile.csv": COMPILE_ROWS}.get(name)
+            missing = [c for c in expected.columns if c not in tables[name].columns] if expected is not None else []
+            if missing:
+                raise InputError(f"{path}: no column {', '.join(missing[:3])} (written by an older edgeopt); "
+                                 "rerun `edgeopt run` to rewrite it")
     if not markdown:
         console.print(_rows_table(_records(tables["benchmark.csv"])))
         console.print(_compile_table(_records(tables["compile.csv"])))

@@ -64,6 +64,18 @@ def test_results_before_any_run_is_one_line_error(workspace):
     assert "Traceback" not in result.output
 
 
+
+def test_results_from_an_older_metrics_contract_is_one_line_error(workspace):
+    metrics = workspace / "metrics"
+    metrics.mkdir(exist_ok=True)
+    (metrics / "benchmark.csv").write_text("model,variant,device,seq_len,stsb_spearman\ndense,fp32,ort_cpu,128,82.0\n")
+    (metrics / "compile.csv").write_text("model,variant,device,target,seq_len,status\n")
+    (metrics / "summary.json").write_text("{}")
+    result = runner.invoke(app, ["results", "--markdown"])
+    assert result.exit_code == 1
+    assert "metrics/benchmark.csv: no column " in result.output and "rerun `edgeopt run`" in result.output
+    assert "Traceback" not in result.output
+
 def test_missing_data_file_stops_the_run_before_any_stage(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["calibration_data"]["sources"][0]["path"] = "data/missing.csv"
