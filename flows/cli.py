@@ -282,9 +282,27 @@ def _records(frame) -> list[dict]:
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
+def _brief_table(bench, metric: str) -> str:
+    """One row per (model, variant, device, target): p50, speed-up over dense ORT fp32 and the metric at each length."""
+    import pandas as pd
+
+    key = ["model", "variant", "device", "target"]
+    bench = bench.assign(speedup=[f"{v:.2f}" for v in bench["speedup"]],
+                         metric_value=[f"{v:.2f}" for v in bench["metric_value"]],
+                         within_budget=bench["within_budget"].map({True: "yes", False: "no"}))
+    wide = bench.pivot_table(index=key, columns="seq_len", aggfunc="first", sort=False,
+                             values=["latency_p50_ms", "speedup", "metric_value", "within_budget"])
+    labels = {"latency_p50_ms": "p50 ms", "speedup": "× ORT fp32", "metric_value": metric, "within_budget": "in budget"}
+    columns = [(value, length) for value in labels for length in sorted(bench["seq_len"].unique())]
+    table = pd.DataFrame({f"{labels[value]} @{length}": wide[(value, length)] for value, length in columns})
+    return table.reset_index().to_markdown(index=False, disable_numparse=True)
+
+
 @app.command()
 def results(
-    markdown: Annotated[bool, typer.Option(help="print Markdown tables (what the README's results are)")] = False,
+    markdown: Annotated[bool, typer.Option(help="print Markdown tables (every row; docs/benchmarks.md)")] = False,
+    brief: Annotated[bool, typer.Option(help="with --markdown: one row per artifact, its lengths side by side "
+                                             "(the README's table)")] = False,
     project: Annotated[Path, typer.Option(help="project root")] = Path("."),
     run_name: RunOpt = None,
 ) -> None:
@@ -322,10 +340,14 @@ def results(
         speedup=fp32.reindex(bench["seq_len"]).to_numpy() / bench["latency_p50_ms"],
         latency_p50_ms=[f"{v:.2f}{' (sim)' if s else ''}" for v, s in zip(bench["latency_p50_ms"], bench["simulated"])],
     )
+    metric = metric_label(bench["eval_set"].iloc[0], bench["metric_name"].iloc[0])
+    if brief:
+        print(_brief_table(bench, metric))
+        return
     columns = {"model": "model", "variant": "variant", "device": "device", "target": "target", "seq_len": "L",
                "precision": "precision", "size_mb": "MB", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
                "latency_p50_spread_pct": "p50 spread %", "speedup": "× ORT fp32",
-               "metric_value": metric_label(bench["eval_set"].iloc[0], bench["metric_name"].iloc[0]),
+               "metric_value": metric,
                "metric_drop": "drop", "within_budget": "in budget", "cosine_to_fp32_min": "cos→fp32 min"}
     print(bench[list(columns)].rename(columns=columns).to_markdown(index=False, floatfmt=".2f"))
     print()

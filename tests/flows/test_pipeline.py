@@ -16,6 +16,7 @@ from flows.cli import app
 from flows.compare import compare
 from flows.pipeline import pipeline
 from tasks.core.schemas import COMPILE_ROWS
+from tasks.data.evaluation import metric_label
 from tasks.stages.report import REPORT_TABLE
 
 ALL_STAGES = {
@@ -91,6 +92,17 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     shown = CliRunner().invoke(app, ["results", "--markdown"])
     assert shown.exit_code == 0, shown.output
     assert "| fp32 " in shown.output and "| snapdragon_8_gen_3 " in shown.output and "× ORT fp32" in shown.output
+    brief = CliRunner().invoke(app, ["results", "--markdown", "--brief"]).output.splitlines()
+    assert "| p50 ms @16 " in brief[0] and "| p50 ms @32 " in brief[0] and "| in budget @32 " in brief[0]
+    header, _, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in brief)
+    measured = {r["seq_len"]: r for r in first["rows"]}
+    metric = metric_label(measured[16]["eval_set"], measured[16]["metric_name"])
+    assert [dict(zip(header, row)) for row in rows] == [
+        {"model": "dense", "variant": "fp32", "device": "ort_cpu", "target": "host",
+         **{f"p50 ms @{n}": f"{measured[n]['latency_p50_ms']:.2f}" for n in (16, 32)},
+         "× ORT fp32 @16": "1.00", "× ORT fp32 @32": "1.00",  # dense ORT fp32 is the speed-up baseline
+         **{f"{metric} @{n}": f"{measured[n]['metric_value']:.2f}" for n in (16, 32)},
+         "in budget @16": "yes", "in budget @32": "yes"}]
 
     second = pipeline(project_dir=str(workspace))
     assert executed(second) == set()
