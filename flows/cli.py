@@ -295,7 +295,10 @@ def _brief_table(bench, metric: str) -> str:
     labels = {"latency_p50_ms": "p50 ms", "speedup": "× ORT fp32", "metric_value": metric, "within_budget": "in budget"}
     columns = [(value, length) for value in labels for length in sorted(bench["seq_len"].unique())]
     table = pd.DataFrame({f"{labels[value]} @{length}": wide[(value, length)] for value, length in columns})
-    return table.reset_index().to_markdown(index=False, disable_numparse=True)
+    table = table.reset_index()
+    # Unpadded cells: the table is pasted into the README, which renders it and stays short.
+    lines = [list(table.columns), ["---"] * len(table.columns), *table.astype(str).to_numpy().tolist()]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 @app.command()
