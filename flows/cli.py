@@ -184,9 +184,8 @@ def run(
         err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
     console.print(f"outputs: {result['outputs']}" + ("" if result["dvc_synced"] else " (a run folder: dvc.lock untouched)"))
     console.print(f"report: {result['report_files'][0]}")
-    local = not result["mlflow_tracking_uri"].startswith(("http://", "https://"))
     console.print(f"MLflow parent run {result['mlflow_run_id']}: {result['mlflow_run_url']}"
-                  + (" (`edgeopt ui` serves it)" if local else ""), soft_wrap=True)
+                  + ("" if tracking.is_server(result["mlflow_tracking_uri"]) else " (`edgeopt ui` serves it)"), soft_wrap=True)
     console.print(f"all runs with their headline metrics: {result['mlflow_view_url']}", soft_wrap=True)
 
 
@@ -293,7 +292,8 @@ def _brief_table(bench, metric: str) -> str:
     wide = bench.pivot_table(index=key, columns="seq_len", aggfunc="first", sort=False,
                              values=["latency_p50_ms", "speedup", "metric_value", "within_budget"])
     labels = {"latency_p50_ms": "p50 ms", "speedup": "× ORT fp32", "metric_value": metric, "within_budget": "in budget"}
-    columns = [(value, length) for value in labels for length in sorted(bench["seq_len"].unique())]
+    lengths = sorted(bench["seq_len"].unique())
+    columns = [(value, length) for value in labels for length in lengths]
     table = pd.DataFrame({f"{labels[value]} @{length}": wide[(value, length)] for value, length in columns})
     table = table.reset_index()
     # Unpadded cells: the table is pasted into the README, which renders it and stays short.
@@ -319,14 +319,14 @@ def results(
         from tasks.core.schemas import COMPILE_ROWS, REPORT_ROWS
         from tasks.data.evaluation import metric_label
 
+        schemas = {"benchmark.csv": REPORT_ROWS, "compile.csv": COMPILE_ROWS}
         tables = {}
         for name in ("benchmark.csv", "compile.csv", "summary.json"):
             path = project / _outputs(run_name).report_dir() / name
             if not path.is_file():
                 raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) first")
             tables[name] = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
-            expected = {"benchmark.csv": REPORT_ROWS, "compile.csv": COMPILE_ROWS}.get(name)
-            missing = [c for c in expected.columns if c not in tables[name].columns] if expected is not None else []
+            missing = [c for c in schemas[name].columns if c not in tables[name].columns] if name in schemas else []
             if missing:
                 raise InputError(f"{path}: no column {', '.join(missing[:3])} (written by an older edgeopt); "
                                  "rerun `edgeopt run` to rewrite it")

@@ -415,7 +415,8 @@ RUN_SERVER_STOP_S = 3.0
 API_CHECK_TIMEOUT_S = 8.0
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nobody listens on."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -448,7 +449,7 @@ def run_api(root: Path, timeout_s: float = 90) -> Iterator[str]:
         return
     state_dir(root).mkdir(parents=True, exist_ok=True)
     reap_run_server(root)
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     service = Service(
         name=RUN_SERVER,

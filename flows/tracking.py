@@ -101,11 +101,20 @@ def check_uri(uri: str) -> None:
         )
 
 
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names an MLflow server (else a local store that `edgeopt ui` serves)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def _ui_base(uri: str) -> str:
+    return redact(uri).rstrip("/") if is_server(uri) else LOCAL_UI
+
+
 def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of an experiment or run: on the server in use, or where `edgeopt ui` serves a
     local store."""
-    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+
 
 def view_url(uri: str, experiment_id: str) -> str:
     """The experiment's runs table in MLflow's model-training view, opened in edgeopt's saved view (parent
@@ -116,15 +125,14 @@ def view_url(uri: str, experiment_id: str) -> str:
 
 def compare_url(uri: str, experiment_id: str, run_ids: list[str]) -> str:
     """MLflow's compare view of these runs (runs as columns; params and metrics as rows)."""
-    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return (f"{base}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
+    return (f"{_ui_base(uri)}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
             "&workflowType=machine_learning")
 
 
 def unreachable(uri: str) -> str | None:
     """Why an http(s) tracking server cannot be used, or None. Checked up front: MLflow's own
     client retries for minutes before giving up."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     import requests
 

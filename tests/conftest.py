@@ -190,11 +190,10 @@ def workspace(tmp_path, tiny_bert, monkeypatch) -> Path:
 def stack(workspace):
     """MLflow, Prefect server and worker for the tiny workspace, on free ports; stopped however the
     test ends."""
-    from helpers import free_port
-
     from flows import services
 
-    params = services.ServicesParams(prefect_port=free_port(), mlflow_port=free_port(), worker_poll_s=1)
+    params = services.ServicesParams(prefect_port=services.free_port(), mlflow_port=services.free_port(),
+                                      worker_poll_s=1)
     try:
         services.start(workspace, params)
         yield params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +50,3 @@ def run_outputs(model: Path, arrays: dict[str, np.ndarray]) -> np.ndarray:
     rows = range(len(arrays["input_ids"]))
     return np.concatenate([sess.run(None, build_feeds(sess, {k: v[i : i + 1] for k, v in arrays.items()}))[0]
                            for i in rows])
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on (for servers a test starts)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -20,7 +20,6 @@ import requests
 import yaml
 from chromium import chromium, render
 from conftest import write_params
-from helpers import free_port
 
 from flows import services
 from flows.compare import judge
@@ -32,7 +31,7 @@ CHANGED = ("benchmark", "timed_runs", 50, 60)
 @pytest.fixture
 def servers(workspace):
     """An MLflow server and a Prefect server for the tiny workspace, on free ports; stopped however the test ends."""
-    params = services.ServicesParams(prefect_port=free_port(), mlflow_port=free_port())
+    params = services.ServicesParams(prefect_port=services.free_port(), mlflow_port=services.free_port())
     try:
         services.start(workspace, params, ["mlflow", "prefect-server"])
         yield params

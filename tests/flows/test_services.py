@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port
 
 from flows import services
 
@@ -53,7 +52,7 @@ def test_port_taken_is_a_one_line_error_and_starts_nothing(project):
 
 
 def test_server_not_up_in_time_is_a_one_line_error_and_leaves_nothing(project):
-    port = free_port()
+    port = services.free_port()
     done = edgeopt("services", "start", "mlflow", "--project", str(project), "--mlflow-port", str(port),
                    "--timeout", "0.5", cwd=project)
     log = services.log_file(project, "mlflow")
