@@ -12,10 +12,14 @@ the CPU. Simulated timings (QNN HTP simulator) and quick-mode rows are marked wh
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import html
 import io
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from tasks.core.errors import InputError
 from tasks.data.evaluation import metric_label
 
 REPORTS = Path("reports")
+PLOT_CACHE = Path(".edgeopt") / "plots"
 INDEX = "index.html"
 MARKDOWN = "report.md"
 DEVICE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
@@ -96,6 +101,32 @@ def _svg(fig, salt: str) -> str:
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
+
+
+def _data_bytes(value: object) -> bytes:
+    if isinstance(value, pd.DataFrame):
+        return value.to_csv(index=False).encode()
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+def drawn(name: str, plot: Callable[..., str], *data: object, cache: Path | None = None) -> str:
+    """`plot(*data)`, the SVG `name`, drawn once per distinct data and plotting code when `cache` is a folder: a run
+    whose metrics did not change (every no-op run) reuses it instead of spending seconds in matplotlib."""
+    if cache is None:
+        return plot(*data)
+    digest = hashlib.sha256(Path(__file__).read_bytes() + name.encode())
+    for value in data:
+        digest.update(_data_bytes(value))
+    path = Path(cache) / f"{digest.hexdigest()}.svg"
+    with contextlib.suppress(OSError):
+        return path.read_text(encoding="utf-8")
+    svg = plot(*data)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the redrawing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(svg, encoding="utf-8")
+        os.replace(tmp, path)
+    return svg
 
 
 def _metric(bench: pd.DataFrame) -> tuple[str, str]:
@@ -349,15 +380,17 @@ td{white-space:nowrap}table.wide td:nth-last-child(-n+2){white-space:normal;over
 """
 
 
-def build(metrics: dict, run: str, budget: float, links: dict[str, str]) -> tuple[str, str, dict[str, str]]:
-    """(index.html, report.md, {plot file: svg}) for the metrics of one run."""
+def build(metrics: dict, run: str, budget: float, links: dict[str, str],
+          plot_cache: Path | None = None) -> tuple[str, str, dict[str, str]]:
+    """(index.html, report.md, {plot file: svg}) for the metrics of one run; plots are reused from `plot_cache`."""
     bench, compiled = metrics["benchmark.csv"], metrics["compile.csv"]
     curve, choice, summary = metrics["latency_curve.csv"], metrics["seq_len_choice.csv"], metrics["summary.json"]
     bench = bench.assign(simulated=bench["simulated"].astype(bool), quick=bench["quick"].astype(bool))
     inputs = metrics["input_lengths.json"]
     plots = {
-        "pareto.svg": plot_pareto(bench, budget),
-        "seq_len.svg": plot_seq_len(bench, curve, choice, inputs["truncated_share"]),
+        "pareto.svg": drawn("pareto.svg", plot_pareto, bench, budget, cache=plot_cache),
+        "seq_len.svg": drawn("seq_len.svg", plot_seq_len, bench, curve, choice, inputs["truncated_share"],
+                             cache=plot_cache),
     }
     recs, placement, results, tools = (recommendations(bench, summary), placement_table(compiled),
                                        results_table(bench), tool_table(bench))
@@ -421,11 +454,12 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str]) -> tupl
 
 
 def write_report(metrics_dir: Path, out_dir: Path, budget: float, run: str | None = None,
-                 links: dict[str, str] | None = None) -> list[Path]:
+                 links: dict[str, str] | None = None, plot_cache: Path | None = None) -> list[Path]:
     """Build the report from `metrics_dir` into `out_dir` (e.g. reports/<run>); returns the files written.
-    `links`: where else this run is (its MLflow run, its Prefect flow run), shown in the header."""
+    `links`: where else this run is (its MLflow run, its Prefect flow run), shown in the header; plots are
+    reused from `plot_cache` (the project's PLOT_CACHE) when drawn before from the same data."""
     metrics = load_metrics(metrics_dir)
-    page, md, plots = build(metrics, run or Path(out_dir).name, budget, links or {})
+    page, md, plots = build(metrics, run or Path(out_dir).name, budget, links or {}, plot_cache)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

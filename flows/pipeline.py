@@ -118,17 +118,6 @@ def publish_summary(best: dict, mlflow_url: str, report: Path) -> None:
                              description="fastest artifact within the accuracy budget per device and length")
 
 
-def sync_dvc_lock(root: Path) -> bool:
-    """Record this run's outputs in dvc.lock so `dvc status` agrees that the pipeline is current."""
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
-        return False
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        repo.commit(force=True)
-    return True
-
-
 def run_outputs(params_file: str, overrides: dict[str, Any] | None) -> Catalog:
     """Where a run writes: the project's tracked outputs (what dvc.lock describes) for params.yaml as it is;
     otherwise a run folder of its own, named after the params file and a hash of the overrides, so a run
@@ -157,13 +146,17 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
         if out.is_main:  # the run dvc.lock will describe: dvc.yaml must be the one params.yaml makes
             dvc_yaml.check(cfg, root)
         with workspace_lock(root):
-            for call in stages.prepare_calls(cfg, out):
+            prepare, compiles, benchmarks, curves, report_call = (
+                stages.prepare_calls(cfg, out), stages.compile_calls(cfg, out), stages.benchmark_calls(cfg, out),
+                stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
+            )
+            for call in prepare:
                 _run(call, states)
             with fan_out_runner(cfg.execution) as runner:
-                _fan_out(runner, stages.compile_calls(cfg, out), states)
-                _fan_out(runner, stages.benchmark_calls(cfg, out), states)
-                _fan_out(runner, stages.latency_curve_calls(cfg, out), states)
-            report = _run(stages.report(cfg, out), states)
+                _fan_out(runner, compiles, states)
+                _fan_out(runner, benchmarks, states)
+                _fan_out(runner, curves, states)
+            report = _run(report_call, states)
             rows, compiled = report["rows"], report["compile_rows"]
             # Logged before the DVC sync, so a failing sync cannot lose the run; under the lock too: two runs
             # creating the local MLflow store at once collide. The parent run opens first: the report links it.
@@ -171,14 +164,17 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
             prefect_url = prefect_links().get("prefect.flow_run_url")
             links = {"MLflow run": tracked_run.url, **({"Prefect flow run": prefect_url} if prefect_url else {})}
             report_files = dashboard.write_report(  # the human-facing report (`edgeopt report` rebuilds it)
-                out.report_dir(), out.reports_dir() / dashboard.run_name(), cfg.report.accuracy_budget, links=links
+                out.report_dir(), out.reports_dir() / dashboard.run_name(), cfg.report.accuracy_budget, links=links,
+                plot_cache=root / dashboard.PLOT_CACHE,
             )
             tracked = log_pipeline(tracked_run, cfg, root, root / out.report_dir(), rows, states,
                                    time.monotonic() - started, compile_rows=compiled, report_files=report_files)
             publish_summary(report["best_within_budget"], tracked_run.url, root / report_files[0])
             get_run_logger().info("MLflow run %s (%s); report %s", tracked_run.url, redact(tracked_run.uri),
                                   root / report_files[0])
-            dvc_synced = out.is_main and sync_dvc_lock(root)
+            dvc_synced = out.is_main and dvc_yaml.sync_lock(
+                root, [c.out_dir for c in (*prepare, *compiles, *benchmarks, *curves, report_call)]
+            )
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))
 

@@ -431,11 +431,12 @@ def reap_run_server(root: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def run_api(root: Path, timeout_s: float = 90) -> Iterator[str]:
-    """The Prefect API one `edgeopt run` talks to. $PREFECT_API_URL when set (a server that does not answer
-    is one line within seconds); else a Prefect server of the run's own, in its own session, so a Ctrl-C
-    reaches the run and not the server it must report to, stopped when the run ends. A server a killed run
-    left behind is stopped first."""
+def run_api(root: Path, timeout_s: float = 90) -> Iterator[Callable[[], str]]:
+    """The Prefect API one `edgeopt run` talks to, as `ready()`: it returns the API URL once the API answers,
+    so the caller loads its own modules while a server starts. $PREFECT_API_URL when set (a server that does
+    not answer is one line within seconds); else a Prefect server of the run's own, in its own session, so a
+    Ctrl-C reaches the run and not the server it must report to, stopped when the run ends. A server a
+    killed run left behind is stopped first."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         try:
@@ -445,7 +446,7 @@ def run_api(root: Path, timeout_s: float = 90) -> Iterator[str]:
         if not ok:
             raise ServiceError(f"PREFECT_API_URL {url} is not answering; start it (`edgeopt services start "
                                "prefect-server`) or unset PREFECT_API_URL for a server of the run's own")
-        yield url.rstrip("/")
+        yield lambda: url.rstrip("/")
         return
     state_dir(root).mkdir(parents=True, exist_ok=True)
     reap_run_server(root)
@@ -460,9 +461,13 @@ def run_api(root: Path, timeout_s: float = 90) -> Iterator[str]:
         healthy=lambda _: _get_ok(f"{api}/health"),
     )
     proc, launched = _launch(root, service)
-    try:
+
+    def ready() -> str:
         _wait_healthy(root, service, proc, launched, timeout_s)
-        yield api
+        return api
+
+    try:
+        yield ready
     finally:
         _terminate([proc, *_group_and_descendants(proc.pid)], RUN_SERVER_STOP_S)
         pid_file(root, RUN_SERVER).unlink(missing_ok=True)

@@ -21,13 +21,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from flows.key_memo import remembered_key
 from tasks.backends import BACKENDS
 from tasks.config import CompileJob, EdgeoptConfig, Target
-from tasks.core import catalog
+from tasks.core import catalog, fingerprint
 from tasks.core.catalog import MAIN, Catalog
 from tasks.core.code_deps import code_files
 from tasks.core.errors import ConfigError, InputError
-from tasks.core.fingerprint import is_current, link_output, stage_key
+from tasks.core.fingerprint import is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
 from tasks.data.evaluation import check_columns
 from tasks.families import FAMILIES
@@ -88,12 +89,16 @@ class StageCall:
     def key(self) -> str:
         """Content of code, tools, params and inputs; paths inside the run folder count relative to it, so the
         same stage has the same key in every run folder."""
-        return stage_key(
-            code_files=[Path(f) for f in self.code],
-            tools=self.tools,
-            params={name: model.model_dump(mode="json") for name, model in sorted(self.params.items())},
-            inputs={**{k: v for k, v in self.inputs.items() if v is not None}, **self.watch},
-            extra={"stage": self.name, "out_dir": self._relative(self.out_dir), "args": self._jsonable(self.args)},
+        code = [Path(f) for f in self.code]
+        inputs = {**{k: v for k, v in self.inputs.items() if v is not None}, **self.watch}
+        params = {name: model.model_dump(mode="json") for name, model in sorted(self.params.items())}
+        extra = {"stage": self.name, "out_dir": self._relative(self.out_dir), "args": self._jsonable(self.args)}
+        context = {"code": [f.as_posix() for f in code], "inputs": {k: Path(v).as_posix() for k, v in inputs.items()},
+                   "tools": tool_versions(self.tools), "params": params, "extra": extra}
+        return remembered_key(
+            # The key's own code counts too: a changed key formula must not be answered from the memo.
+            [*code, *inputs.values(), Path(fingerprint.__file__)], context,
+            lambda: stage_key(code_files=code, tools=self.tools, params=params, inputs=inputs, extra=extra),
         )
 
     @property

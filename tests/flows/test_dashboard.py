@@ -142,3 +142,19 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     not_white = (pixels < 0.95).any(axis=-1).mean()
     colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
     assert not_white > 0.05 and colours > 50, (not_white, colours)
+
+
+def test_plots_are_drawn_once_per_distinct_data(report_dir, tmp_path, monkeypatch):
+    metrics, cache = report_dir.parent.parent / "metrics", tmp_path / "plots"
+    first = dashboard.write_report(metrics, tmp_path / "a", 0.5, plot_cache=cache)
+    assert len(list(cache.glob("*.svg"))) == 2
+
+    def no_drawing(*args):
+        raise AssertionError("redrawn although the data did not change")
+
+    monkeypatch.setattr(dashboard, "plot_pareto", no_drawing)
+    monkeypatch.setattr(dashboard, "plot_seq_len", no_drawing)
+    again = dashboard.write_report(metrics, tmp_path / "b", 0.5, plot_cache=cache)
+    assert [f.read_text() for f in again if f.suffix == ".svg"] == [f.read_text() for f in first if f.suffix == ".svg"]
+    with pytest.raises(AssertionError, match="redrawn"):  # another budget line is another plot
+        dashboard.write_report(metrics, tmp_path / "c", 1.0, plot_cache=cache)
