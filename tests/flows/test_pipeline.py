@@ -140,6 +140,7 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
 def test_a_no_op_rerun_reads_no_artifact_and_leaves_dvc_lock_alone(workspace, tiny_bert, monkeypatch):
     """What keeps a no-op run of the full job fast: stage keys come from the stat memo (no artifact is read
     to hash it) and DVC's commit is skipped while nothing dvc.lock records changed; a hand-edited dvc.lock
