@@ -57,14 +57,18 @@ def remembered_key(files: Iterable[Path], context: dict[str, Any], compute: Call
         return compute()
     signature = hashlib.sha256(json.dumps({"files": stats, **context}, sort_keys=True).encode()).hexdigest()
     try:
-        with contextlib.closing(_connect(Path(store))) as con:
-            row = con.execute("SELECT key FROM stage_keys WHERE signature = ?", (signature,)).fetchone()
+        con = _connect(Path(store))
     except (OSError, sqlite3.Error):
         return compute()
-    if row is not None:
-        return row[0]
-    key = compute()
-    if all(time.time_ns() - mtime_ns > RACY_NS for _, _, mtime_ns, _ in stats):
-        with contextlib.suppress(OSError, sqlite3.Error), contextlib.closing(_connect(Path(store))) as con, con:
-            con.execute("INSERT OR REPLACE INTO stage_keys VALUES (?, ?)", (signature, key))
+    with contextlib.closing(con):
+        try:
+            row = con.execute("SELECT key FROM stage_keys WHERE signature = ?", (signature,)).fetchone()
+        except sqlite3.Error:
+            row = None
+        if row is not None:
+            return row[0]
+        key = compute()
+        if all(time.time_ns() - mtime_ns > RACY_NS for _, _, mtime_ns, _ in stats):
+            with contextlib.suppress(sqlite3.Error), con:
+                con.execute("INSERT OR REPLACE INTO stage_keys VALUES (?, ?)", (signature, key))
     return key
