@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows.secrets import redact
-from flows.tracking import compare_url, unreachable
+from flows.tracking import compare_url, open_store, unreachable
 from tasks.core.errors import InputError
 
 Key = tuple[str, str, str, str, int]
@@ -42,12 +42,10 @@ class Change:
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
     reason = unreachable(uri)
     if reason:
         raise InputError(f"{reason}; start it (`edgeopt services start mlflow`) or point MLFLOW_TRACKING_URI elsewhere")
-    return MlflowClient(tracking_uri=uri)
+    return open_store(uri)
 
 
 def _parent(client, uri: str, run_id: str):

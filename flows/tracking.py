@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -99,6 +100,30 @@ def check_uri(uri: str) -> None:
             f"MLflow tracking URI {redact(uri)!r}: unknown scheme {scheme!r}; use http(s)://host:port, "
             "sqlite:///path.db or a folder (set tracking.tracking_uri or MLFLOW_TRACKING_URI)"
         )
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` store URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def ensure_local_store(uri: str) -> None:
+    """Create a missing sqlite store whole. MLflow builds one with ~50 schema migrations that are not one
+    transaction: a run killed among them left a store no later run could open ("table _alembic_tmp_runs
+    already exists"). So it is built in the run's scratch folder, then copied beside its place and renamed."""
+    path = sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mlflow-store-") as scratch:
+        built = Path(scratch) / path.name
+        # The artifact root MLflow's client gives a local store (`./mlruns` of the project), made explicit.
+        SqlAlchemyStore(f"sqlite:///{built}", str(path.parent / "mlruns")).engine.dispose()
+        beside = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(built, beside)
+        os.replace(beside, path)
 
 
 def is_server(uri: str) -> bool:
@@ -257,6 +282,27 @@ class TrackedRun:
     fallback_reason: str | None
 
 
+def open_store(uri: str):
+    """An MLflow client on the store (created whole if local and missing); a local store MLflow cannot open
+    is one line naming it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.exc import SQLAlchemyError
+
+    ensure_local_store(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # a server's store opens lazily: fail here, not mid-logging
+    except (MlflowException, SQLAlchemyError) as exc:
+        path = sqlite_path(uri)
+        if path is None:
+            raise
+        cause = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"MLflow store {path} cannot be opened ({cause}); move it aside (a new one is "
+                          "created) or run `mlflow db upgrade` on it if it comes from an older MLflow") from exc
+    return client
+
+
 def run_name(cfg: EdgeoptConfig, root: Path) -> str:
     """What a parent run is, readable when the UI truncates it: model, how many variants and devices, commit."""
     devices = {t.device for t in cfg.targets} | {j.device for j in cfg.compile.jobs}
@@ -266,8 +312,6 @@ def run_name(cfg: EdgeoptConfig, root: Path) -> str:
 def start_run(cfg: EdgeoptConfig, root: Path) -> TrackedRun:
     """Open the parent run. A configured server that cannot be reached does not fail the pipeline: the run
     goes to the local store instead and `fallback_reason` says so."""
-    from mlflow.tracking import MlflowClient
-
     # MLflow's client prints "View run ... at" for every run it ends on a server (dozens per flow run);
     # `edgeopt run` prints the parent run's and the saved view's URLs itself.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -276,7 +320,7 @@ def start_run(cfg: EdgeoptConfig, root: Path) -> TrackedRun:
     if fallback_reason:
         uri = local_uri(root)
         fallback_reason += f"; logged to {uri} instead"
-    client = MlflowClient(tracking_uri=uri)
+    client = open_store(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (
         experiment.experiment_id

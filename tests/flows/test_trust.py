@@ -153,6 +153,45 @@ def test_a_malformed_tracking_uri_stops_before_any_stage(workspace, monkeypatch)
     assert not (workspace / "artifacts").exists()
 
 
+def test_a_run_killed_while_creating_the_mlflow_store_leaves_none(tmp_path):
+    """MLflow creates a sqlite store in ~50 migrations that are not one transaction; a kill among them once
+    left a store no later run could open (found by the random-kill test in CI)."""
+    import signal
+
+    from flows.tracking import ensure_local_store, open_store
+
+    store, scratch = tmp_path / "mlflow.db", tmp_path / "scratch"
+    scratch.mkdir()
+    uri = f"sqlite:///{store}"
+    creating = subprocess.Popen([sys.executable, "-c", f"from flows.tracking import ensure_local_store; ensure_local_store({uri!r})"],
+                                env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("mlflow-store-*/mlflow.db")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # among the migrations (they take ~1 s)
+    creating.send_signal(signal.SIGKILL)
+    creating.wait(timeout=30)
+    assert list(scratch.glob("mlflow-store-*/mlflow.db")), "killed while building"
+    assert not store.exists()
+    ensure_local_store(uri)
+    assert open_store(uri).get_experiment_by_name("Default").experiment_id == "0"
+
+
+def test_a_damaged_mlflow_store_is_one_line_naming_it(tmp_path):
+    import sqlite3
+
+    from flows.tracking import open_store
+    from tasks.core.errors import ConfigError
+
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:  # what a migration cut short leaves: MLflow's tables half made
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
+    uri = f"sqlite:///{store}"
+    with pytest.raises(ConfigError, match=f"MLflow store {re.escape(str(store))} cannot be opened .*move it aside"):
+        open_store(uri)
+
+
 # 6. A line where a traceback used to be.
 
 
