@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ def _stats(paths: Iterable[Path]) -> list[list] | None:
     """[path, size, mtime_ns, inode] of every file named or inside a folder named; None if one is missing."""
     rows = []
     for path in paths:
-        path = Path(path).resolve()
+        path = Path(os.path.abspath(path))  # not resolve(): it lstat()s every component of every path
         if path.is_file():
             files = [path]
         elif path.is_dir():

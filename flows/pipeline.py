@@ -140,41 +140,42 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
     started = time.monotonic()
     out = run_outputs(params_file, overrides)
     try:
-        cfg = load_config(params_file, overrides)
-        stages.preflight(cfg)
-        check_uri(tracking_uri(cfg, root))
-        if out.is_main:  # the run dvc.lock will describe: dvc.yaml must be the one params.yaml makes
-            dvc_yaml.check(cfg, root)
-        with workspace_lock(root):
-            prepare, compiles, benchmarks, curves, report_call = (
-                stages.prepare_calls(cfg, out), stages.compile_calls(cfg, out), stages.benchmark_calls(cfg, out),
-                stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
-            )
-            for call in prepare:
-                _run(call, states)
-            with fan_out_runner(cfg.execution) as runner:
-                _fan_out(runner, compiles, states)
-                _fan_out(runner, benchmarks, states)
-                _fan_out(runner, curves, states)
-            report = _run(report_call, states)
-            rows, compiled = report["rows"], report["compile_rows"]
-            # Logged before the DVC sync, so a failing sync cannot lose the run; under the lock too: two runs
-            # creating the local MLflow store at once collide. The parent run opens first: the report links it.
-            tracked_run = start_run(cfg, root)
-            prefect_url = prefect_links().get("prefect.flow_run_url")
-            links = {"MLflow run": tracked_run.url, **({"Prefect flow run": prefect_url} if prefect_url else {})}
-            report_files = dashboard.write_report(  # the human-facing report (`edgeopt report` rebuilds it)
-                out.report_dir(), out.reports_dir() / dashboard.run_name(), cfg.report.accuracy_budget, links=links,
-                plot_cache=root / dashboard.PLOT_CACHE,
-            )
-            tracked = log_pipeline(tracked_run, cfg, root, root / out.report_dir(), rows, states,
-                                   time.monotonic() - started, compile_rows=compiled, report_files=report_files)
-            publish_summary(report["best_within_budget"], tracked_run.url, root / report_files[0])
-            get_run_logger().info("MLflow run %s (%s); report %s", tracked_run.url, redact(tracked_run.uri),
-                                  root / report_files[0])
-            dvc_synced = out.is_main and dvc_yaml.sync_lock(
-                root, [c.out_dir for c in (*prepare, *compiles, *benchmarks, *curves, report_call)]
-            )
+        with stages.one_closure_per_stage():  # the code does not change during a run
+            cfg = load_config(params_file, overrides)
+            stages.preflight(cfg)
+            check_uri(tracking_uri(cfg, root))
+            if out.is_main:  # the run dvc.lock will describe: dvc.yaml must be the one params.yaml makes
+                dvc_yaml.check(cfg, root)
+            with workspace_lock(root):
+                prepare, compiles, benchmarks, curves, report_call = (
+                    stages.prepare_calls(cfg, out), stages.compile_calls(cfg, out), stages.benchmark_calls(cfg, out),
+                    stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
+                )
+                for call in prepare:
+                    _run(call, states)
+                with fan_out_runner(cfg.execution) as runner:
+                    _fan_out(runner, compiles, states)
+                    _fan_out(runner, benchmarks, states)
+                    _fan_out(runner, curves, states)
+                report = _run(report_call, states)
+                rows, compiled = report["rows"], report["compile_rows"]
+                # Logged before the DVC sync, so a failing sync cannot lose the run; under the lock too: two runs
+                # creating the local MLflow store at once collide. The parent run opens first: the report links it.
+                tracked_run = start_run(cfg, root)
+                prefect_url = prefect_links().get("prefect.flow_run_url")
+                links = {"MLflow run": tracked_run.url, **({"Prefect flow run": prefect_url} if prefect_url else {})}
+                report_files = dashboard.write_report(  # the human-facing report (`edgeopt report` rebuilds it)
+                    out.report_dir(), out.reports_dir() / dashboard.run_name(), cfg.report.accuracy_budget, links=links,
+                    plot_cache=root / dashboard.PLOT_CACHE,
+                )
+                tracked = log_pipeline(tracked_run, cfg, root, root / out.report_dir(), rows, states,
+                                       time.monotonic() - started, compile_rows=compiled, report_files=report_files)
+                publish_summary(report["best_within_budget"], tracked_run.url, root / report_files[0])
+                get_run_logger().info("MLflow run %s (%s); report %s", tracked_run.url, redact(tracked_run.uri),
+                                      root / report_files[0])
+                dvc_synced = out.is_main and dvc_yaml.sync_lock(
+                    root, [c.out_dir for c in (*prepare, *compiles, *benchmarks, *curves, report_call)]
+                )
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))
 

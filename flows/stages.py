@@ -12,10 +12,12 @@ by `tasks.core.code_deps`. `flows/dvc_yaml.py` writes the same closures into dvc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,37 @@ STAGE_MODULES = {
 }
 
 
+_run_closures: ContextVar[dict[tuple[str, ...], tuple[str, ...]] | None] = ContextVar("run_closures", default=None)
+
+
+@contextlib.contextmanager
+def one_closure_per_stage() -> Iterator[None]:
+    """Within one run, compute each stage's code closure once: a closure stats ~100 modules, and a run asks
+    for each ~3 times per stage instance (dvc.yaml's check, the stage calls). Outside, always fresh."""
+    token = _run_closures.set({})
+    try:
+        yield
+    finally:
+        _run_closures.reset(token)
+
+
 def stage_code(stage: str, *registry_modules: str) -> tuple[str, ...]:
     """Project files a stage instance's result depends on: the closure of its module and of the registry
     entries (device, recipe, family) the instance loads by name."""
-    return tuple(code_files([STAGE_MODULES[stage].__name__, *registry_modules]))
+    roots = (STAGE_MODULES[stage].__name__, *registry_modules)
+    memo = _run_closures.get()
+    if memo is None:
+        return tuple(code_files(list(roots)))
+    if roots not in memo:
+        memo[roots] = tuple(code_files(list(roots)))
+    return memo[roots]
+
+
+@cache
+def installed_versions(tools: tuple[str, ...]) -> dict[str, str]:
+    """`tool_versions`, read once per process: each lookup scans the installed distributions (~5 ms), and
+    what a process has imported does not change while it runs."""
+    return tool_versions(tools)
 
 
 @dataclass(frozen=True)
@@ -94,7 +123,7 @@ class StageCall:
         params = {name: model.model_dump(mode="json") for name, model in sorted(self.params.items())}
         extra = {"stage": self.name, "out_dir": self._relative(self.out_dir), "args": self._jsonable(self.args)}
         context = {"code": [f.as_posix() for f in code], "inputs": {k: Path(v).as_posix() for k, v in inputs.items()},
-                   "tools": tool_versions(self.tools), "params": params, "extra": extra}
+                   "tools": installed_versions(tuple(self.tools)), "params": params, "extra": extra}
         return remembered_key(
             # The key's own code counts too: a changed key formula must not be answered from the memo.
             [*code, *inputs.values(), Path(fingerprint.__file__)], context,

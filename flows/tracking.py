@@ -395,7 +395,7 @@ def log_pipeline(
 ) -> dict:
     """Log the run into the parent `tracked` opened, a child per benchmark row and compile job, and register
     each device's best artifact."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     client, pid, experiment_id = tracked.client, tracked.run_id, tracked.experiment_id
     versions = {f"version.{k}": v for k, v in tool_versions(TRACKED_TOOLS).items()}
@@ -414,29 +414,29 @@ def log_pipeline(
         "evaluation": ", ".join(f"{s.name} ({s.metric})" for s in cfg.evaluation.sets),
         "models": ", ".join(cfg.models),
     }
-    client.log_batch(pid, params=[Param(k, redact(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rows, summary, seconds).items()])
     ran = sum(state == "Completed" for state in stage_states.values())
     tags = {**versions, **machine, "git": git_revision(root), "stages.ran": str(ran),
             "stages.reused": str(len(stage_states) - ran)}
-    for key, value in tags.items():
-        client.set_tag(pid, key, value)
+    # One write each for the parent's values and for its files: a local store commits every call on its own.
+    client.log_batch(pid, params=[Param(k, redact(v)[:6000]) for k, v in params.items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rows, summary, seconds).items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as tmp:
-        states = Path(tmp) / "stages.json"  # each stage instance: ran (Completed), or reused (Cached; Linked from the tracked outputs)
-        states.write_text(json.dumps(stage_states, indent=1, sort_keys=True), encoding="utf-8")
-        client.log_artifact(pid, str(states))
-        config = Path(tmp) / "config.json"
-        config.write_text(json.dumps(flat_config(cfg), indent=1, sort_keys=True), encoding="utf-8")
-        client.log_artifact(pid, str(config))
-        params_yaml = Path(tmp) / "params.yaml"  # what the run resolved, secrets masked
-        params_yaml.write_text(yaml.safe_dump(redact_mapping(cfg.model_dump(mode="json")), sort_keys=False))
-        client.log_artifact(pid, str(params_yaml))
-    for name in ("benchmark.csv", "evaluation.csv", "compile.csv", "summary.json", "latency_curve.csv",
-                 "seq_len_choice.csv", "input_lengths.json"):
-        if (report_dir / name).is_file():
-            client.log_artifact(pid, str(report_dir / name))
-    for path in report_files:  # the HTML/Markdown report of this run
-        client.log_artifact(pid, str(path), "report")
+        files = Path(tmp)
+        # each stage instance: ran (Completed), or reused (Cached; Linked from the tracked outputs)
+        (files / "stages.json").write_text(json.dumps(stage_states, indent=1, sort_keys=True), encoding="utf-8")
+        (files / "config.json").write_text(json.dumps(flat_config(cfg), indent=1, sort_keys=True), encoding="utf-8")
+        # what the run resolved, secrets masked
+        (files / "params.yaml").write_text(yaml.safe_dump(redact_mapping(cfg.model_dump(mode="json")), sort_keys=False))
+        for name in ("benchmark.csv", "evaluation.csv", "compile.csv", "summary.json", "latency_curve.csv",
+                     "seq_len_choice.csv", "input_lengths.json"):
+            if (report_dir / name).is_file():
+                shutil.copyfile(report_dir / name, files / name)
+        if report_files:  # the HTML/Markdown report of this run
+            (files / "report").mkdir()
+            for path in report_files:
+                shutil.copyfile(path, files / "report" / Path(path).name)
+        client.log_artifacts(pid, str(files))
 
     row_runs = {}
     for row in rows:
@@ -467,9 +467,8 @@ def log_pipeline(
         client.set_terminated(child.info.run_id)
     best = summary.get("best_within_budget", {})
     registered = register_best(client, cfg, root, best, rows, row_runs)
-    for key, version in registered.items():
-        client.set_tag(pid, f"registered.{key}", version)
-    client.set_tag(pid, "mlflow.note.content", summary_markdown(best, tracked.url))
+    client.log_batch(pid, tags=[RunTag(f"registered.{key}", version) for key, version in registered.items()]
+                     + [RunTag("mlflow.note.content", summary_markdown(best, tracked.url))])
     client.set_terminated(pid)
     return {
         "mlflow_run_id": pid,

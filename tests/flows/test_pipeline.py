@@ -125,7 +125,10 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     parent = client.get_run(second["mlflow_run_id"])
-    assert parent.data.tags["version.onnxruntime"]
+    assert parent.data.tags["version.onnxruntime"] and parent.data.tags["stages.ran"] == "0"
+    assert "fp32" in parent.data.tags["mlflow.note.content"] and parent.data.tags["registered.ort_cpu/16"]
+    logged = {a.path for folder in (None, "report") for a in client.list_artifacts(parent.info.run_id, folder)}
+    assert {"stages.json", "config.json", "params.yaml", "benchmark.csv", "summary.json", "report/index.html"} <= logged
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
