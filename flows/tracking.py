@@ -291,8 +291,7 @@ def open_store(uri: str):
 
     ensure_local_store(uri)
     try:
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # a server's store opens lazily: fail here, not mid-logging
+        return MlflowClient(tracking_uri=uri)  # it opens the store (a local one runs its schema check) here
     except (MlflowException, SQLAlchemyError) as exc:
         path = sqlite_path(uri)
         if path is None:
@@ -300,7 +299,6 @@ def open_store(uri: str):
         cause = str(exc).strip().splitlines()[0]
         raise ConfigError(f"MLflow store {path} cannot be opened ({cause}); move it aside (a new one is "
                           "created) or run `mlflow db upgrade` on it if it comes from an older MLflow") from exc
-    return client
 
 
 def run_name(cfg: EdgeoptConfig, root: Path) -> str:
