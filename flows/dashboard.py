@@ -1,11 +1,13 @@
 """The human-facing report: `reports/<run>/index.html` (self-contained, opens offline) and `report.md`.
 
 Built from what the report stage wrote to `metrics/` (benchmark.csv, compile.csv, latency_curve.csv,
-seq_len_choice.csv, summary.json), so `edgeopt report` can rebuild it at any time. Plots are
+seq_len_choice.csv, prune_search.csv, summary.json), so `edgeopt report` can rebuild it at any time. Plots are
 matplotlib SVGs inlined into the HTML (no scripts, no CDN, no network) and written beside it for the
 Markdown. Sections: the recommended artifact and sequence length per device and why; the
 latency-vs-accuracy Pareto plot per sequence length with the accuracy budget line; latency against
-sequence length per device with the share of inputs each length truncates; op placement per compiled
+sequence length per device with the share of inputs each length truncates; the pruning strengths the
+prune stage tried and their drop on every evaluation set (and, when none held the budget, that the dense
+model is recommended); op placement per compiled
 artifact (nodes on the accelerator, CPU fallback ops by name); all benchmark rows; tool versions and
 the CPU. Simulated timings (QNN HTP simulator) and quick-mode rows are marked wherever they appear.
 """
@@ -51,6 +53,8 @@ def load_metrics(metrics_dir: Path) -> dict:
         if not path.is_file():
             raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) to write {metrics_dir}/")
         found[name] = json.loads(path.read_text(encoding="utf-8")) if name.endswith(".json") else _read_csv(path)
+    searched = metrics_dir / "prune_search.csv"  # absent in metrics written before the search existed
+    found["prune_search.csv"] = _read_csv(searched) if searched.is_file() else pd.DataFrame()
     return found
 
 
@@ -197,6 +201,62 @@ def plot_pareto(bench: pd.DataFrame, budget: float) -> str:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
     return _svg(fig, "pareto")
+
+
+def plot_prune_search(searched: pd.DataFrame, budget: float) -> str:
+    """Drop against dense per evaluation set and length, over the encoder weights each level kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(searched["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = searched[searched["model"] == model]
+        for (eval_set, seq_len), line in rows.groupby(["eval_set", "seq_len"], sort=False):
+            line = line.sort_values("encoder_weights_kept")
+            ax.plot(100 * line["encoder_weights_kept"], line["drop"], marker="o", label=f"{eval_set} @ {seq_len}")
+        for r in rows[rows["chosen"]].drop_duplicates("level").itertuples():
+            ax.axvline(100 * r.encoder_weights_kept, color="#55a868", linewidth=1, label="kept level")
+        ax.axhline(budget, color="#c44e52", linestyle="--", linewidth=1.2, label=f"accuracy budget ({budget:g})")
+        for r in rows.drop_duplicates("level").itertuples():
+            ax.annotate(f"heads -{r.head_ratio:.0%}\nFFN -{r.ffn_ratio:.0%}",
+                        (100 * r.encoder_weights_kept, rows[rows["level"] == r.level]["drop"].max()),
+                        textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.set_xlabel("encoder weights kept, % (fewer = faster)")
+        ax.set_ylabel("metric points below dense (lower is better)")
+        ax.set_title(f"pruning strengths tried for {model!r}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    fig.tight_layout()
+    return _svg(fig, "prune")
+
+
+def prune_search_table(searched: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and level tried: the shares removed, weights kept, and the drop on each set@length."""
+    rows = []
+    for (model, level), group in searched.groupby(["model", "level"], sort=False):
+        first = group.iloc[0]
+        row = {"model": model, "level": int(level), "heads removed": f"{first['head_ratio']:.0%}",
+               "FFN removed": f"{first['ffn_ratio']:.0%}", "encoder weights kept": f"{first['encoder_weights_kept']:.0%}"}
+        for r in group.itertuples():
+            row[f"{r.eval_set} @ {r.seq_len}"] = f"{r.metric_value:.2f} ({-r.drop:+.2f})"
+        row["within budget on every set"] = _fmt(bool(first["level_within_budget"]))
+        row["kept"] = "yes" if bool(first["chosen"]) else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def prune_search_notes(summary: dict, budget: float) -> list[str]:
+    notes = []
+    for model, verdict in summary.get("prune_search", {}).items():
+        if verdict["met_budget"]:
+            continue
+        notes.append(f"No pruning level of model {model!r} stayed within {budget:g} points of the dense model on "
+                     f"every evaluation set ({verdict['levels_tried']} tried): the dense model is recommended. "
+                     f"The {model!r} rows show the weakest level tried, for comparison.")
+    return notes
 
 
 def plot_seq_len(bench: pd.DataFrame, curve: pd.DataFrame, choice: pd.DataFrame, truncated: dict) -> str:
@@ -392,6 +452,10 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         "seq_len.svg": drawn("seq_len.svg", plot_seq_len, bench, curve, choice, inputs["truncated_share"],
                              cache=plot_cache),
     }
+    searched = metrics["prune_search.csv"]
+    if len(searched):
+        plots["prune_search.svg"] = drawn("prune_search.svg", plot_prune_search, searched, budget, cache=plot_cache)
+    pruning = prune_search_table(searched) if len(searched) else pd.DataFrame()
     recs, placement, results, tools = (recommendations(bench, summary), placement_table(compiled),
                                        results_table(bench), tool_table(bench))
     per_set = evaluation_table(metrics["evaluation.csv"])
@@ -399,7 +463,7 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
     banners = []
     if bench["quick"].any():
         banners.append(f"<div class='warn'>QUICK MODE: {html.escape(QUICK_NOTE)}</div>")
-    notes = []
+    notes = prune_search_notes(summary, budget)
     if bench["simulated"].any():
         notes.append(f"Rows marked (sim) / X markers: {SIM_NOTE}. Their accuracy columns come from the identical "
                      "QDQ graph on the ONNX Runtime CPU EP over the full test split; the compiled context's own "
@@ -423,6 +487,9 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
             .rename(columns={"truncated_share": "% truncated", "latency_p50_ms": "p50 ms", "measured_by": "measured by",
                              "seq_len": "L"})) if len(choice) else ""),
         ("Accuracy on every evaluation set (vs dense fp32 at the same length)", _html_table(per_set)),
+        *([("Pruning strength: the levels tried (torch fp32 vs dense, on the evaluation sets themselves)",
+            f"<div class='plot'>{plots['prune_search.svg']}</div>" + _html_table(pruning, wide=True))]
+          if len(pruning) else []),
         ("Op placement per compiled artifact", _html_table(placement)),
         ("All benchmark rows", _html_table(results)),
         ("Tools and machine", _html_table(tools)),
@@ -447,6 +514,8 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
            "## Latency vs sequence length", "", "![latency vs sequence length](seq_len.svg)", "",
            choice.to_markdown(index=False, floatfmt=".4g") if len(choice) else "", "",
            "## Accuracy on every evaluation set", "", per_set.to_markdown(index=False) if len(per_set) else "none", "",
+           *(["## Pruning strength: the levels tried", "", "![pruning strengths tried](prune_search.svg)", "",
+              pruning.to_markdown(index=False), ""] if len(pruning) else []),
            "## Op placement per compiled artifact", "", placement.to_markdown(index=False) if len(placement) else "none",
            "", "## All benchmark rows", "", results.to_markdown(index=False), "",
            "## Tools and machine", "", tools.to_markdown(index=False), ""]

@@ -69,8 +69,9 @@ def document(cfg: EdgeoptConfig) -> dict:
                 "cmd": "edgeopt stage prune --model ${item}",
                 # Every model but dense (which prunes nothing) distils on the text pool; DVC cannot pick
                 # deps per item, so dense lists it too.
-                "deps": [fetched, "artifacts/calibration_data/text_pool.csv", *_code("prune", families)],
-                "params": ["prune.models.${item}", "family"],
+                "deps": [fetched, "artifacts/calibration_data/text_pool.csv", *eval_files, *_code("prune", families)],
+                # A search scores each level on the evaluation sets against the budget, at every length.
+                "params": ["prune.models.${item}", "family", "evaluation", "report.accuracy_budget", "seq_lens"],
                 "outs": ["artifacts/prune/${item}"],
             },
         },
@@ -93,8 +94,8 @@ def document(cfg: EdgeoptConfig) -> dict:
         },
         "calibration_data": {
             "cmd": "edgeopt stage calibration_data",
-            "deps": [fetched, *sources, *_code("calibration_data", families)],
-            "params": ["calibration_data", "seq_lens", "family"],
+            "deps": [fetched, *sources, *eval_files, *_code("calibration_data", families)],
+            "params": ["calibration_data", "seq_lens", "family", "evaluation"],
             "outs": ["artifacts/calibration_data"],
         },
         "graph_surgery": {
@@ -151,7 +152,7 @@ def document(cfg: EdgeoptConfig) -> dict:
         },
         "report": {
             "cmd": "edgeopt stage report",
-            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/latency_curve", fetched,
+            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/latency_curve", "artifacts/prune", fetched,
                      Path(cfg.report.seq_len_choice.text.path).as_posix(), *_code("report", families)],
             "params": ["models", "seq_lens", "targets", "compile.jobs", "report", "family"],
             "outs": [{"metrics": {"cache": False}}],

@@ -30,7 +30,7 @@ from tasks.core import catalog, fingerprint
 from tasks.core.catalog import MAIN, Catalog
 from tasks.core.code_deps import code_files
 from tasks.core.errors import ConfigError, InputError
-from tasks.core.fingerprint import is_current, link_output, stage_key, tool_versions
+from tasks.core.fingerprint import STAMP, is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
 from tasks.data.evaluation import check_columns
 from tasks.families import FAMILIES
@@ -231,9 +231,11 @@ def prune(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageCall:
         base=out.base,
         out_dir=out.prune_dir(model),
         inputs={"model_dir": catalog.model_folder(out.fetch_model_dir()), "text": text},
+        watch=eval_files(cfg),
         # Only this model's settings are part of the key: editing one model reruns only that one.
-        params={"params": cfg.prune.model_copy(update={"models": {model: settings}}), "family": cfg.family},
-        args={"model": model},
+        params={"params": cfg.prune.model_copy(update={"models": {model: settings}}), "family": cfg.family,
+                "evaluation_params": cfg.evaluation},
+        args={"model": model, "accuracy_budget": cfg.report.accuracy_budget, "seq_lens": list(cfg.seq_lens)},
         code=stage_code("prune", family_module(cfg)),
         tools=prune_stage.TOOLS,
     )
@@ -279,6 +281,11 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
     )
 
 
+def eval_files(cfg: EdgeoptConfig) -> dict[str, Path]:
+    """Every evaluation set's files, by a name for the stage key."""
+    return {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
+
+
 def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     sources = [Path(src.path) for src in cfg.calibration_data.sources]
     return StageCall(
@@ -288,8 +295,8 @@ def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         base=out.base,
         out_dir=out.calibration_data_dir(),
         inputs={"model_dir": catalog.model_folder(out.fetch_model_dir())},
-        watch={f"source_{i}": p for i, p in enumerate(sources)},
-        params={"params": cfg.calibration_data, "family": cfg.family},
+        watch={**{f"source_{i}": p for i, p in enumerate(sources)}, **eval_files(cfg)},
+        params={"params": cfg.calibration_data, "family": cfg.family, "evaluation": cfg.evaluation},
         args={"sources": sources, "seq_lens": list(cfg.seq_lens)},
         code=stage_code("calibration_data", family_module(cfg)),
         tools=calibration_stage.TOOLS,
@@ -353,7 +360,6 @@ def compiled_for(cfg: EdgeoptConfig, model: str, target: Target, seq_len: int, o
 def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_len: int, out: Catalog = MAIN) -> StageCall:
     name = catalog.dvc_stage_name("benchmark", model=model, target=f"target{index}", seq_len=seq_len)
     compiled = compiled_for(cfg, model, target, seq_len, out)
-    eval_files = {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
     return StageCall(
         stage="benchmark",
         name=name,
@@ -365,7 +371,7 @@ def benchmark(cfg: EdgeoptConfig, model: str, index: int, target: Target, seq_le
             "model_dir": catalog.model_folder(out.fetch_model_dir()),
             "reference_outputs": out.reference_dir(seq_len) / reference_stage.OUTPUTS,
         },
-        watch={**eval_files, **{f"compiled_{t}": d for t, d in compiled.items()}},
+        watch={**eval_files(cfg), **{f"compiled_{t}": d for t, d in compiled.items()}},
         params={"params": cfg.benchmark, "evaluation_params": cfg.evaluation, "family": cfg.family},
         args={
             "source_model": model_label(cfg),
@@ -466,6 +472,7 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     dirs = [c.out_dir for c in benchmark_calls(cfg, out)]
     compiled = [c.out_dir for c in compile_calls(cfg, out)]
     curves = [c.out_dir for c in latency_curve_calls(cfg, out)]
+    pruned = [out.prune_dir(model) for model in cfg.models]
     return StageCall(
         stage="report",
         name="report",
@@ -481,9 +488,10 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
             **{f"benchmark_{i}": d for i, d in enumerate(dirs)},
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
             **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
+            **{f"prune_{i}": d / STAMP for i, d in enumerate(pruned)},
         },
         params={"params": cfg.report, "family": cfg.family},
-        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves},
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "prune_dirs": pruned},
         code=stage_code("report", family_module(cfg)),
         tools=report_stage.TOOLS,
     )

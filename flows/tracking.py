@@ -366,6 +366,11 @@ def headline_metrics(rows: list[dict], summary: dict, seconds: float) -> dict[st
         device, seq_len = key.rsplit("/", 1)
         metrics[f"best/{device}/{seq_len}/p50_ms"] = best["latency_p50_ms"]
         metrics[f"best/{device}/{seq_len}/metric"] = best["metric_value"]
+    for model, verdict in summary.get("prune_search", {}).items():
+        metrics[f"prune/{model}/met_budget"] = float(verdict["met_budget"])
+        if verdict["chosen"]:
+            metrics[f"prune/{model}/head_ratio"] = verdict["chosen"]["head_ratio"]
+            metrics[f"prune/{model}/ffn_ratio"] = verdict["chosen"]["ffn_ratio"]
     for r in rows:
         path = f"{r['model']}/{r['variant']}/{r['device']}/{r['target']}/{r['seq_len']}"
         metrics[f"p50_ms/{path}"] = r["latency_p50_ms"]
@@ -427,7 +432,7 @@ def log_pipeline(
         # what the run resolved, secrets masked
         (files / "params.yaml").write_text(yaml.safe_dump(redact_mapping(cfg.model_dump(mode="json")), sort_keys=False))
         for name in ("benchmark.csv", "evaluation.csv", "compile.csv", "summary.json", "latency_curve.csv",
-                     "seq_len_choice.csv", "input_lengths.json"):
+                     "seq_len_choice.csv", "input_lengths.json", "prune_search.csv"):
             if (report_dir / name).is_file():
                 shutil.copyfile(report_dir / name, files / name)
         if report_files:  # the HTML/Markdown report of this run

@@ -10,4 +10,5 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pip check >/dev/null
+bash infra/data/fetch.sh  # the second evaluation set and the text pool, into data/
 echo "edgeopt installed in .venv ($(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("edgeopt"))'))"

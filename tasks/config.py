@@ -20,8 +20,9 @@ from tasks.backends import BACKENDS
 from tasks.core.catalog import DENSE
 from tasks.core.errors import ConfigError
 from tasks.core.params import StrictParams
+from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, family_settings
-from tasks.stages.benchmark import BenchmarkParams, EvaluationParams
+from tasks.stages.benchmark import BenchmarkParams
 from tasks.stages.calibration_data import CalibrationDataParams
 from tasks.stages.compile import CompileCheckParams
 from tasks.stages.export_onnx import ExportOnnxParams

@@ -20,6 +20,7 @@ STSB_DIR = (REPO.parent / "shared" / "data" / "stsb").resolve()
 PROJECT_FILES = ("tasks", "flows", "params.yaml", ".dvcignore", ".gitignore")
 SENTENCE_ENCODER = SentenceEncoderSettings()
 STSB_TEST = STSB_DIR / "sts-test.csv"
+WIKIPEDIA = REPO / "data" / "wikipedia" / "summaries_en-us.json"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -124,13 +125,14 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["evaluation"]["sets"] = [
         {"name": "stsb", "format": "sentence_pairs", "reader": "stsb", "path": str(STSB_TEST), "max_items": 40}
     ]
-    params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(model_dir.parent)]
+    params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(model_dir.parent), str(REPO / "data")]
     params["fetch_model"].update(source="path", path=str(model_dir))
+    params["report"]["seq_len_choice"]["text"] = {"path": str(STSB_DIR / "sts-train.csv"), "format": "stsb"}
     params["benchmark"].update(threads=1, warmup_runs=2, timed_runs=50, repeats=2)
     params["reference"].update(samples=40)
+    # The project's own text pool (infra/data/fetch.sh): STS-B train/dev share sentences with its test split.
     params["calibration_data"].update(
-        samples=16,
-        sources=[{"path": str(STSB_DIR / f"sts-{split}.csv"), "format": "stsb"} for split in ("train", "dev")],
+        samples=16, sources=[{**params["calibration_data"]["sources"][0], "path": str(WIKIPEDIA)}]
     )
     # fp32 benchmarked, and the QNN recipe compiled for one SoC (the HTP simulator takes seconds on a
     # tiny model): the whole DAG, kept small. Quantization accuracy is tested in tests/tasks.

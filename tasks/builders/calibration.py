@@ -48,6 +48,7 @@ from pydantic import Field
 from tasks.core.errors import InputError, StageError
 from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
+from tasks.data.evaluation import EvaluationParams, refuse_evaluated_text
 from tasks.data.text import TextSource, load_pool
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
@@ -169,11 +170,15 @@ class Calibration:
 
 
 def make(model_dir: Path, sources: list[Path], seq_lens: list[int], params: CalibrationDataParams,
-         family: FamilySettings) -> Calibration:
+         family: FamilySettings, evaluation: EvaluationParams | None) -> Calibration:
+    """`evaluation`: the sets no pool row may come from (None: not checked, for latency-only calibration
+    made from a pool that was checked when the calibration_data stage made it)."""
     impl = FAMILIES.get(family.name)
     if not seq_lens or any(L <= 2 for L in seq_lens):
         raise InputError(f"seq_lens: {seq_lens}: every sequence length must be > 2 tokens")
     pool, info = load_pool(params.sources, [Path(p) for p in sources])
+    if evaluation is not None:
+        refuse_evaluated_text(pool, evaluation, "calibration and distillation text")
     if len(pool) < params.samples:
         raise InputError(
             f"calibration sources: only {len(pool)} unique sentences for calibration_data.samples={params.samples}; "

@@ -256,3 +256,25 @@ def describe(exc: Exception) -> str:
         more = f" (+{len(cases) - 1} more)" if len(cases) > 1 else ""
         return f"column {column!r} fails {check} on {value!r}{more}"
     return str(exc).splitlines()[0]
+
+# The prune stage's search walk, one row per level and evaluation set@length (report -> metrics/prune_search.csv).
+PRUNE_SEARCH = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "level": pa.Column(int, pa.Check.ge(1)),
+        "head_ratio": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "ffn_ratio": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "distill_steps": pa.Column(float, nullable=True),
+        "encoder_weights_kept": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "eval_set": pa.Column(str),
+        "seq_len": pa.Column(int, pa.Check.gt(0)),
+        "dense_value": pa.Column(float),
+        "metric_value": pa.Column(float),
+        "drop": pa.Column(float),
+        "level_within_budget": pa.Column(bool),
+        "chosen": pa.Column(bool),
+    },
+    strict=True,
+    coerce=True,
+    name="prune_search",
+)

@@ -2,7 +2,7 @@
 
 Formats (`evaluation.sets[].format` in params.yaml):
   sentence_pairs  two texts and a gold score per row -> Spearman x100 of the cosine of the two outputs
-                  against the gold scores (reader `stsb` reads the STS Benchmark files as distributed)
+                  against the gold scores (readers `stsb` and `lee50` read those sets as distributed)
   labelled_text   a text and its label per row -> accuracy x100 or macro F1 x100 of the argmax of the
                   outputs (the model's class names map labels to output indices)
   retrieval       queries, a corpus and relevance judgements -> nDCG@10 or recall@10 x100 of the corpus
@@ -29,11 +29,13 @@ from tasks.core.errors import InputError
 from tasks.core.onnx_graph import row_cosines
 from tasks.core.params import StrictParams
 from tasks.core.schemas import LABELLED_TEXT, RETRIEVAL_QRELS, SENTENCE_PAIRS, describe
-from tasks.data.stsb import read_pairs
+from tasks.data import lee50, stsb
 from tasks.data.text import read_table, read_text_file
 
 Reader = Literal["csv", "tsv", "jsonl"]
 TOP_K = 10
+PAIR_READERS = {"stsb": stsb.read_pairs, "lee50": lee50.read_pairs}
+"""Sentence-pair sets read as distributed (`reader:`), each to a validated score, sentence1, sentence2 frame."""
 
 
 class _EvalSetBase(StrictParams):
@@ -44,8 +46,10 @@ class _EvalSetBase(StrictParams):
 class SentencePairsSet(_EvalSetBase):
     format: Literal["sentence_pairs"] = "sentence_pairs"
     path: Path
-    reader: Literal["stsb", "csv", "tsv", "jsonl"] = Field(
-        "csv", description="stsb: the STS Benchmark files as distributed (tab-separated, no header)"
+    reader: Literal["stsb", "lee50", "csv", "tsv", "jsonl"] = Field(
+        "csv",
+        description="stsb: an STS Benchmark file as distributed (tab-separated, no header); lee50: the folder "
+        "holding the Lee50 documents and similarity matrix (tasks/data/lee50.py)",
     )
     sentence1: str = "sentence1"
     sentence2: str = "sentence2"
@@ -56,7 +60,7 @@ class SentencePairsSet(_EvalSetBase):
         return {"path": self.path}
 
     def columns(self) -> list[str]:
-        return [] if self.reader == "stsb" else [self.sentence1, self.sentence2, self.score]
+        return [] if self.reader in PAIR_READERS else [self.sentence1, self.sentence2, self.score]
 
 
 class LabelledTextSet(_EvalSetBase):
@@ -98,6 +102,15 @@ class RetrievalSet(_EvalSetBase):
 EvalSet = Annotated[SentencePairsSet | LabelledTextSet | RetrievalSet, Field(discriminator="format")]
 
 
+class EvaluationParams(StrictParams):
+    """How every artifact is scored: the first set is the headline metric, all of them bound the budget."""
+
+    sets: list[EvalSet] = Field(min_length=1)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.sets]
+
+
 @dataclass(frozen=True)
 class EvalData:
     """One evaluation set ready to run: the texts, and how outputs for them become the metric."""
@@ -121,9 +134,10 @@ def check_columns(eval_set: EvalSet) -> None:
     """Read only the header (or first line) of each file: a missing column is one line before any stage."""
     for field_name, path in eval_set.files().items():
         where = f"evaluation set {eval_set.name!r} ({field_name})"
-        text = read_text_file(Path(path), where)
-        if eval_set.reader == "stsb":
+        if eval_set.reader in PAIR_READERS:
+            PAIR_READERS[eval_set.reader](Path(path))  # small files, read whole: every error before any stage
             continue
+        text = read_text_file(Path(path), where)
         needed = eval_set.columns()
         if isinstance(eval_set, RetrievalSet) and field_name == "qrels":
             needed = list(RETRIEVAL_QRELS.columns)
@@ -181,15 +195,17 @@ def spearman_x100(outputs: np.ndarray, left: np.ndarray, right: np.ndarray, gold
     return float(spearmanr(row_cosines(outputs[left], outputs[right]), gold).statistic * 100)
 
 
+def _pair_frame(s: SentencePairsSet) -> pd.DataFrame:
+    if s.reader in PAIR_READERS:
+        return PAIR_READERS[s.reader](s.path)
+    raw = read_table(s.path, s.reader, [s.sentence1, s.sentence2, s.score], f"evaluation set {s.name!r}")
+    raw = raw.rename(columns={s.sentence1: "sentence1", s.sentence2: "sentence2", s.score: "score"})
+    raw = raw.assign(sentence1=raw["sentence1"].str.strip(), sentence2=raw["sentence2"].str.strip())
+    return _validated(raw[["score", "sentence1", "sentence2"]], SENTENCE_PAIRS, s.path)
+
+
 def _pairs(s: SentencePairsSet, cap: int | None) -> EvalData:
-    if s.reader == "stsb":
-        pairs = read_pairs(s.path)
-    else:
-        raw = read_table(s.path, s.reader, [s.sentence1, s.sentence2, s.score], f"evaluation set {s.name!r}")
-        raw = raw.rename(columns={s.sentence1: "sentence1", s.sentence2: "sentence2", s.score: "score"})
-        raw = raw.assign(sentence1=raw["sentence1"].str.strip(), sentence2=raw["sentence2"].str.strip())
-        pairs = _validated(raw[["score", "sentence1", "sentence2"]], SENTENCE_PAIRS, s.path)
-    full = pairs
+    full = _pair_frame(s)
 
     def build(n: int | None) -> EvalData:
         cut = _first(full, n)
@@ -302,6 +318,36 @@ def _retrieval(s: RetrievalSet, cap: int | None) -> EvalData:
                         total_items=len(judged_queries))
 
     return build(cap)
+
+
+def texts(eval_set: EvalSet) -> set[str]:
+    """Every text the set evaluates on, stripped (no labels or scoring read): what no training text may be."""
+    where = f"evaluation set {eval_set.name!r}"
+    if isinstance(eval_set, SentencePairsSet):
+        return set(unique_pair_texts(_pair_frame(eval_set))[0])
+    if isinstance(eval_set, LabelledTextSet):
+        return set(read_table(eval_set.path, eval_set.reader, [eval_set.text], where)[eval_set.text].str.strip())
+    columns = ["text"]
+    found = set()
+    for path in (eval_set.queries, eval_set.corpus):
+        found |= set(read_table(path, eval_set.reader, columns, where)["text"].str.strip())
+    return found
+
+
+def refuse_evaluated_text(pool: pd.DataFrame, evaluation: EvaluationParams, use: str) -> None:
+    """InputError when a row of a text pool (columns sentence, source) is a text of an evaluation set:
+    training or calibrating on what is scored makes the score say nothing about other text."""
+    sentences = set(pool["sentence"])
+    for eval_set in evaluation.sets:
+        shared = sentences & texts(eval_set)
+        if shared:
+            rows = pool[pool["sentence"].isin(shared)]
+            where = ", ".join(sorted(set(rows["source"])))
+            raise InputError(
+                f"{where}: {len(shared)} rows of the {use} are texts of evaluation set {eval_set.name!r} (e.g. "
+                f"{rows['sentence'].iloc[0][:60]!r}); never calibrate or distil on what is evaluated: remove "
+                "them or use another source"
+            )
 
 
 METRIC_LABELS = {

@@ -1,7 +1,9 @@
 """Text sources named in params (calibration text, distillation text, the inputs a deployment will see).
 
-Each source is read as UTF-8 text: `csv`/`tsv`/`jsonl` take the named `column`, `txt` one text per line,
-`stsb` both sentences of every pair (`tasks.data.stsb.read_pairs`). Missing, empty, binary (NUL bytes),
+Each source is read as UTF-8 text: `csv`/`tsv`/`jsonl` take the named `column`, `json` the `column` key of
+every record (a JSON array of objects, or an object whose values are objects), `txt` one text per line,
+`stsb` both sentences of every pair (`tasks.data.stsb.read_pairs`). `split_sentences` cuts paragraphs into
+sentences first. Missing, empty, binary (NUL bytes),
 UTF-16 or non-UTF-8 files, a missing column, or a file whose rows are all the same text stop with a
 one-line `InputError` naming the file. `load_pool` strips, drops blank rows, removes repeats (first
 occurrence wins, across sources) and validates the pool against `CALIBRATION_TEXT`.
@@ -9,8 +11,10 @@ occurrence wins, across sources) and validates the pool against `CALIBRATION_TEX
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -23,15 +27,21 @@ from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
 from tasks.data.stsb import read_pairs
 
+# A sentence ends at . ! or ? followed by space and a capital, digit, quote or bracket. Simple on purpose:
+# an abbreviation ("U.S. Army") splits a sentence in two, which costs a text pool nothing.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+
 
 class TextSource(StrictParams):
     path: Path = Field(description="text file, relative to the project root")
-    format: Literal["csv", "tsv", "jsonl", "txt", "stsb"] = Field(description="how to read `path`")
-    column: str | None = Field(None, description="column/key holding the text, for csv, tsv and jsonl")
+    format: Literal["csv", "tsv", "jsonl", "json", "txt", "stsb"] = Field(description="how to read `path`")
+    column: str | None = Field(None, description="column/key holding the text, for csv, tsv, jsonl and json")
+    split_sentences: bool = Field(False, description="cut each text into sentences (for paragraphs, documents)")
+    provenance: str | None = Field(None, description="where the text comes from and its licence (recorded in the output)")
 
     @model_validator(mode="after")
     def _column(self) -> TextSource:
-        if self.format in ("csv", "tsv", "jsonl") and not self.column:
+        if self.format in ("csv", "tsv", "jsonl", "json") and not self.column:
             raise ValueError(f"{self.path}: format {self.format} needs `column` (the column holding the text)")
         if self.format in ("txt", "stsb") and self.column:
             raise ValueError(f"{self.path}: format {self.format} takes no `column`; remove it")
@@ -93,16 +103,45 @@ def read_table(path: Path, fmt: Literal["csv", "tsv", "jsonl"], columns: list[st
     return frame[columns]
 
 
+def read_json_records(path: Path, key: str) -> list[str]:
+    """The `key` of every record of a JSON array of objects, or of an object whose values are objects."""
+    text = read_text_file(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); fix the file or its format") from exc
+    records = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{path}: expected an array of objects or an object of objects; use format jsonl or txt")
+    missing = sum(1 for r in records if key not in r)
+    if missing == len(records):
+        found = sorted({k for r in records[:20] for k in r})
+        raise InputError(f"{path}: no record has key {key!r} (keys found: {found}); fix the column in params.yaml")
+    return ["" if r.get(key) is None else str(r.get(key)) for r in records]
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in SENTENCE_END.split(text) if s.strip()]
+
+
 def read_source(source: TextSource, path: Path) -> list[str]:
     """Raw (unstripped, possibly repeated) texts of one source, in file order."""
     path = Path(path)
     if source.format == "stsb":
         read_text_file(path)
         pairs = read_pairs(path)
-        return [s for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair]
-    if source.format == "txt":
-        return read_text_file(path).splitlines()
-    return read_table(path, source.format, [source.column], "text source")[source.column].tolist()
+        texts = [s for pair in zip(pairs["sentence1"], pairs["sentence2"]) for s in pair]
+    elif source.format == "txt":
+        texts = read_text_file(path).splitlines()
+    elif source.format == "json":
+        texts = read_json_records(path, source.column)
+    else:
+        texts = read_table(path, source.format, [source.column], "text source")[source.column].tolist()
+    return [s for t in texts for s in split_sentences(t)] if source.split_sentences else texts
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFrame, dict]:
@@ -121,6 +160,9 @@ def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFram
         per_source.append(
             {
                 "path": Path(path).as_posix(),
+                "sha256": file_sha256(path),
+                "provenance": source.provenance,
+                "split_sentences": source.split_sentences,
                 "rows": int(len(raw)),
                 "blank": int(len(raw) - len(nonblank)),
                 "unique": int(len(unique)),

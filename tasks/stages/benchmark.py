@@ -45,8 +45,8 @@ from tasks.core.errors import BackendUnavailableError, BenchmarkError, StageErro
 from tasks.core.fingerprint import atomic_output_dir, read_stamp, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
 from tasks.core.onnx_graph import row_cosines
-from tasks.core.params import StrictParams
 from tasks.data import evaluation
+from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 
@@ -55,15 +55,6 @@ HOST = "host"
 """`target` of a row that measured the quantize output as it is (no compile job for its variant and device)."""
 CPU_EP_DEVICE = "ort_cpu"
 SIMULATOR_WARMUP_RUNS = 1  # seconds per run on a simulator: one untimed run after the first is enough
-
-
-class EvaluationParams(StrictParams):
-    """How every artifact is scored: the first set is the headline metric, all of them bound the budget."""
-
-    sets: list[evaluation.EvalSet] = Field(min_length=1)
-
-    def names(self) -> list[str]:
-        return [s.name for s in self.sets]
 
 
 class BenchmarkParams(TimingParams):

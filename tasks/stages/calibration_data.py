@@ -1,7 +1,8 @@
 """Stage calibration_data: representative, validated calibration inputs for static quantization.
 
-Reads: the fetched model folder (its tokenizer) and the text sources in `calibration_data.sources` (never an
-evaluation set: config validation refuses that). Writes the text pool, the sampled sentences, one
+Reads: the fetched model folder (its tokenizer), the text sources in `calibration_data.sources` and the
+evaluation sets (no pool row may be one of their texts: the same file is refused by config validation, the
+same rows here). Writes the text pool, the sampled sentences, one
 `calib_seq{L}.npz` per length and token-length statistics, as `tasks.builders.calibration` describes.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from tasks.builders.calibration import TEXT_POOL, TOOLS, CalibrationDataParams, calib_name, make
 from tasks.core.fingerprint import atomic_output_dir, write_stamp
+from tasks.data.evaluation import EvaluationParams
 from tasks.families.base import FamilySettings
 
 __all__ = ["TEXT_POOL", "TOOLS", "CalibrationDataParams", "calib_name", "run"]
@@ -22,10 +24,11 @@ def run(
     seq_lens: list[int],
     params: CalibrationDataParams,
     family: FamilySettings,
+    evaluation: EvaluationParams,
     out_dir: Path,
     key: str,
 ) -> dict:
-    calibration = make(model_dir, sources, seq_lens, params, family)
+    calibration = make(model_dir, sources, seq_lens, params, family, evaluation)
     with atomic_output_dir(out_dir) as scratch:
         calibration.write(scratch, seq_lens)
         write_stamp(scratch, key, calibration.payload)

@@ -93,7 +93,7 @@ def build_variants(
         surgery.rewrite(exported, params.graph_surgery, family, surgered, tmp)
     if any(quantize.needs_calibration(s) for s in settings.values()):
         calib = params.calibration_data.model_copy(update={"samples": params.latency_curve.calibration_samples})
-        made = calibration.make(model_dir, sources, [seq_len], calib, family)
+        made = calibration.make(model_dir, sources, [seq_len], calib, family, evaluation=None)
         calib_npz = tmp / calibration.calib_name(seq_len)
         calibration.save_npz(calib_npz, made.arrays[seq_len])
     artifacts = {}

@@ -13,6 +13,13 @@ describes (every architecture of its `LAYOUTS`; one that cannot lose heads says 
 (`tasks.families.distillation`, skipped when nothing is pruned: the student would equal the teacher) of
 the family's exported output on the text, with `heldout_sentences` of the shuffled text never trained on.
 With both ratios 0 the output holds the fetched weights bit for bit.
+
+Strength chosen by the budget (`search`): the levels are tried in order, strongest first; each is pruned
+and distilled from the dense model, then scored in torch (fp32) on every evaluation set at every sequence
+length beside the dense model. The first level whose drop is within `report.accuracy_budget` on every set
+is written; `stage.json` holds the walk (scores, drops, encoder weights kept, times). When no level holds,
+the last (weakest) one is written and `search.met_budget` is false: the report then recommends dense.
+The search scores on the evaluation sets themselves, so it selects on them: the report says so.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.core.errors import InputError, StageError
 from tasks.core.fingerprint import atomic_output_dir, write_stamp
 from tasks.core.params import StrictParams
+from tasks.data import evaluation
+from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, encoder_pruning
 from tasks.families.base import FamilySettings, LoadedModel
 from tasks.families.distillation import DistillSettings, by_length, curve, distill, embed_all
@@ -39,11 +48,33 @@ TOOLS = ("torch", "transformers", "safetensors", "numpy", "pandas")
 MODEL_SUBDIR = "model"
 
 
-class PruneSettings(StrictParams):
-    """How one model is made from the fetched one; both ratios 0 = the fetched model unchanged."""
+class PruneLevel(StrictParams):
+    """One pruning strength the search tries."""
 
     head_ratio: float = Field(0.0, ge=0, lt=1, description="share of attention heads removed")
     ffn_ratio: float = Field(0.0, ge=0, lt=1, description="share of FFN (intermediate) channels removed")
+    distill_steps: int | None = Field(None, ge=0, description="recovery steps; null = distill.steps")
+
+    @model_validator(mode="after")
+    def _prunes(self) -> PruneLevel:
+        if self.head_ratio == 0 and self.ffn_ratio == 0:
+            raise ValueError("a search level prunes nothing (both ratios 0); the dense model is always the fallback")
+        return self
+
+
+class PruneSettings(StrictParams):
+    """How one model is made from the fetched one; both ratios 0 and no search = the fetched model unchanged."""
+
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="share of attention heads removed")
+    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="share of FFN (intermediate) channels removed")
+    search: list[PruneLevel] = Field(
+        [],
+        description="levels tried in order, strongest first; the first within report.accuracy_budget of the dense "
+        "model on every evaluation set is kept (instead of head_ratio / ffn_ratio)",
+    )
+    search_max_items: int | None = Field(
+        None, ge=2, description="search: first N items of every evaluation set (null = all)"
+    )
     scope: Literal["layer", "global"] = Field(
         "layer", description="layer: the ratio in every layer; global: ranked across layers"
     )
@@ -55,9 +86,26 @@ class PruneSettings(StrictParams):
     seed: int = Field(0, ge=0, description="held-out split, importance sample and batch order")
     distill: DistillSettings = Field(default_factory=DistillSettings)
 
+    @model_validator(mode="after")
+    def _ratios_or_search(self) -> PruneSettings:
+        if self.search and (self.head_ratio > 0 or self.ffn_ratio > 0):
+            raise ValueError("give head_ratio / ffn_ratio or a search, not both (the search sets the ratios)")
+        return self
+
     @property
     def prunes(self) -> bool:
-        return self.head_ratio > 0 or self.ffn_ratio > 0
+        return self.head_ratio > 0 or self.ffn_ratio > 0 or bool(self.search)
+
+    def levels(self) -> list[PruneLevel]:
+        if self.search:
+            return self.search
+        return [PruneLevel(head_ratio=self.head_ratio, ffn_ratio=self.ffn_ratio)] if self.prunes else []
+
+    def at(self, level: PruneLevel) -> PruneSettings:
+        """These settings with one level's ratios and steps (and no search)."""
+        steps = self.distill.steps if level.distill_steps is None else level.distill_steps
+        return self.model_copy(update={"head_ratio": level.head_ratio, "ffn_ratio": level.ffn_ratio, "search": [],
+                                       "distill": self.distill.model_copy(update={"steps": steps})})
 
 
 class PruneParams(StrictParams):
@@ -113,8 +161,11 @@ def _agreement(student, teacher) -> dict[str, float]:
 
 
 def prune_and_distill(impl, family: FamilySettings, teacher: LoadedModel, student: LoadedModel, layout,
-                      sentences: list[str], settings: PruneSettings) -> tuple[list, dict]:
-    """Importance, selection, slicing and recovery on `student` (a copy of `teacher`), in place."""
+                      sentences: list[str], settings: PruneSettings, teacher_outputs: dict | None = None
+                      ) -> tuple[list, dict]:
+    """Importance, selection, slicing and recovery on `student` (a copy of `teacher`), in place.
+    `teacher_outputs`: a dict kept across calls with the same text, seed and max_tokens (a search's levels),
+    so the teacher runs over the text once."""
     import torch
 
     d = settings.distill
@@ -142,9 +193,14 @@ def prune_and_distill(impl, family: FamilySettings, teacher: LoadedModel, studen
     teacher_out, _ = impl.export_module(teacher, family)
     student_out, _ = impl.export_module(student, family)
     t0 = time.perf_counter()
-    held_teacher = embed_all(teacher_out, heldout, collate, d.batch_size)
+    cached = {} if teacher_outputs is None else teacher_outputs
+    if "heldout" not in cached:
+        cached["heldout"] = embed_all(teacher_out, heldout, collate, d.batch_size)
+    held_teacher = cached["heldout"]
     before = _agreement(embed_all(student_out, heldout, collate, d.batch_size), held_teacher)
-    targets = embed_all(teacher_out, train, collate, d.batch_size) if d.steps else None
+    if d.steps and "train" not in cached:
+        cached["train"] = embed_all(teacher_out, train, collate, d.batch_size)
+    targets = cached.get("train")
     teacher_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     frozen = [] if d.train_embeddings else list(encoder_pruning.base_model(student.model).embeddings.parameters())
@@ -175,8 +231,74 @@ def prune_and_distill(impl, family: FamilySettings, teacher: LoadedModel, studen
     return plan, report
 
 
+class Scorer:
+    """Every evaluation set at every sequence length, scored in torch on a model's exported output."""
+
+    def __init__(self, impl, family: FamilySettings, model_dir: Path, sets: EvaluationParams, seq_lens: list[int],
+                 max_items: int | None, batch_size: int):
+        self.impl, self.family, self.batch_size = impl, family, batch_size
+        class_names = impl.class_names(Path(model_dir))
+        self.data = [evaluation.load(s, class_names, max_items) for s in sets.sets]
+        self.seq_lens = list(seq_lens)
+
+    def scores(self, loaded: LoadedModel) -> dict[str, float]:
+        module, _ = self.impl.export_module(loaded, self.family)
+        pad_id = loaded.preprocessor.pad_token_id
+        out = {}
+        for data in self.data:
+            for seq_len in self.seq_lens:
+                ids = self.impl.encode(loaded.preprocessor, data.inputs, seq_len)
+                outputs = embed_all(module, ids, lambda b: self.impl.collate(b, pad_id), self.batch_size)
+                out[f"{data.name}@{seq_len}"] = data.score(outputs.numpy())
+        return out
+
+    def drops(self, dense: dict[str, float], scores: dict[str, float]) -> dict[str, float]:
+        """Points lost against dense per set@length (positive = worse, whatever the metric's direction)."""
+        sign = {f"{d.name}@{L}": 1.0 if d.higher_is_better else -1.0 for d in self.data for L in self.seq_lens}
+        return {k: sign[k] * (dense[k] - scores[k]) for k in dense}
+
+
+def _refuse_evaluated(sentences: list[str], text: Path, sets: EvaluationParams) -> None:
+    pool = pd.DataFrame({"sentence": sentences, "source": Path(text).as_posix()})
+    evaluation.refuse_evaluated_text(pool, sets, "distillation text")
+
+
+def search_levels(impl, family: FamilySettings, teacher: LoadedModel, layout, sentences: list[str],
+                  settings: PruneSettings, scorer: Scorer, budget: float) -> tuple[LoadedModel, list, dict]:
+    """The first level within `budget` on every set (else the last one tried), its plan, and the walk."""
+    dense = scorer.scores(teacher)
+    walk, chosen, teacher_outputs = [], None, {}
+    base = encoder_pruning.count_params(teacher.model, layout)["encoder_layers"]
+    for i, level in enumerate(settings.levels()):
+        t0 = time.perf_counter()
+        student = LoadedModel(teacher.folder, teacher.preprocessor, copy.deepcopy(teacher.model), teacher.config)
+        plan, report = prune_and_distill(impl, family, teacher, student, layout, sentences, settings.at(level),
+                                         teacher_outputs)
+        scores = scorer.scores(student)
+        drops = scorer.drops(dense, scores)
+        within = all(d <= budget for d in drops.values())
+        walk.append({
+            **level.model_dump(mode="json"),
+            "encoder_weights_kept": encoder_pruning.count_params(student.model, layout)["encoder_layers"] / base,
+            "scores": scores, "drops": drops, "worst_drop": max(drops.values()), "within_budget": within,
+            "heldout_agreement_with_dense": report["heldout_agreement_with_dense"]["after_distill"]["mean"],
+            "time_s": time.perf_counter() - t0,
+        })
+        print(f"prune search: level {i + 1}/{len(settings.levels())} (heads -{level.head_ratio:.0%}, "
+              f"FFN -{level.ffn_ratio:.0%}): worst drop {walk[-1]['worst_drop']:.2f} points "
+              f"({'within' if within else 'over'} the budget of {budget})", flush=True)
+        if within:
+            chosen = i
+            break
+    search = {"budget": budget, "dense": dense, "levels": walk, "chosen": chosen, "met_budget": chosen is not None,
+              "selected_on": "the evaluation sets (the budget check downstream is not independent of this choice)"}
+    return student, plan, {**report, "search": search}
+
+
 def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, family: FamilySettings,
-        out_dir: Path, key: str) -> dict:
+        evaluation_params: EvaluationParams, accuracy_budget: float, seq_lens: list[int], out_dir: Path,
+        key: str) -> dict:
+    """`evaluation_params`, `accuracy_budget`, `seq_lens`: what a search scores levels on (unused without one)."""
     settings = params.model(model)
     impl = FAMILIES.get(family.name)
     started = time.perf_counter()
@@ -184,7 +306,7 @@ def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, 
         raise InputError(f"{model_dir}: already pruned ({encoder_pruning.PRUNE_JSON}); prune the fetched model folder")
     teacher = impl.load(Path(model_dir), family, "eager")
     layout = impl.pruning_layout(teacher.config)
-    if settings.head_ratio > 0 and layout.no_head_pruning:
+    if any(level.head_ratio > 0 for level in settings.levels()) and layout.no_head_pruning:
         raise InputError(f"prune.models.{model}.head_ratio: {layout.no_head_pruning}")
     base_shapes = encoder_pruning.layer_shapes(teacher.model, layout)
     base_params = encoder_pruning.count_params(teacher.model, layout)
@@ -196,7 +318,14 @@ def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, 
             raise InputError(f"prune.models.{model}: prunes, so it needs the distillation text (text_pool.csv)")
         sentences = read_text(Path(text))
         _check_text(sentences, Path(text), model, impl.max_shape(teacher), settings.distill)
-        plan, report = prune_and_distill(impl, family, teacher, student, layout, sentences, settings)
+        _refuse_evaluated(sentences, Path(text), evaluation_params)
+        if settings.search:
+            scorer = Scorer(impl, family, Path(model_dir), evaluation_params, seq_lens, settings.search_max_items,
+                            settings.distill.batch_size)
+            student, plan, report = search_levels(impl, family, teacher, layout, sentences, settings, scorer,
+                                                  accuracy_budget)
+        else:
+            plan, report = prune_and_distill(impl, family, teacher, student, layout, sentences, settings)
         payload.update(report)
     else:
         plan = [{"heads": list(range(b["heads"])), "ffn_channels": list(range(b["ffn"]))} for b in base_shapes]

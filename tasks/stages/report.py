@@ -8,8 +8,9 @@ Writes: `<out>/benchmark.csv` (`REPORT_TABLE`: every benchmark row plus `metric_
 `npu_nodes, cpu_fallback_nodes, compile_s` of the compile job that built the measured artifact),
 `<out>/evaluation.csv` (`EVALUATION_ROWS`: every evaluation set's metric per row and its own verdict),
 `<out>/compile.csv` (`COMPILE_ROWS`: every compile job, skipped ones included), `<out>/latency_curve.csv`
-(latency at the extra lengths), `<out>/seq_len_choice.csv` (per device and candidate length: share of
-inputs truncated, latency), `<out>/summary.json` (DVC metrics, the fastest within-budget row per device
+(latency at the extra lengths), `<out>/prune_search.csv` (`PRUNE_SEARCH`: each searched model's levels
+tried, their scores and drops per evaluation set and length, and the one kept), `<out>/seq_len_choice.csv`
+(per device and candidate length: share of inputs truncated, latency), `<out>/summary.json` (DVC metrics, the fastest within-budget row per device
 and length, the recommended length per device), `<out>/input_lengths.json` (percentiles of the input
 token counts and the share truncated along a grid of lengths) and `<out>/stage.json`.
 
@@ -19,8 +20,7 @@ own direction).
 
 Sequence-length choice.
 NPUs need static shapes, so every artifact is built for one length L, and an input longer than L is
-truncated. Given the user's text (by default the calibration pool, `artifacts/calibration_data/
-text_pool.csv`: every unique sentence of `calibration_data.sources`) and the latency measured per
+truncated. Given the user's text (`report.seq_len_choice.text`) and the latency measured per
 device and length (the benchmark rows at the deployed lengths plus the `latency_curve` rows at extra
 ones), for each device and compile target:
 - every measured length gets the share of inputs it would truncate and the p50 latency of the
@@ -51,6 +51,7 @@ from tasks.core.schemas import (
     BENCHMARK_ROWS,
     COMPILE_ROWS,
     EVALUATION_ROWS,
+    PRUNE_SEARCH,
     REPORT_ROWS,
     ROW_KEY,
     compile_row,
@@ -242,6 +243,37 @@ def collect_curve(curve_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
+def collect_prune_search(prune_dirs: list[Path]) -> tuple[pd.DataFrame, dict]:
+    """The walk of every model whose strength was searched (long: level x set@length) and, per model,
+    whether a level held the budget and which."""
+    rows, verdicts = [], {}
+    for folder in prune_dirs:
+        stamp = read_stamp(folder)
+        if not stamp or "model" not in stamp:
+            raise StageError(f"{folder}: no finished prune (stage.json missing); run its prune stage first")
+        search = stamp.get("search")
+        if not search:
+            continue
+        chosen = search["chosen"]
+        verdicts[stamp["model"]] = {"met_budget": search["met_budget"],
+                                    "chosen": search["levels"][chosen] if chosen is not None else None,
+                                    "levels_tried": len(search["levels"])}
+        for i, level in enumerate(search["levels"]):
+            for where, value in level["scores"].items():
+                eval_set, seq_len = where.rsplit("@", 1)
+                rows.append({
+                    "model": stamp["model"], "level": i + 1, "head_ratio": level["head_ratio"],
+                    "ffn_ratio": level["ffn_ratio"], "distill_steps": level["distill_steps"],
+                    "encoder_weights_kept": level["encoder_weights_kept"], "eval_set": eval_set,
+                    "seq_len": int(seq_len), "dense_value": search["dense"][where], "metric_value": value,
+                    "drop": level["drops"][where], "level_within_budget": level["within_budget"], "chosen": i == chosen,
+                })
+    try:
+        return PRUNE_SEARCH.validate(pd.DataFrame(rows, columns=list(PRUNE_SEARCH.columns))), verdicts
+    except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        raise StageError(f"prune search rows fail the schema: {describe(exc)}") from exc
+
+
 def add_compile_columns(table: pd.DataFrame, compiled: pd.DataFrame) -> pd.DataFrame:
     """Join each benchmark row with the compile job that built its artifact (same key, target included)."""
     done = compiled[compiled["status"] == "compiled"][[*ROW_KEY, *COMPILE_COLUMNS]]
@@ -308,6 +340,7 @@ def run(
     text: Path,
     compile_dirs: list[Path] = (),
     curve_dirs: list[Path] = (),
+    prune_dirs: list[Path] = (),
 ) -> dict:
     """`model_dir`: the model folder whose preprocessor measures input lengths; `text`: the file named by
     `params.seq_len_choice.text` (passed separately so the caller hashes its content)."""
@@ -317,6 +350,7 @@ def run(
     judged = judge(scores, params.accuracy_budget)
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
+    searched, prune_verdicts = collect_prune_search(list(prune_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})
     lengths = input_lengths(impl, impl.load_preprocessor(Path(model_dir)), source)
     choice_table, choices = choose(lengths, latency_by_length(table, curve), params.seq_len_choice.coverage)
@@ -335,7 +369,9 @@ def run(
         compiled.to_csv(scratch / "compile.csv", index=False, float_format="%.6g")
         curve.to_csv(scratch / "latency_curve.csv", index=False, float_format="%.6g")
         choice_table.to_csv(scratch / "seq_len_choice.csv", index=False, float_format="%.6g")
-        write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best, "seq_len_choice": seq_len})
+        searched.to_csv(scratch / "prune_search.csv", index=False, float_format="%.6g")
+        write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best, "seq_len_choice": seq_len,
+                                                     "prune_search": prune_verdicts})
         write_json_atomic(scratch / "input_lengths.json", stats)
         write_stamp(scratch, key, {"rows": len(table), "evaluation_rows": len(judged), "compile_rows": len(compiled),
                                    "curve_rows": len(curve)})

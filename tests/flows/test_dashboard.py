@@ -99,13 +99,21 @@ def report_dir(tmp_path_factory, tiny_bert):
                            ("ov_nncf_int8", "openvino_cpu", 64, 2.0), ("ov_nncf_int8", "openvino_cpu", 256, 8.5)]
     ]
     curve = [_stage(tmp / "curve", rows=curve_rows)]
+    # A pruning search in which no level held the budget on the second set.
+    levels = [{"head_ratio": h, "ffn_ratio": f, "distill_steps": None, "encoder_weights_kept": kept,
+               "scores": {"stsb@128": 81.8, "lee50@128": lee}, "drops": {"stsb@128": 0.23, "lee50@128": 70.0 - lee},
+               "worst_drop": 70.0 - lee, "within_budget": False}
+              for h, f, kept, lee in [(0.25, 0.5, 0.58, 66.0), (0.0, 0.25, 0.83, 69.2)]]
+    pruned = [_stage(tmp / "prune", model="pruned", search={
+        "budget": 0.5, "dense": {"stsb@128": 82.03, "lee50@128": 70.0}, "levels": levels, "chosen": None,
+        "met_budget": False})]
     text = tmp / "inputs.txt"
     text.write_text("\n".join([f"short input number {i}." for i in range(300)] + ["word " * 100]) + "\n")
     params = ReportParams(seq_len_choice={"text": TextSource(path=text, format="txt")})
     report_run(bench, params, SENTENCE_ENCODER, tmp / "metrics", key="k", model_dir=tiny_bert, text=text,
-               compile_dirs=compiled, curve_dirs=curve)
+               compile_dirs=compiled, curve_dirs=curve, prune_dirs=pruned)
     files = dashboard.write_report(tmp / "metrics", tmp / "reports" / "run1", params.accuracy_budget)
-    assert [f.name for f in files] == ["index.html", "report.md", "pareto.svg", "seq_len.svg"]
+    assert [f.name for f in files] == ["index.html", "report.md", "pareto.svg", "seq_len.svg", "prune_search.svg"]
     return tmp / "reports" / "run1"
 
 
@@ -113,7 +121,7 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     page = (report_dir / "index.html").read_text()
     # Offline: no scripts, stylesheets or images fetched from anywhere (SVG namespaces are not fetches).
     assert not re.search(r"<script|<link|src=|@import|url\((?!#)", page)  # url(#id): clip paths in the SVGs
-    assert page.count("<svg") == 2
+    assert page.count("<svg") == 3
     # 300 of 301 inputs are short: 64 tokens keep 99.7 %, so the latency curve's 64 is recommended.
     assert "64 tokens keep 99.7% of 301 inputs whole" in page
     assert "snapdragon_8_gen_3" in page and "(sim)" in page  # simulated latency is marked
@@ -124,6 +132,10 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
                     "## Op placement", "## Tools and machine"):
         assert heading in md
     assert "![latency vs accuracy](pareto.svg)" in md and "onnxruntime" in md and "AMD EPYC" in md
+    # The pruning search: every level tried with its drop per set, and plainly that dense is recommended.
+    assert "No pruning level of model &#x27;pruned&#x27; stayed within 0.5 points" in page
+    assert "the dense model is recommended" in md and "## Pruning strength: the levels tried" in md
+    assert "66.00 (-4.00)" in md and "69.20 (-0.80)" in md and "![pruning strengths tried](prune_search.svg)" in md
     # The metric is named for what it is (the evaluation set and its metric), not assumed.
     assert "stsb Spearman x100" in page and "74.00 (-8.03, over budget)" in md
 
@@ -135,8 +147,8 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     shown = render(report_dir / "index.html")
     assert shown.errors == []
     assert all(url.startswith("file://") for url in shown.requests), shown.requests
-    # Both plots are laid out at a readable size.
-    assert len(shown.svg_sizes) == 2 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
+    # Every plot (latency vs accuracy, vs length, the pruning search) is laid out at a readable size.
+    assert len(shown.svg_sizes) == 3 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
     pixels = matplotlib.image.imread(io.BytesIO(shown.screenshot), format="png")[..., :3]
     (tmp_path / "report.png").write_bytes(shown.screenshot)
     not_white = (pixels < 0.95).any(axis=-1).mean()
@@ -147,13 +159,14 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
 def test_plots_are_drawn_once_per_distinct_data(report_dir, tmp_path, monkeypatch):
     metrics, cache = report_dir.parent.parent / "metrics", tmp_path / "plots"
     first = dashboard.write_report(metrics, tmp_path / "a", 0.5, plot_cache=cache)
-    assert len(list(cache.glob("*.svg"))) == 2
+    assert len(list(cache.glob("*.svg"))) == 3
 
     def no_drawing(*args):
         raise AssertionError("redrawn although the data did not change")
 
     monkeypatch.setattr(dashboard, "plot_pareto", no_drawing)
     monkeypatch.setattr(dashboard, "plot_seq_len", no_drawing)
+    monkeypatch.setattr(dashboard, "plot_prune_search", no_drawing)
     again = dashboard.write_report(metrics, tmp_path / "b", 0.5, plot_cache=cache)
     assert [f.read_text() for f in again if f.suffix == ".svg"] == [f.read_text() for f in first if f.suffix == ".svg"]
     with pytest.raises(AssertionError, match="redrawn"):  # another budget line is another plot

@@ -95,12 +95,14 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
             common = {"compile.verify_inputs", "compile.verify_count", "compile.verify_min_cosine", "compile.threads"}
             assert declared == {f"compile.{call.args['device']}", *common, "family"}
         elif call.stage == "calibration_data":
-            assert declared == {"calibration_data", "seq_lens", "family"}
+            assert declared == {"calibration_data", "seq_lens", "family", "evaluation"}  # no pool row is evaluated
         elif call.stage == "latency_curve":
             assert declared == {"latency_curve", "export_onnx", "graph_surgery", "calibration_data",
                                 "quantize", "benchmark", "targets", "family"}
         elif call.stage == "prune":
-            assert declared == {f"prune.models.{call.args['model']}", "family"}
+            # A search scores its levels on every evaluation set, at every length, against the budget.
+            assert declared == {f"prune.models.{call.args['model']}", "family", "evaluation",
+                                "report.accuracy_budget", "seq_lens"}
         elif call.stage == "quantize":
             assert declared == {f"quantize.variants.{call.args['variant']}", "quantize.calibration_chunk", "family"}
         elif call.stage in ("benchmark", "reference"):

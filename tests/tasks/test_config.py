@@ -17,7 +17,7 @@ def test_repo_params_load_with_defaults():
     cfg = load_config(REPO / "params.yaml")
     assert cfg.seq_lens == [128, 512]
     assert cfg.fetch_model.source == "package" and not cfg.fetch_model.trust_remote_code
-    assert cfg.family.name == "sentence_encoder" and cfg.evaluation.names() == ["stsb"]
+    assert cfg.family.name == "sentence_encoder" and cfg.evaluation.names() == ["stsb", "lee50"]
     assert cfg == EdgeoptConfig.model_validate(cfg.model_dump())
 
 

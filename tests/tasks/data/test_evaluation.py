@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import STSB_TEST
+from conftest import REPO, STSB_TEST
 
+from tasks.config import load_config
 from tasks.core.errors import InputError
 from tasks.data.evaluation import (
     LabelledTextSet,
@@ -16,6 +17,7 @@ from tasks.data.evaluation import (
     load,
     macro_f1,
     ranking_metric,
+    texts,
 )
 
 
@@ -97,3 +99,38 @@ def test_a_missing_column_is_one_line_before_any_stage(tmp_path, eval_set, messa
     with pytest.raises(InputError, match=message) as err:
         check_columns(eval_set(path))
     assert "evaluation.sets" in str(err.value) and "\n" not in str(err.value)
+
+
+def _lee_folder(folder, docs: list[str], matrix: list[list[float]]):
+    folder.mkdir()
+    (folder / "lee.cor").write_bytes("\n".join(docs).encode("latin-1") + b"\n")
+    (folder / "similarities0-1.txt").write_text("\n".join("\t".join(str(v) for v in row) for row in matrix) + "\n")
+    return folder
+
+
+def test_lee50_reader_pairs_the_upper_triangle_and_says_what_is_wrong(tmp_path):
+    docs = ["Prices rose by £3 in Sydney.", "Rain fell in Perth.", "The Reserve Bank held rates."]
+    folder = _lee_folder(tmp_path / "lee", docs, [[1, 0.3, 0.8], [0, 1, 0.2], [0, 0, 1]])
+    data = load(SentencePairsSet(name="lee", path=folder, reader="lee50"))
+    assert data.items == 3 and data.inputs == docs  # Latin-1 decoded: the pound sign survives
+    # Pairs (0,1) 0.3, (0,2) 0.8, (1,2) 0.2: outputs whose cosines rank the same way score Spearman 100.
+    outputs = np.array([[1, 0], [0.6, 0.8], [0.95, -0.31]], dtype=np.float32)
+    assert data.score(outputs) == pytest.approx(100.0)
+    check_columns(SentencePairsSet(name="lee", path=folder, reader="lee50"))
+
+    bad = _lee_folder(tmp_path / "bad", docs, [[1, 0.3], [0, 1]])
+    with pytest.raises(InputError, match=r"a 2 x 2 matrix for 3 documents"):
+        check_columns(SentencePairsSet(name="lee", path=bad, reader="lee50"))
+    (folder / "lee.cor").unlink()
+    with pytest.raises(InputError, match="infra/data/fetch.sh") as err:
+        load(SentencePairsSet(name="lee", path=folder, reader="lee50"))
+    assert "\n" not in str(err.value)
+
+
+def test_the_default_second_set_is_lee50_from_another_source_than_stsb():
+    sets = load_config(REPO / "params.yaml").evaluation.sets
+    assert [(s.name, s.reader) for s in sets] == [("stsb", "stsb"), ("lee50", "lee50")]
+    lee = load(sets[1])
+    assert (lee.items, len(lee.inputs)) == (1225, 50)  # every pair of the 50 documents
+    stsb = texts(sets[0])
+    assert not any(sentence in document for document in lee.inputs for sentence in stsb if len(sentence) >= 30)

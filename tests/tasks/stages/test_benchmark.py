@@ -15,7 +15,8 @@ from conftest import SENTENCE_ENCODER, STSB_TEST
 from tasks.backends.qnn_htp import QnnHtpCompileParams
 from tasks.core.schemas import BENCHMARK_ROWS
 from tasks.data.evaluation import SentencePairsSet
-from tasks.stages.benchmark import BenchmarkParams, EvaluationParams
+from tasks.data.evaluation import EvaluationParams
+from tasks.stages.benchmark import BenchmarkParams
 from tasks.stages.benchmark import run as benchmark_run
 from tasks.stages.compile import CompileCheckParams
 from tasks.stages.compile import run as compile_run

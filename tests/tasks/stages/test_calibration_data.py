@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from tasks.config import load_config
 from tasks.core.errors import ConfigError, InputError
 from tasks.core.schemas import CALIBRATION_TEXT
+from tasks.data.evaluation import EvaluationParams, SentencePairsSet
 from tasks.data.text import TextSource
 from tasks.stages.calibration_data import CalibrationDataParams, calib_name, run
 
@@ -50,9 +52,19 @@ def stsb_sources(tmp_path) -> tuple[list[TextSource], list[Path]]:
     return sources, [train, dev]
 
 
-def _run(tiny_bert, sources, paths, out, seq_lens=(8, 64), **kw):
+def evaluated(folder: Path, texts: list[str]) -> EvaluationParams:
+    """An evaluation set (sentence pairs) made of `texts`."""
+    half = len(texts) // 2
+    path = folder / "eval_pairs.csv"
+    pd.DataFrame({"sentence1": texts[:half], "sentence2": texts[half : 2 * half], "score": range(half)}).to_csv(
+        path, index=False)
+    return EvaluationParams(sets=[SentencePairsSet(name="pairs", path=path)])
+
+
+def _run(tiny_bert, sources, paths, out, seq_lens=(8, 64), evaluation=None, **kw):
     params = CalibrationDataParams(sources=sources, **{"samples": 20, **kw})
-    return run(tiny_bert, paths, list(seq_lens), params, SENTENCE_ENCODER, out, key="k")
+    evaluation = evaluation or evaluated(out.parent, sentences(20, seed=99, end="?"))
+    return run(tiny_bert, paths, list(seq_lens), params, SENTENCE_ENCODER, evaluation, out, key="k")
 
 
 def test_defaults_and_the_project_never_calibrates_on_an_evaluation_set():
@@ -62,7 +74,7 @@ def test_defaults_and_the_project_never_calibrates_on_an_evaluation_set():
     with pytest.raises(ValidationError, match="at least 1"):
         CalibrationDataParams(sources=[])
     params = load_config(REPO / "params.yaml").calibration_data
-    assert [s.path.name for s in params.sources] == ["sts-train.csv", "sts-dev.csv"]
+    assert [(s.path.as_posix(), s.format) for s in params.sources] == [("data/wikipedia/summaries_en-us.json", "json")]
     assert (params.samples, params.seed, params.pack) == (300, 0, True)
     defaults = CalibrationDataParams(sources=params.sources)
     assert (defaults.samples, defaults.seed, defaults.pack) == (300, 0, True)
@@ -196,6 +208,37 @@ def test_bad_source_is_a_one_line_input_error_naming_the_file(tiny_bert, tmp_pat
         _run(tiny_bert, [source], [path], tmp_path / "out")
     message = str(err.value)
     assert path.name in message and expected in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_records_split_into_sentences_with_provenance(tiny_bert, tmp_path):
+    paragraphs = {f"t{i}": {"extract": " ".join(s.capitalize() for s in sentences(3, seed=i, end=".")), "n": i}
+                  for i in range(30)}
+    paragraphs["t30"] = {"n": 30}  # a record without the key is skipped
+    (tmp_path / "s.json").write_text(json.dumps(paragraphs))
+    source = TextSource(path=Path("s.json"), format="json", column="extract", split_sentences=True,
+                        provenance="made up for the test, CC0")
+    payload = _run(tiny_bert, [source], [tmp_path / "s.json"], tmp_path / "out", seq_lens=(16,))
+    pool = pd.read_csv(tmp_path / "out" / "text_pool.csv")
+    wanted = [s.capitalize() for i in range(30) for s in sentences(3, seed=i, end=".")]
+    assert pool["sentence"].tolist() == list(dict.fromkeys(wanted))  # one row per sentence, file order
+    (info,) = payload["sources"]
+    assert info["provenance"] == "made up for the test, CC0" and info["split_sentences"] is True
+    assert info["sha256"] == hashlib.sha256((tmp_path / "s.json").read_bytes()).hexdigest()
+    with pytest.raises(InputError, match="no record has key 'text'"):
+        _run(tiny_bert, [source.model_copy(update={"column": "text"})], [tmp_path / "s.json"], tmp_path / "o2")
+
+
+def test_calibration_refuses_rows_that_are_evaluated(tiny_bert, tmp_path):
+    pool = sentences(60, seed=3, end=".")
+    (tmp_path / "pool.txt").write_text("\n".join(pool))
+    evaluation = evaluated(tmp_path, [*sentences(18, seed=4, end="?"), pool[5], pool[9]])
+    with pytest.raises(InputError) as err:
+        _run(tiny_bert, [TextSource(path=Path("pool.txt"), format="txt")], [tmp_path / "pool.txt"],
+             tmp_path / "out", evaluation=evaluation)
+    message = str(err.value)
+    assert message.startswith("pool.txt: 2 rows of the calibration and distillation text are texts of evaluation "
+                              "set 'pairs'") and "\n" not in message
     assert not (tmp_path / "out").exists()
 
 

@@ -202,3 +202,26 @@ def test_duplicate_rows_are_refused(tmp_path):
 def test_missing_benchmark_output(tmp_path):
     with pytest.raises(StageError, match="run its benchmark stage first"):
         collect_rows([tmp_path / "never-ran"])
+
+
+def test_the_pruning_search_walk_becomes_a_table_and_a_verdict(tmp_path, tiny_bert, inputs_txt):
+    dirs = [_bench_dir(tmp_path, "a", _row())]
+    level = {"head_ratio": 0.25, "ffn_ratio": 0.5, "distill_steps": 300, "encoder_weights_kept": 0.58,
+             "scores": {"stsb@128": 81.9, "lee50@128": 69.8}, "drops": {"stsb@128": 0.1, "lee50@128": 0.2},
+             "worst_drop": 0.2, "within_budget": True}
+    searched = tmp_path / "prune_pruned"
+    searched.mkdir()
+    (searched / "stage.json").write_text(json.dumps({"key": "k", "files": [], "model": "pruned", "search": {
+        "budget": 0.5, "dense": {"stsb@128": 82.0, "lee50@128": 70.0}, "levels": [level], "chosen": 0,
+        "met_budget": True}}))
+    fixed = tmp_path / "prune_dense"
+    fixed.mkdir()
+    (fixed / "stage.json").write_text(json.dumps({"key": "k", "files": [], "model": "dense"}))  # no search
+    _report(dirs, ReportParams(seq_len_choice=_txt(inputs_txt)), tmp_path / "out", inputs_txt, tiny_bert,
+            prune_dirs=[fixed, searched])
+    table = pd.read_csv(tmp_path / "out" / "prune_search.csv")
+    assert table[["eval_set", "seq_len", "dense_value", "metric_value", "drop"]].values.tolist() == [
+        ["stsb", 128, 82.0, 81.9, 0.1], ["lee50", 128, 70.0, 69.8, 0.2]]
+    assert table["chosen"].all() and table["level_within_budget"].all() and set(table["model"]) == {"pruned"}
+    verdict = json.loads((tmp_path / "out" / "summary.json").read_text())["prune_search"]
+    assert verdict == {"pruned": {"met_budget": True, "chosen": level, "levels_tried": 1}}
