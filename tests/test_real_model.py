@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, STSB_DIR, STSB_TEST, write_params
+from conftest import REPO, STSB_DIR, write_params
 
 from flows.pipeline import pipeline
 
@@ -20,10 +18,11 @@ def test_minilm_fp32_stsb_spearman(workspace):
     params["variants"] = ["fp32"]  # the quantized variants are measured by `edgeopt run` (docs/benchmarks.md)
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
     params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
-    params["evaluation"]["sets"][0]["path"] = str(STSB_TEST)
-    params["paths"]["read_roots"] = [str(STSB_DIR.parent)]
-    for source in params["calibration_data"]["sources"]:
-        source["path"] = str(STSB_DIR / Path(source["path"]).name)
+    # The workspace is a bare checkout: every data path of params.yaml points back at the repository's.
+    for entry in (*params["evaluation"]["sets"], *params["calibration_data"]["sources"],
+                  params["report"]["seq_len_choice"]["text"]):
+        entry["path"] = str((REPO / entry["path"]).resolve())
+    params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(REPO / "data")]
     params["benchmark"]["timed_runs"] = 50
     write_params(workspace, params)
 
@@ -34,4 +33,7 @@ def test_minilm_fp32_stsb_spearman(workspace):
     assert (row["eval_set"], row["metric_name"], row["eval_items"]) == ("stsb", "spearman", 1379)
     assert row["metric_value"] == pytest.approx(82.0, abs=0.1) and row["stsb_spearman"] == row["metric_value"]
     assert row["size_mb"] == pytest.approx(90.3, abs=0.5)
+    # The second default set is scored on every row too: all 1,225 Lee50 pairs, a real correlation.
+    lee = pd.read_csv(workspace / "metrics" / "evaluation.csv").set_index("eval_set").loc["lee50"]
+    assert lee["items"] == 1225 and 30 < lee["metric_value"] < 95 and lee["drop"] == 0
     assert result["stages"]["export_onnx@dense-128"] == "Completed"
