@@ -264,7 +264,9 @@ def test_interrupt_stops_within_seconds_with_one_line_and_leaves_nothing(workspa
     proc = subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not list(workspace.glob("artifacts/export_onnx/dense/.seq*.tmp-*")) and time.monotonic() < deadline:
+    # Mid-stage: any stage's atomic output folder in the making (a tiny export lives ~0.5 s, too short to
+    # catch reliably on a loaded machine; calibration over the project's text pool takes seconds).
+    while not list(workspace.glob("artifacts/**/.*.tmp-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
