@@ -33,7 +33,7 @@ def test_minilm_fp32_stsb_spearman(workspace):
     assert (row["eval_set"], row["metric_name"], row["eval_items"]) == ("stsb", "spearman", 1379)
     assert row["metric_value"] == pytest.approx(82.0, abs=0.1) and row["stsb_spearman"] == row["metric_value"]
     assert row["size_mb"] == pytest.approx(90.3, abs=0.5)
-    # The second default set is scored on every row too: all 1,225 Lee50 pairs, a real correlation.
+    # The second default set is scored on every row too: all 1,225 Lee50 pairs (50.45 measured 2026-11-26).
     lee = pd.read_csv(workspace / "metrics" / "evaluation.csv").set_index("eval_set").loc["lee50"]
-    assert lee["items"] == 1225 and 30 < lee["metric_value"] < 95 and lee["drop"] == 0
+    assert lee["items"] == 1225 and lee["metric_value"] == pytest.approx(50.45, abs=0.1) and lee["drop"] == 0
     assert result["stages"]["export_onnx@dense-128"] == "Completed"
