@@ -11,7 +11,6 @@ occurrence wins, across sources) and validates the pool against `CALIBRATION_TEX
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -23,6 +22,7 @@ import pandera.errors
 from pydantic import Field, model_validator
 
 from tasks.core.errors import InputError, StageError
+from tasks.core.fingerprint import file_sha256
 from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
 from tasks.data.stsb import read_pairs
@@ -138,10 +138,6 @@ def read_source(source: TextSource, path: Path) -> list[str]:
     else:
         texts = read_table(path, source.format, [source.column], "text source")[source.column].tolist()
     return [s for t in texts for s in split_sentences(t)] if source.split_sentences else texts
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFrame, dict]:
