@@ -8,6 +8,7 @@ import gc
 import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,25 @@ def _compile_table(rows: list[dict]) -> Table:
 T = TypeVar("T")
 
 
+def _stop_like_ctrl_c_on_sigterm() -> None:
+    """SIGTERM (`kill PID`, a service manager's stop) ends a run as a Ctrl-C does. A terminal's Ctrl-C reaches
+    every process of the run's group; a SIGTERM reaches this one only, so it is passed on to the processes
+    this run started in its own session (benchmark workers: the run's Prefect server has a session of its
+    own and is stopped by `services.run_api`), and the main thread unwinds through the same cleanup."""
+
+    def stop(signum: int, frame: Any) -> None:
+        import psutil
+
+        session = os.getsid(0)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(child.pid) == session:
+                    child.terminate()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _off_main_thread(fn: Callable[[], T]) -> T:
     """`fn()` run in a thread of its own while this (main) thread waits for it, so that a Ctrl-C is raised here,
     in plain Python, and never inside a stage's native code: a KeyboardInterrupt raised while a C extension
@@ -165,6 +185,7 @@ def run(
 
         root = params.resolve().parent
         overrides = {"benchmark": {"quick": True}} if quick else None
+        _stop_like_ctrl_c_on_sigterm()
         try:
             # The run owns its temp folder and its Prefect server: a Ctrl-C, or a kill, leaves neither behind. The
             # server takes ~7 s to start: the checks and the flow's modules load meanwhile.
