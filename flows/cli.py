@@ -129,7 +129,8 @@ def _compile_table(rows: list[dict]) -> Table:
 T = TypeVar("T")
 
 
-def _stop_like_ctrl_c_on_sigterm() -> None:
+@contextlib.contextmanager
+def _stop_like_ctrl_c_on_sigterm() -> Iterator[None]:
     """SIGTERM (`kill PID`, a service manager's stop) ends a run as a Ctrl-C does. A terminal's Ctrl-C reaches
     every process of the run's group; a SIGTERM reaches this one only, so it is passed on to the processes
     this run started in its own session (benchmark workers: the run's Prefect server has a session of its
@@ -145,7 +146,14 @@ def _stop_like_ctrl_c_on_sigterm() -> None:
                     child.terminate()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _off_main_thread(fn: Callable[[], T]) -> T:
@@ -185,11 +193,10 @@ def run(
 
         root = params.resolve().parent
         overrides = {"benchmark": {"quick": True}} if quick else None
-        _stop_like_ctrl_c_on_sigterm()
         try:
             # The run owns its temp folder and its Prefect server: a Ctrl-C, or a kill, leaves neither behind. The
             # server takes ~7 s to start: the checks and the flow's modules load meanwhile.
-            with run_scratch(root), services.run_api(root) as api_ready:
+            with _stop_like_ctrl_c_on_sigterm(), run_scratch(root), services.run_api(root) as api_ready:
                 with contextlib.chdir(root):  # params paths are relative to the project root
                     cfg = load_config(params, overrides)
                     stages.preflight(cfg)  # validated before any stage starts
