@@ -16,7 +16,7 @@ from tasks.core.params import StrictParams
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 from tasks.recipes import RECIPES, recipe_for, variant_settings
-from tasks.recipes.base import RecipeContext, calibration_feeds, rows
+from tasks.recipes.base import IR_WEIGHTS, RecipeContext, calibration_feeds, rows
 
 
 class QuantizeParams(StrictParams):
@@ -52,10 +52,9 @@ def artifact_name(settings) -> str:
     return recipe_for(settings).artifact
 
 
-def _size_mb(folder: Path, artifact: str) -> float:
-    files = [folder / artifact]
-    if artifact.endswith(".xml"):
-        files.append((folder / artifact).with_suffix(".bin"))
+def _size_mb(folder: Path, recipe) -> float:
+    """The deployed files: the artifact and its weights file (an IR's .bin), not records such as encodings."""
+    files = [folder / recipe.artifact] + [folder / name for name in recipe.companions if name == IR_WEIGHTS]
     return sum(f.stat().st_size for f in files if f.exists()) / 1e6
 
 
@@ -80,8 +79,9 @@ def quantize(model: Path, calibration: Path | None, variant: str, params: Quanti
     start = time.perf_counter()
     facts = recipe.apply(model, feeds, settings, context, out, tmp)
     seconds = time.perf_counter() - start
+    kept = {recipe.artifact, *recipe.companions}
     for leftover in out_dir.iterdir():  # ORT may leave augmented/temporary models beside the output
-        if leftover.name not in (recipe.artifact, Path(recipe.artifact).with_suffix(".bin").name):
+        if leftover.name not in kept:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     counts = recipe.counts(out)
     if settings.method != "none" and sum(v if isinstance(v, int) else sum(v.values()) for v in counts.values()) == 0:
@@ -94,7 +94,7 @@ def quantize(model: Path, calibration: Path | None, variant: str, params: Quanti
         "method": settings.method,
         "settings": settings.model_dump(mode="json"),
         "artifact": recipe.artifact,
-        "size_mb": _size_mb(out_dir, recipe.artifact),
+        "size_mb": _size_mb(out_dir, recipe),
         "quantize_time_s": seconds,
         "calibration_rows": rows(feeds) if feeds is not None else 0,
         **facts,

@@ -60,15 +60,22 @@ def qtype(name: str):
     return getattr(QuantType, _QTYPES[name])
 
 
-def preprocess(model: Path, tmp: Path, settings) -> Path:
-    """ORT's pre-processing (shape inference + basic optimisation), then check names from params."""
-    import onnx
+def ort_preprocess(model: Path, tmp: Path) -> Path:
+    """ORT's pre-processing for quantization: shape inference + basic optimisation (e.g. MatMul + Add -> Gemm)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = tmp / "preprocessed.onnx"
     # The symbolic shape pass crashes on this export's mask subgraph; ONNX shape inference suffices
     # because every shape is static.
     quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def preprocess(model: Path, tmp: Path, settings) -> Path:
+    """ORT's pre-processing (`ort_preprocess`), then check names from params."""
+    import onnx
+
+    out = ort_preprocess(model, tmp)
     graph = onnx.load(str(out), load_external_data=False).graph
     where = f"quantize.variants ({settings.method})"
     unknown = sorted(set(settings.nodes_to_exclude) - {n.name for n in graph.node})

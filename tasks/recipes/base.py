@@ -22,6 +22,7 @@ from tasks.transforms.quant_rewrites import huge_float_constants
 
 ONNX_ARTIFACT = "model.onnx"
 IR_ARTIFACT = "model.xml"
+IR_WEIGHTS = "model.bin"
 
 
 class RecipeSettings(StrictParams):
@@ -45,6 +46,8 @@ class Recipe(Protocol):
     settings: type[RecipeSettings]
     artifact: str
     tools: tuple[str, ...]
+    companions: tuple[str, ...]
+    """Files the recipe writes beside the artifact that the output keeps (e.g. an encodings JSON)."""
 
     def needs_calibration(self, settings: RecipeSettings) -> bool: ...
 

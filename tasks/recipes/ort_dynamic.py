@@ -41,6 +41,7 @@ class OrtDynamicRecipe:
     method = "ort_dynamic"
     settings = OrtDynamicSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtDynamicSettings) -> bool:

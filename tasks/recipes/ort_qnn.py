@@ -144,6 +144,7 @@ class OrtQnnRecipe:
     method = "ort_qnn"
     settings = OrtQnnSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtQnnSettings) -> bool:

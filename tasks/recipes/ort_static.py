@@ -153,6 +153,7 @@ class OrtStaticRecipe:
     method = "ort_static"
     settings = OrtStaticSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtStaticSettings) -> bool:

@@ -1,0 +1,69 @@
+"""Recipe aimet_qnn on a tiny random BERT: AIMET QuantSim with the HTP config, exported as QDQ + encodings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import min_cosine, ort_embed, quantize_variant
+
+from tasks.core.errors import InputError
+from tasks.recipes.aimet_qnn import ENCODINGS, AimetQnnSettings, SeqMseSettings
+from tasks.recipes.ort_qnn import OrtQnnSettings
+
+pytest.importorskip("aimet_onnx")
+
+
+def _zero_point_types(model) -> set[int]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return {inits[n.input[2]].data_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def _own_row_is_nearest(quantized: np.ndarray, reference: np.ndarray) -> bool:
+    """Each quantized embedding is closer to the fp32 embedding of its own sentence than to any other's."""
+    q = quantized / np.linalg.norm(quantized, axis=1, keepdims=True)
+    r = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    return bool((np.argmax(q @ r.T, axis=1) == np.arange(len(q))).all())
+
+
+def test_a16w8_writes_a_16_bit_qdq_model_and_its_encodings(tmp_path, tiny_fixed, calib, eval_feeds):
+    out, payload = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a16w8", AimetQnnSettings())
+
+    assert sorted(p.name for p in out.iterdir()) == [ENCODINGS, "model.onnx", "stage.json"]
+    model = onnx.load(out / "model.onnx")
+    assert onnx.TensorProto.UINT16 in _zero_point_types(model)
+    assert payload["quantize_linear_nodes"] > 20 and payload["calibration_rows"] == 12
+    encodings = json.loads((out / ENCODINGS).read_text())
+    assert {e["bw"] for e in encodings["activation_encodings"]} >= {16}
+    assert {e["bw"] for e in encodings["param_encodings"]} == {8}
+    assert payload["encodings"] == {"activation": len(encodings["activation_encodings"]),
+                                    "param": len(encodings["param_encodings"])}
+    quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.99
+    assert _own_row_is_nearest(quantized, reference)
+
+    # AIMET ran in a process of its own: a variant ONNX Runtime quantizes next carries no AIMET op domain.
+    after, _ = quantize_variant(tmp_path, tiny_fixed, calib, "ort_a16w8", OrtQnnSettings())
+    assert not [o.domain for o in onnx.load(after / "model.onnx").opset_import if "aimet" in o.domain]
+
+
+def test_a8w8_with_seq_mse_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
+    settings = AimetQnnSettings(activation_bits=8, seq_mse=SeqMseSettings(num_candidates=4, rows=4))
+    out, payload = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a8w8", settings)
+
+    model = onnx.load(out / "model.onnx")
+    assert onnx.TensorProto.UINT16 not in _zero_point_types(model)
+    assert onnx.TensorProto.UINT8 in _zero_point_types(model)
+    quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.95
+    assert _own_row_is_nearest(quantized, reference)
+
+
+def test_a_refinement_asking_for_more_rows_than_calibration_is_refused_before_work(tmp_path, tiny_fixed, calib):
+    settings = AimetQnnSettings(calibration_rows=4, seq_mse=SeqMseSettings(rows=8))
+    with pytest.raises(InputError, match=r"seq_mse.rows 8 exceeds calibration_rows 4"):
+        quantize_variant(tmp_path, tiny_fixed, calib, "aimet_bad", settings)
+    assert not (tmp_path / "aimet_bad").exists()
