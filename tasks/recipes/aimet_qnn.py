@@ -2,8 +2,7 @@
 
 AIMET inserts a quantizer at every tensor the HTP runtime config (`htp_config`, e.g. `htp_v75`) says the
 HTP quantizes (weights per channel, biases left to the backend), calibrates them on the project's
-calibration rows, optionally refines the weight encodings (SeqMSE: a search per layer for the weight
-range with the least output error; AdaRound: learned rounding per weight), and writes:
+calibration rows, and writes:
 - `model.onnx`: the same encodings as a QDQ graph (`QuantizationSimModel.to_onnx_qdq`), which the
   `qnn_htp` backend compiles like any other variant and the ONNX Runtime CPU EP runs for accuracy;
 - `model.encodings`: AIMET's encodings JSON (format 1.0.0), what Qualcomm's converters take
@@ -25,8 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.core.errors import InputError, StageError
-from tasks.core.params import StrictParams
+from tasks.core.errors import StageError
 from tasks.recipes._ort import onnx_quant_counts, ort_preprocess
 from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
 from tasks.transforms.quant_rewrites import int32_biases, linear_layers_as_gemm, unshare_biases
@@ -37,19 +35,9 @@ ENCODING_VERSION = "1.0.0"
 HtpConfig = Literal["htp_v68", "htp_v69", "htp_v73", "htp_v75", "htp_v79", "htp_v81"]
 
 
-class SeqMseSettings(StrictParams):
-    num_candidates: int = Field(20, ge=2, description="weight ranges tried per layer (fewer: faster, coarser)")
-    rows: int = Field(16, ge=1, description="first calibration rows the search measures output error on")
-
-
-class AdaRoundSettings(StrictParams):
-    num_iterations: int = Field(10000, ge=1, description="optimisation steps per layer (AIMET recommends 10k at 8 bits)")
-    rows: int = Field(16, ge=1, description="first calibration rows the rounding is learned on")
-
-
 class AimetQnnSettings(RecipeSettings):
     """AIMET QuantSim with the HTP runtime config: integer weights per channel, activations at
-    `activation_bits`, calibrated with `quant_scheme`; SeqMSE and AdaRound refine the weights."""
+    `activation_bits`, calibrated with `quant_scheme`."""
 
     method: Literal["aimet_qnn"] = "aimet_qnn"
     activation_bits: Literal[8, 16] = 16
@@ -61,17 +49,14 @@ class AimetQnnSettings(RecipeSettings):
         "htp_v75", description="AIMET's runtime config for the HTP generation (Snapdragon 8 Gen 3: v75, X Elite: v73)"
     )
     calibration_rows: int | None = Field(None, ge=1, description="first N rows of the npz; null = all")
-    seq_mse: SeqMseSettings | None = Field(None, description="SeqMSE weight-range search; null = off")
-    adaround: AdaRoundSettings | None = Field(None, description="AdaRound learned weight rounding; null = off")
     qnn_preprocess: bool = Field(
         True, description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs)"
     )
 
 
-def _batches(feeds: dict[str, np.ndarray], limit: int | None = None) -> list[dict[str, np.ndarray]]:
+def _batches(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """One single-row feed per calibration row (the model's batch dimension is 1)."""
-    n = rows(feeds) if limit is None else min(limit, rows(feeds))
-    return [{name: arr[i : i + 1] for name, arr in feeds.items()} for i in range(n)]
+    return [{name: arr[i : i + 1] for name, arr in feeds.items()} for i in range(rows(feeds))]
 
 
 def _quiet_aimet() -> None:
@@ -84,7 +69,6 @@ def _quiet_aimet() -> None:
 
 def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, out: Path, tmp: Path) -> dict:
     import onnx
-    from aimet_onnx import apply_adaround, apply_seq_mse
     from aimet_onnx.quantsim import QuantizationSimModel
 
     _quiet_aimet()
@@ -111,10 +95,6 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
         path=str(tmp / "aimet"),
     )
     calibration = _batches(feeds)
-    if s.seq_mse is not None:
-        apply_seq_mse(sim, _batches(feeds, s.seq_mse.rows), num_candidates=s.seq_mse.num_candidates)
-    if s.adaround is not None:
-        apply_adaround(sim, _batches(feeds, s.adaround.rows), num_iterations=s.adaround.num_iterations)
     sim.compute_encodings(calibration)
     qdq = sim.to_onnx_qdq(prequantize_constants=True)  # int weights + DQ: the HTP takes no weight Q
     biases = int32_biases(qdq.graph)  # the HTP config leaves biases to the converter; the QNN EP needs them int32
@@ -148,12 +128,6 @@ class AimetQnnRecipe:
 
     def check(self, model: Path, settings: AimetQnnSettings) -> None:
         refuse_huge_mask_fill(model)
-        for name, step in (("seq_mse", settings.seq_mse), ("adaround", settings.adaround)):
-            if step is not None and settings.calibration_rows is not None and step.rows > settings.calibration_rows:
-                raise InputError(
-                    f"quantize.variants (aimet_qnn): {name}.rows {step.rows} exceeds calibration_rows "
-                    f"{settings.calibration_rows}; lower it"
-                )
 
     def apply(self, model: Path, feeds, settings: AimetQnnSettings, context: RecipeContext, out: Path, tmp: Path) -> dict:
         # A process of its own: AIMET registers its custom ops in ONNX Runtime's process-wide schema registry,

@@ -9,8 +9,7 @@ import onnx
 import pytest
 from helpers import min_cosine, ort_embed, quantize_variant
 
-from tasks.core.errors import InputError
-from tasks.recipes.aimet_qnn import ENCODINGS, AimetQnnSettings, SeqMseSettings
+from tasks.recipes.aimet_qnn import ENCODINGS, AimetQnnSettings
 from tasks.recipes.ort_qnn import OrtQnnSettings
 
 pytest.importorskip("aimet_onnx")
@@ -50,9 +49,9 @@ def test_a16w8_writes_a_16_bit_qdq_model_and_its_encodings(tmp_path, tiny_fixed,
     assert not [o.domain for o in onnx.load(after / "model.onnx").opset_import if "aimet" in o.domain]
 
 
-def test_a8w8_with_seq_mse_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
-    settings = AimetQnnSettings(activation_bits=8, seq_mse=SeqMseSettings(num_candidates=4, rows=4))
-    out, payload = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a8w8", settings)
+def test_a8w8_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
+    settings = AimetQnnSettings(activation_bits=8, quant_scheme="tf_enhanced", htp_config="htp_v73")
+    out, _ = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a8w8", settings)
 
     model = onnx.load(out / "model.onnx")
     assert onnx.TensorProto.UINT16 not in _zero_point_types(model)
@@ -60,10 +59,3 @@ def test_a8w8_with_seq_mse_uses_8_bit_activations(tmp_path, tiny_fixed, calib, e
     quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
     assert min_cosine(quantized, reference) > 0.95
     assert _own_row_is_nearest(quantized, reference)
-
-
-def test_a_refinement_asking_for_more_rows_than_calibration_is_refused_before_work(tmp_path, tiny_fixed, calib):
-    settings = AimetQnnSettings(calibration_rows=4, seq_mse=SeqMseSettings(rows=8))
-    with pytest.raises(InputError, match=r"seq_mse.rows 8 exceeds calibration_rows 4"):
-        quantize_variant(tmp_path, tiny_fixed, calib, "aimet_bad", settings)
-    assert not (tmp_path / "aimet_bad").exists()
