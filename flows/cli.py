@@ -8,6 +8,7 @@ import gc
 import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,33 @@ def _compile_table(rows: list[dict]) -> Table:
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def _stop_like_ctrl_c_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill PID`, a service manager's stop) ends a run as a Ctrl-C does. A terminal's Ctrl-C reaches
+    every process of the run's group; a SIGTERM reaches this one only, so it is passed on to the processes
+    this run started in its own session (benchmark workers: the run's Prefect server has a session of its
+    own and is stopped by `services.run_api`), and the main thread unwinds through the same cleanup."""
+
+    def stop(signum: int, frame: Any) -> None:
+        import psutil
+
+        session = os.getsid(0)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(child.pid) == session:
+                    child.terminate()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _off_main_thread(fn: Callable[[], T]) -> T:
     """`fn()` run in a thread of its own while this (main) thread waits for it, so that a Ctrl-C is raised here,
     in plain Python, and never inside a stage's native code: a KeyboardInterrupt raised while a C extension
@@ -168,7 +196,7 @@ def run(
         try:
             # The run owns its temp folder and its Prefect server: a Ctrl-C, or a kill, leaves neither behind. The
             # server takes ~7 s to start: the checks and the flow's modules load meanwhile.
-            with run_scratch(root), services.run_api(root) as api_ready:
+            with _stop_like_ctrl_c_on_sigterm(), run_scratch(root), services.run_api(root) as api_ready:
                 with contextlib.chdir(root):  # params paths are relative to the project root
                     cfg = load_config(params, overrides)
                     stages.preflight(cfg)  # validated before any stage starts

@@ -281,6 +281,44 @@ def test_interrupt_stops_within_seconds_with_one_line_and_leaves_nothing(workspa
     assert service_processes(workspace, RUN_SERVER) == []
 
 
+@pytest.mark.slow
+def test_sigterm_mid_benchmark_stops_like_ctrl_c_and_leaves_no_worker(workspace, tmp_path):
+    """`kill PID` (SIGTERM to the run's process alone, not its group) while a benchmark worker runs: the run
+    ends within 5 s with the interrupt line, and no worker, Prefect server or temp folder of it is left."""
+    import signal
+
+    import psutil
+
+    log = tmp_path / "run.log"
+    proc = _edgeopt_run(workspace, log)
+    deadline = time.monotonic() + 600
+
+    def workers() -> list:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if "tasks.backends.worker" in cmdline and str(workspace) in cmdline:
+                found.append(p)
+        return found
+
+    while not workers() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+    assert workers(), "no benchmark worker started in time"
+    proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - stopped < 5
+    output = log.read_text()
+    assert output.count("interrupted:") == 1 and "Traceback" not in output
+    time.sleep(1)  # a terminated worker's exit is reaped by its parent's death; give the OS a moment
+    assert workers() == []
+    assert not list((workspace / ".edgeopt" / "tmp").iterdir())
+    from flows.services import RUN_SERVER, service_processes
+
+    assert service_processes(workspace, RUN_SERVER) == []
+
+
 # Fault injection: kills at seeded random points across the stages, then the outputs an uninterrupted run gives.
 
 BYTE_IDENTICAL = ("artifacts/prune/dense/model/model.safetensors", "artifacts/export_onnx/dense/seq16/model.onnx",
