@@ -8,9 +8,9 @@ a drift in machine load hits both sides alike; the ratio is taken per round and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
