@@ -59,8 +59,9 @@ def _size_mb(folder: Path, recipe) -> float:
 
 
 def quantize(model: Path, calibration: Path | None, variant: str, params: QuantizeParams, family: FamilySettings,
-             out_dir: Path, tmp: Path) -> dict:
-    """Write the variant's artifact into `out_dir` (an existing folder); returns the stage record."""
+             out_dir: Path, tmp: Path, imports: dict[str, Path] | None = None) -> dict:
+    """Write the variant's artifact into `out_dir` (an existing folder); returns the stage record. `imports`:
+    the files the variant's settings name for this model and length (`RecipeSettings.imports`)."""
     model = Path(model)
     settings = params.variant(variant)
     recipe = recipe_for(settings)
@@ -73,7 +74,8 @@ def quantize(model: Path, calibration: Path | None, variant: str, params: Quanti
         if calibration is None:
             raise InputError(f"quantize variant {variant!r} ({settings.method}) needs a calibration npz; pass one")
         feeds = calibration_feeds(Path(calibration), model, getattr(settings, "calibration_rows", None))
-    context = RecipeContext(params.calibration_chunk, FAMILIES.get(family.name).quantization_hints())
+    context = RecipeContext(params.calibration_chunk, FAMILIES.get(family.name).quantization_hints(),
+                            imports=dict(imports or {}))
 
     out = out_dir / recipe.artifact
     start = time.perf_counter()

@@ -59,7 +59,7 @@ def _batches(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{name: arr[i : i + 1] for name, arr in feeds.items()} for i in range(rows(feeds))]
 
 
-def _quiet_aimet() -> None:
+def quiet_aimet() -> None:
     """AIMET logs every adjusted weight scale at INFO; keep its warnings only."""
     from aimet_onnx.common.utils import AimetLogger
 
@@ -67,12 +67,12 @@ def _quiet_aimet() -> None:
         logging.getLogger(area.value).setLevel(logging.WARNING)
 
 
-def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, out: Path, tmp: Path) -> dict:
+def prepare_for_htp(model: Path, tmp: Path, *, fuse_gelu: bool = True):
+    """The graph AIMET quantizes for the HTP (a ModelProto): what the `qnn_htp` backend needs of a QDQ
+    model, done before the quantizers are placed so that the encodings name its tensors."""
     import onnx
-    from aimet_onnx.quantsim import QuantizationSimModel
 
-    _quiet_aimet()
-    if s.qnn_preprocess:
+    if fuse_gelu:
         fused, _ = qnn_preprocess(onnx.load(str(model)), tmp)
         model = tmp / "qnn_preprocessed.onnx"
         onnx.save(fused, str(model))
@@ -86,6 +86,15 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
     for node in proto.graph.node:  # an omitted optional input (Clip's max: '') would get a quantizer named ''
         while node.input and not node.input[-1]:
             node.input.pop()
+    return proto
+
+
+def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, out: Path, tmp: Path) -> dict:
+    import onnx
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    quiet_aimet()
+    proto = prepare_for_htp(model, tmp, fuse_gelu=s.qnn_preprocess)
     sim = QuantizationSimModel(
         proto,
         param_type=f"int{s.weight_bits}",

@@ -8,7 +8,7 @@ turns one ONNX model into one quantized artifact. Registered in `tasks.recipes.R
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,11 @@ class RecipeSettings(StrictParams):
 
     method: str
 
+    def imports(self, model: str, seq_len: int) -> dict[str, Path]:
+        """Files from outside the pipeline this variant reads for one pipeline model and length, by role (keyed
+        into its quantize stage like an input and handed to the recipe as `RecipeContext.imports`). Most read none."""
+        return {}
+
 
 @dataclass(frozen=True)
 class RecipeContext:
@@ -39,6 +44,8 @@ class RecipeContext:
     """Calibration rows held in memory at once."""
     hints: Any = None
     """The model family's QuantizationHints (tasks.families.base), or None."""
+    imports: dict[str, Path] = field(default_factory=dict)
+    """The settings' `imports` for this model and length (e.g. an AIMET export's model and encodings)."""
 
 
 class Recipe(Protocol):
