@@ -52,6 +52,13 @@ class AimetQnnSettings(RecipeSettings):
     qnn_preprocess: bool = Field(
         True, description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs)"
     )
+    weight_rounding: Literal["nearest", "seq_mse", "adaround"] = Field(
+        "nearest",
+        description="nearest: weights rounded to the min-max grid; seq_mse: each layer's weight range searched for the "
+                    "least output error (AIMET SeqMSE); adaround: each weight's rounding learned (AIMET AdaRound)",
+    )
+    seq_mse_candidates: int = Field(20, ge=2, description="SeqMSE: weight ranges tried per layer")
+    adaround_iterations: int = Field(2000, ge=1, description="AdaRound: optimisation steps per layer")
 
 
 def _batches(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -104,6 +111,15 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
         path=str(tmp / "aimet"),
     )
     calibration = _batches(feeds)
+    # Both freeze the weight encodings they choose; compute_encodings then calibrates the activations.
+    if s.weight_rounding == "seq_mse":
+        from aimet_onnx import apply_seq_mse
+
+        apply_seq_mse(sim, calibration, num_candidates=s.seq_mse_candidates)
+    elif s.weight_rounding == "adaround":
+        from aimet_onnx import apply_adaround
+
+        apply_adaround(sim, calibration, num_iterations=s.adaround_iterations)
     sim.compute_encodings(calibration)
     qdq = sim.to_onnx_qdq(prequantize_constants=True)  # int weights + DQ: the HTP takes no weight Q
     biases = int32_biases(qdq.graph)  # the HTP config leaves biases to the converter; the QNN EP needs them int32

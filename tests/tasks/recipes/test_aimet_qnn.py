@@ -59,3 +59,26 @@ def test_a8w8_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
     quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
     assert min_cosine(quantized, reference) > 0.95
     assert _own_row_is_nearest(quantized, reference)
+
+
+def _integer_weights(path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2}
+
+
+@pytest.mark.parametrize("rounding", ["seq_mse", "adaround"])
+def test_seq_mse_and_adaround_choose_other_integer_weights(tmp_path, tiny_fixed, calib, eval_feeds, rounding):
+    a8w8 = dict(activation_bits=8, htp_config="htp_v75")
+    nearest, _ = quantize_variant(tmp_path, tiny_fixed, calib, "nearest", AimetQnnSettings(**a8w8))
+    settings = AimetQnnSettings(**a8w8, weight_rounding=rounding, seq_mse_candidates=5, adaround_iterations=20)
+    tuned, payload = quantize_variant(tmp_path, tiny_fixed, calib, rounding, settings)
+
+    base, other = _integer_weights(nearest / "model.onnx"), _integer_weights(tuned / "model.onnx")
+    assert base.keys() == other.keys() and len(base) >= 12  # every linear layer's weight, as int8
+    changed = [name for name in base if not np.array_equal(base[name], other[name])]
+    assert len(changed) >= len(base) // 2, changed  # SeqMSE moves the ranges, AdaRound the rounding
+    assert payload["settings"]["weight_rounding"] == rounding
+    quantized, reference = ort_embed(tuned / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.95 and _own_row_is_nearest(quantized, reference)
