@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.core.errors import EdgeoptError
@@ -52,7 +53,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except EdgeoptError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
@@ -243,7 +244,7 @@ def run(
         console.print(_compile_table(result["compile_rows"]))
     console.print(_choice_table(result["seq_len_choice"]))
     if result.get("mlflow_fallback_reason"):
-        err_console.print(f"[yellow]warning:[/] {result['mlflow_fallback_reason']}")
+        err_console.print(f"[yellow]warning:[/] {escape(result['mlflow_fallback_reason'])}")
     console.print(f"outputs: {result['outputs']}" + ("" if result["dvc_synced"] else " (a run folder: dvc.lock untouched)"))
     console.print(f"report: {result['report_files'][0]}")
     console.print(f"MLflow parent run {result['mlflow_run_id']}: {result['mlflow_run_url']}"
@@ -513,6 +514,97 @@ def compare(
         if names:
             console.print(f"{label}: " + ", ".join(names), highlight=False)
     console.print(f"\nside by side in MLflow: {result['compare_url']}", highlight=False, soft_wrap=True)
+
+
+_ARM = re.compile(r"(?P<model>[^/@]+)/(?P<variant>[^/@]+)(@(?P<device>[^/@]+)(/(?P<target>[^/@]+))?)?")
+
+
+def _arm(spec: str, bench, root: Path, seq_len: int):
+    """An artifact named `MODEL/VARIANT[@DEVICE[/TARGET]]`, found among the run's benchmark rows."""
+    from tasks.backends.interleave import Arm
+    from tasks.core.errors import ConfigError
+
+    match = _ARM.fullmatch(spec)
+    if not match:
+        raise ConfigError(f"{spec!r}: name an artifact as MODEL/VARIANT[@DEVICE[/TARGET]], e.g. pruned/fp32@ort_cpu")
+    want = {"model": match["model"], "variant": match["variant"], "device": match["device"] or "ort_cpu",
+            "target": match["target"] or "host", "seq_len": seq_len}
+    rows = bench
+    for column, value in want.items():
+        rows = rows[rows[column] == value]
+    if rows.empty:
+        known = sorted({f"{r.model}/{r.variant}@{r.device}/{r.target}" for r in bench[bench["seq_len"] == seq_len].itertuples()})
+        raise ConfigError(f"{spec}: no benchmark row for it at --seq-len {seq_len}; the run has {', '.join(known)}")
+    row = rows.iloc[0]
+    if bool(row["simulated"]):
+        raise ConfigError(f"{spec}: runs on a simulator, whose timings are not device latency; pick a real device")
+    label = f"{want['model']}/{want['variant']}@{want['device']}" + ("" if want["target"] == "host" else f"/{want['target']}")
+    return Arm(label, want["device"], root / row["artifact"])
+
+
+@app.command()
+def speedup(
+    arms: Annotated[list[str], typer.Argument(help="artifacts as MODEL/VARIANT[@DEVICE[/TARGET]] (device ort_cpu, "
+                                                   "target host by default); the first is the baseline")],
+    seq_len: Annotated[int, typer.Option(help="the length whose artifacts are timed")] = 128,
+    rounds: Annotated[int, typer.Option(min=2, help="rounds; each times every artifact once, order reversed "
+                                                    "every round")] = 6,
+    csv: Annotated[Path | None, typer.Option(help="also write one row per round and artifact here")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    run_name: RunOpt = None,
+) -> None:
+    """Speed-ups measured interleaved: benchmarked artifacts of the last run timed in alternating worker
+    processes of this one command (threads, warm-up and timed runs from params.yaml's benchmark), so a ratio
+    never compares measurements from two runs."""
+    with _user_errors():
+        import tempfile
+
+        import numpy as np
+        import pandas as pd
+        from rich.progress import Progress
+
+        from tasks.backends.interleave import speedups, time_interleaved
+        from tasks.backends.measure import WorkerPool
+        from tasks.builders.calibration import calib_name
+        from tasks.config import load_config
+        from tasks.core.errors import ConfigError, InputError
+
+        root = params.resolve().parent
+        cfg = load_config(params)
+        outputs = _outputs(run_name)
+        bench_path = root / outputs.report_dir() / "benchmark.csv"
+        if not bench_path.is_file():
+            raise InputError(f"{bench_path}: not found; run `edgeopt run` first (speedup times its artifacts)")
+        if len(arms) < 2:
+            raise ConfigError("name at least two artifacts: the baseline first, then what to compare with it")
+        bench = pd.read_csv(bench_path)
+        chosen = [_arm(spec, bench, root, seq_len) for spec in arms]
+        feeds_path = root / outputs.calibration_data_dir() / calib_name(seq_len)
+        if not feeds_path.is_file():
+            raise InputError(f"{feeds_path}: not found; run the calibration_data stage (it holds the timing input)")
+        with np.load(feeds_path) as npz:
+            feeds = {name: npz[name][:1] for name in npz.files}
+        timing = cfg.benchmark
+        with tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp, Progress(console=err_console) as progress:
+            task = progress.add_task(f"{rounds} rounds x {len(chosen)} artifacts", total=rounds * len(chosen))
+            pool = WorkerPool(Path(tmp), feeds, timing.threads, timing.worker_timeout_s)
+            rows = time_interleaved(pool, chosen, rounds=rounds, warmup=timing.warmup_runs, timed=timing.timed_runs,
+                                    on_measured=lambda *_: progress.advance(task))
+    summary = speedups(rows, chosen[0].label)
+    if csv:
+        tmp_csv = csv.with_name(csv.name + ".tmp")
+        pd.DataFrame(rows).to_csv(tmp_csv, index=False)
+        tmp_csv.replace(csv)
+    table = Table(title=f"L={seq_len}, {timing.threads} threads, {rounds} interleaved rounds of "
+                        f"{timing.timed_runs} timed runs; speed-up over {chosen[0].label}")
+    for column in ("artifact", "p50 ms (median of rounds)", "p50 range", "speed-up", "speed-up range"):
+        table.add_column(column, justify="left" if column == "artifact" else "right")
+    for s in summary:
+        table.add_row(s["arm"], f"{s['latency_p50_ms_median']:.2f}",
+                      f"{s['latency_p50_ms_min']:.2f}-{s['latency_p50_ms_max']:.2f}", f"{s['speedup_median']:.2f}x",
+                      f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}x")
+    console.print(table)
+    console.print(f"CPU: {rows[0]['cpu_model']} ({rows[0]['cpu_flags']})", highlight=False)
 
 
 @app.command("dvc-yaml")

@@ -2,10 +2,10 @@
 
 Matrices over `models`, `seq_lens`, `variants`, `targets` and `compile.jobs` stay DVC templates, so
 editing those lists in params.yaml needs no regeneration. What DVC cannot template is written out from
-params.yaml: the files named there (evaluation sets, calibration sources, a local model folder) and
-each stage's code, the import closure of its module plus every registry module it may load (DVC cannot
-pick a recipe or a device per matrix item, so it lists all of them: DVC may rerun more than Prefect,
-never less). `edgeopt dvc-yaml` rewrites the file; `edgeopt run` and `edgeopt stage` refuse a stale one.
+params.yaml: the files named there (evaluation sets, calibration sources, a local model folder, the AIMET
+exports variants import) and each stage's code, the import closure of its module plus every registry module
+it may load (DVC cannot pick a recipe or a device per matrix item, so it lists all of them: DVC may rerun
+more than Prefect, never less). `edgeopt dvc-yaml` rewrites the file; `edgeopt run` and `edgeopt stage` refuse a stale one.
 A run of params.yaml then records its outputs in dvc.lock (`sync_lock`).
 """
 
@@ -56,6 +56,9 @@ def document(cfg: EdgeoptConfig) -> dict:
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
     sources = [Path(s.path).as_posix() for s in cfg.calibration_data.sources]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
+    # Files variants import (an AIMET export per model and length): every instance lists them all.
+    imported = [path.as_posix() for name in cfg.variants for model in cfg.models for seq_len in cfg.seq_lens
+                for path in cfg.quantize.variant(name).imports(model, seq_len).values()]
     stages = {
         "fetch_model": {
             "cmd": "edgeopt stage fetch_model",
@@ -113,7 +116,7 @@ def document(cfg: EdgeoptConfig) -> dict:
             "deps": ["artifacts/export_onnx/${item.model}/seq${item.seq_len}/model.onnx",
                      "artifacts/graph_surgery/${item.model}/seq${item.seq_len}/model.onnx",
                      "artifacts/calibration_data/calib_seq${item.seq_len}.npz",
-                     *_code("quantize", families, recipes)],
+                     *imported, *_code("quantize", families, recipes)],
             "params": ["quantize.variants.${item.variant}", "quantize.calibration_chunk", "family"],
             "outs": ["artifacts/quantize/${item.model}/${item.variant}-${item.seq_len}"],
         },

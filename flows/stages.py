@@ -180,7 +180,11 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
     root (`root`, default the working directory, as for both entry points)."""
     root = (root or Path.cwd()).resolve()
     allowed = [root, *((root / r).resolve() for r in cfg.paths.read_roots)]
-    for field_name, path in path_fields(cfg):
+    # Files a variant's settings name per model and length (templates such as an AIMET export's paths).
+    imports = [(f"quantize.variants.{name}.{role} ({model}, {seq_len})", path)
+               for name in cfg.variants for model in cfg.models for seq_len in cfg.seq_lens
+               for role, path in cfg.quantize.variant(name).imports(model, seq_len).items()]
+    for field_name, path in [*path_fields(cfg), *imports]:
         if field_name.startswith("paths."):
             continue
         resolved = (root / path).resolve()
@@ -328,6 +332,7 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
         if quantize_stage.needs_calibration(settings)
         else None
     )
+    imports = settings.imports(model, seq_len)  # files the settings name (an AIMET export), keyed like inputs
     return StageCall(
         stage="quantize",
         name=catalog.dvc_stage_name("quantize", model=model, variant=variant, seq_len=seq_len),
@@ -335,8 +340,9 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
         base=out.base,
         out_dir=out.quantize_dir(model, variant, seq_len),
         inputs={"model": catalog.onnx_model(source), "calibration": calibration},
+        watch={f"import_{role}": path for role, path in imports.items()},
         params={"params": params, "family": cfg.family},
-        args={"variant": variant},
+        args={"variant": variant, **({"imports": imports} if imports else {})},
         code=stage_code("quantize", family_module(cfg), RECIPES.module_of(settings.method)),
         tools=quantize_stage.tools(settings),
     )

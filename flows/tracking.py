@@ -38,7 +38,7 @@ from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import tool_versions
 
 TRACKED_TOOLS = ("edgeopt", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "openvino", "nncf",
-                 "prefect", "dvc", "mlflow", "pandera")
+                 "aimet-onnx", "prefect", "dvc", "mlflow", "pandera")
 ROW_METRICS = (
     "size_mb",
     "latency_p50_ms",

@@ -50,3 +50,36 @@ def run_outputs(model: Path, arrays: dict[str, np.ndarray]) -> np.ndarray:
     rows = range(len(arrays["input_ids"]))
     return np.concatenate([sess.run(None, build_feeds(sess, {k: v[i : i + 1] for k, v in arrays.items()}))[0]
                            for i in rows])
+
+
+def make_aimet_export(model: Path, calibration: Path, folder: Path, activation_bits: int = 16) -> dict[str, Path]:
+    """What a user brings from AIMET: `model` prepared for the HTP, calibrated in aimet-onnx's QuantSim (HTP v75
+    config) and exported with `QuantizationSimModel.export` (`export.onnx` + `export.encodings`), plus the
+    sim's own QDQ model (`sim_qdq.onnx`) to compare an import with. Runs in a spawned process: AIMET registers
+    its ops in ONNX Runtime's process-wide registry."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_aimet_export, model, calibration, folder, activation_bits).result()
+
+
+def _aimet_export(model: Path, calibration: Path, folder: Path, activation_bits: int) -> dict[str, Path]:
+    import onnx
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    from tasks.recipes.aimet_qnn import prepare_for_htp
+    from tasks.transforms.quant_rewrites import int32_biases
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tmp").mkdir(exist_ok=True)
+    sim = QuantizationSimModel(prepare_for_htp(model, folder / "tmp"), param_type="int8",
+                               activation_type=f"int{activation_bits}", config_file="htp_v75", path=str(folder / "tmp"))
+    with np.load(calibration) as npz:
+        rows = [{name: npz[name][i : i + 1] for name in npz.files} for i in range(len(npz["input_ids"]))]
+    sim.compute_encodings(rows)
+    sim.export(str(folder), "export", encoding_version="1.0.0")
+    qdq = sim.to_onnx_qdq(prequantize_constants=True)
+    int32_biases(qdq.graph)
+    onnx.save(qdq, str(folder / "sim_qdq.onnx"))
+    return {"onnx": folder / "export.onnx", "encodings": folder / "export.encodings", "sim_qdq": folder / "sim_qdq.onnx"}

@@ -16,7 +16,7 @@ from tasks.core.params import StrictParams
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 from tasks.recipes import RECIPES, recipe_for, variant_settings
-from tasks.recipes.base import RecipeContext, calibration_feeds, rows
+from tasks.recipes.base import IR_WEIGHTS, RecipeContext, calibration_feeds, rows
 
 
 class QuantizeParams(StrictParams):
@@ -52,16 +52,16 @@ def artifact_name(settings) -> str:
     return recipe_for(settings).artifact
 
 
-def _size_mb(folder: Path, artifact: str) -> float:
-    files = [folder / artifact]
-    if artifact.endswith(".xml"):
-        files.append((folder / artifact).with_suffix(".bin"))
+def _size_mb(folder: Path, recipe) -> float:
+    """The deployed files: the artifact and its weights file (an IR's .bin), not records such as encodings."""
+    files = [folder / recipe.artifact] + [folder / name for name in recipe.companions if name == IR_WEIGHTS]
     return sum(f.stat().st_size for f in files if f.exists()) / 1e6
 
 
 def quantize(model: Path, calibration: Path | None, variant: str, params: QuantizeParams, family: FamilySettings,
-             out_dir: Path, tmp: Path) -> dict:
-    """Write the variant's artifact into `out_dir` (an existing folder); returns the stage record."""
+             out_dir: Path, tmp: Path, imports: dict[str, Path] | None = None) -> dict:
+    """Write the variant's artifact into `out_dir` (an existing folder); returns the stage record. `imports`:
+    the files the variant's settings name for this model and length (`RecipeSettings.imports`)."""
     model = Path(model)
     settings = params.variant(variant)
     recipe = recipe_for(settings)
@@ -74,14 +74,16 @@ def quantize(model: Path, calibration: Path | None, variant: str, params: Quanti
         if calibration is None:
             raise InputError(f"quantize variant {variant!r} ({settings.method}) needs a calibration npz; pass one")
         feeds = calibration_feeds(Path(calibration), model, getattr(settings, "calibration_rows", None))
-    context = RecipeContext(params.calibration_chunk, FAMILIES.get(family.name).quantization_hints())
+    context = RecipeContext(params.calibration_chunk, FAMILIES.get(family.name).quantization_hints(),
+                            imports=dict(imports or {}))
 
     out = out_dir / recipe.artifact
     start = time.perf_counter()
     facts = recipe.apply(model, feeds, settings, context, out, tmp)
     seconds = time.perf_counter() - start
+    kept = {recipe.artifact, *recipe.companions}
     for leftover in out_dir.iterdir():  # ORT may leave augmented/temporary models beside the output
-        if leftover.name not in (recipe.artifact, Path(recipe.artifact).with_suffix(".bin").name):
+        if leftover.name not in kept:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     counts = recipe.counts(out)
     if settings.method != "none" and sum(v if isinstance(v, int) else sum(v.values()) for v in counts.values()) == 0:
@@ -94,7 +96,7 @@ def quantize(model: Path, calibration: Path | None, variant: str, params: Quanti
         "method": settings.method,
         "settings": settings.model_dump(mode="json"),
         "artifact": recipe.artifact,
-        "size_mb": _size_mb(out_dir, recipe.artifact),
+        "size_mb": _size_mb(out_dir, recipe),
         "quantize_time_s": seconds,
         "calibration_rows": rows(feeds) if feeds is not None else 0,
         **facts,

@@ -19,6 +19,8 @@ RECIPES: Registry[Recipe] = Registry(
         "none": "tasks.recipes.none:RECIPE",
         "ort_static": "tasks.recipes.ort_static:RECIPE",
         "ort_qnn": "tasks.recipes.ort_qnn:RECIPE",
+        "aimet_qnn": "tasks.recipes.aimet_qnn:RECIPE",
+        "aimet_import": "tasks.recipes.aimet_import:RECIPE",
         "ort_dynamic": "tasks.recipes.ort_dynamic:RECIPE",
         "nncf_ptq": "tasks.recipes.nncf_ptq:RECIPE",
         "nncf_weights": "tasks.recipes.nncf_weights:RECIPE",

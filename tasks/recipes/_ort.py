@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from pathlib import Path
 
@@ -60,20 +61,41 @@ def qtype(name: str):
     return getattr(QuantType, _QTYPES[name])
 
 
-def preprocess(model: Path, tmp: Path, settings) -> Path:
-    """ORT's pre-processing (shape inference + basic optimisation), then check names from params."""
-    import onnx
+def ort_preprocess(model: Path, tmp: Path) -> Path:
+    """ORT's pre-processing for quantization: shape inference + basic optimisation (e.g. MatMul + Add -> Gemm)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = tmp / "preprocessed.onnx"
     # The symbolic shape pass crashes on this export's mask subgraph; ONNX shape inference suffices
     # because every shape is static.
     quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def excluded_nodes(graph, patterns: list[str], where: str) -> list[str]:
+    """The graph's node names that `nodes_to_exclude` entries name: exact names or shell-style patterns
+    (`*/intermediate/dense/*`: every FFN input layer; `*` also matches `/`), since ORT's pre-processing renames
+    fused nodes. Each entry must match a node."""
+    names = [n.name for n in graph.node]
+    found: list[str] = []
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise InputError(f"{where}: nodes_to_exclude {pattern!r} matches no node of the pre-processed graph; "
+                             "fix the name or pattern")
+        found.extend(name for name in matched if name not in found)
+    return found
+
+
+def preprocess(model: Path, tmp: Path, settings) -> tuple[Path, list[str]]:
+    """ORT's pre-processing (`ort_preprocess`), then check names from params; returns the pre-processed model
+    and the node names `nodes_to_exclude` matches there."""
+    import onnx
+
+    out = ort_preprocess(model, tmp)
     graph = onnx.load(str(out), load_external_data=False).graph
     where = f"quantize.variants ({settings.method})"
-    unknown = sorted(set(settings.nodes_to_exclude) - {n.name for n in graph.node})
-    if unknown:
-        raise InputError(f"{where}: nodes_to_exclude {unknown[:3]} not in the pre-processed graph of {model}; fix the names")
+    excluded = excluded_nodes(graph, list(settings.nodes_to_exclude), where)
     tensors = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
     unknown = sorted(set(getattr(settings, "tensor_overrides", {})) - tensors)
     if unknown:
@@ -81,7 +103,7 @@ def preprocess(model: Path, tmp: Path, settings) -> Path:
     present = {n.op_type for n in graph.node}
     if settings.op_types is not None and not set(settings.op_types) & present:
         raise InputError(f"{where}: none of op_types {settings.op_types} occurs in {model}; fix op_types")
-    return out
+    return out, excluded
 
 
 def tensor_overrides(overrides: dict[str, dict]) -> dict[str, list[dict]]:

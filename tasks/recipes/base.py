@@ -8,7 +8,7 @@ turns one ONNX model into one quantized artifact. Registered in `tasks.recipes.R
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,12 +22,18 @@ from tasks.transforms.quant_rewrites import huge_float_constants
 
 ONNX_ARTIFACT = "model.onnx"
 IR_ARTIFACT = "model.xml"
+IR_WEIGHTS = "model.bin"
 
 
 class RecipeSettings(StrictParams):
     """Each recipe's settings add `method: Literal["<method>"]` and their options."""
 
     method: str
+
+    def imports(self, model: str, seq_len: int) -> dict[str, Path]:
+        """Files from outside the pipeline this variant reads for one pipeline model and length, by role (keyed
+        into its quantize stage like an input and handed to the recipe as `RecipeContext.imports`). Most read none."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class RecipeContext:
     """Calibration rows held in memory at once."""
     hints: Any = None
     """The model family's QuantizationHints (tasks.families.base), or None."""
+    imports: dict[str, Path] = field(default_factory=dict)
+    """The settings' `imports` for this model and length (e.g. an AIMET export's model and encodings)."""
 
 
 class Recipe(Protocol):
@@ -45,6 +53,8 @@ class Recipe(Protocol):
     settings: type[RecipeSettings]
     artifact: str
     tools: tuple[str, ...]
+    companions: tuple[str, ...]
+    """Files the recipe writes beside the artifact that the output keeps (e.g. an encodings JSON)."""
 
     def needs_calibration(self, settings: RecipeSettings) -> bool: ...
 

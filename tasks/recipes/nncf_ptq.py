@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tasks.core.errors import InputError
 from tasks.recipes._openvino import ir_quant_counts, save_ir
-from tasks.recipes.base import IR_ARTIFACT, RecipeContext, RecipeSettings, rows
+from tasks.recipes.base import IR_ARTIFACT, IR_WEIGHTS, RecipeContext, RecipeSettings, rows
 
 
 class NncfPtqSettings(RecipeSettings):
@@ -55,6 +55,7 @@ class NncfPtqRecipe:
     method = "nncf_ptq"
     settings = NncfPtqSettings
     artifact = IR_ARTIFACT
+    companions = (IR_WEIGHTS,)
     tools = ("openvino", "nncf")
 
     def needs_calibration(self, settings: NncfPtqSettings) -> bool:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tasks.core.errors import InputError
 from tasks.recipes._openvino import ir_quant_counts, save_ir
-from tasks.recipes.base import IR_ARTIFACT, RecipeContext, RecipeSettings
+from tasks.recipes.base import IR_ARTIFACT, IR_WEIGHTS, RecipeContext, RecipeSettings
 
 
 class NncfWeightsSettings(RecipeSettings):
@@ -42,6 +42,7 @@ class NncfWeightsRecipe:
     method = "nncf_weights"
     settings = NncfWeightsSettings
     artifact = IR_ARTIFACT
+    companions = (IR_WEIGHTS,)
     tools = ("openvino", "nncf")
 
     def needs_calibration(self, settings: NncfWeightsSettings) -> bool:

@@ -20,6 +20,7 @@ class NoneRecipe:
     method = "none"
     settings = NoQuantization
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools: tuple[str, ...] = ()
 
     def needs_calibration(self, settings: NoQuantization) -> bool:

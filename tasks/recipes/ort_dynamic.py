@@ -19,13 +19,14 @@ class OrtDynamicSettings(RecipeSettings):
     per_channel: bool = False
     reduce_range: bool = False
     op_types: list[str] | None = Field(None, description="null = ORT's default (MatMul, Gather, ...)")
-    nodes_to_exclude: list[str] = []
+    nodes_to_exclude: list[str] = Field([], description="node names or patterns (`*/intermediate/dense/*`) of the "
+                                        "pre-processed graph kept in float")
 
 
 def _ort_dynamic(model: Path, s: OrtDynamicSettings, out: Path, tmp: Path) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
-    pre = preprocess(model, tmp, s)
+    pre, excluded = preprocess(model, tmp, s)
     quantize_dynamic(
         str(pre),
         str(out),
@@ -33,7 +34,7 @@ def _ort_dynamic(model: Path, s: OrtDynamicSettings, out: Path, tmp: Path) -> No
         per_channel=s.per_channel,
         reduce_range=s.reduce_range,
         weight_type=qtype(s.weight_type),
-        nodes_to_exclude=list(s.nodes_to_exclude),
+        nodes_to_exclude=excluded,
     )
 
 
@@ -41,6 +42,7 @@ class OrtDynamicRecipe:
     method = "ort_dynamic"
     settings = OrtDynamicSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtDynamicSettings) -> bool:

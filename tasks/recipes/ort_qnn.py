@@ -57,7 +57,8 @@ class OrtQnnSettings(RecipeSettings):
         "the HTP computes them below the 16-bit precision the CPU EP runs the QDQ graph at",
     )
     op_types: list[str] | None = Field(None, description="null = every op type except Cast (the recipe's default)")
-    nodes_to_exclude: list[str] = []
+    nodes_to_exclude: list[str] = Field([], description="node names or patterns (`*/intermediate/dense/*`) of the "
+                                        "pre-processed graph kept in float")
     unit_norm_output_range: bool = Field(
         True,
         description="quantize every L2 LpNormalization output over [-1, 1], its exact bound, not the calibrated "
@@ -81,7 +82,7 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
         fused, _ = qnn_preprocess(onnx.load(str(model)), tmp)
         model = tmp / "qnn_preprocessed.onnx"
         onnx.save(fused, str(model))
-    pre = preprocess(model, tmp, s)
+    pre, excluded_by_name = preprocess(model, tmp, s)
     proto = onnx.load(str(pre))
     if unshare_biases(proto.graph):
         onnx.save(proto, str(pre))
@@ -94,7 +95,7 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
                 transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
                 axis = 0 if transposed else 1  # the output channels
                 overrides[node.input[1]] = [{"quant_type": qtype("int8"), "symmetric": True, "axis": axis}]
-    excluded = list(s.nodes_to_exclude) + (activation_matmuls(graph) if s.float_activation_matmuls else [])
+    excluded = excluded_by_name + (activation_matmuls(graph) if s.float_activation_matmuls else [])
     config = get_qnn_qdq_config(
         str(pre),
         NpzReader(feeds),
@@ -144,6 +145,7 @@ class OrtQnnRecipe:
     method = "ort_qnn"
     settings = OrtQnnSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtQnnSettings) -> bool:

@@ -34,7 +34,8 @@ class OrtStaticSettings(RecipeSettings):
     percentile: float = Field(99.999, gt=90, le=100, description="for calibrate_method: Percentile")
     calibration_rows: int | None = Field(None, ge=1, description="first N rows of the npz; null = all")
     op_types: list[str] | None = Field(None, description="op types to quantize; null = every supported op")
-    nodes_to_exclude: list[str] = Field([], description="node names (of the pre-processed graph) kept in float")
+    nodes_to_exclude: list[str] = Field([], description="node names or patterns (`*/intermediate/dense/*`) of the "
+                                        "pre-processed graph kept in float")
     softmax_input_floor: float | None = Field(
         None,
         lt=0,
@@ -106,7 +107,7 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, context: RecipeContext
         gemm = tmp / "gemm.onnx"
         if linear_layers_as_gemm(model, gemm):
             model = gemm
-    pre = preprocess(model, tmp, s)
+    pre, excluded_by_name = preprocess(model, tmp, s)
     if s.smooth_layernorm_alpha is not None:
         smoothed = tmp / "smoothed.onnx"
         if _hints(context, "smooth_layernorm_alpha").smooth_outliers(pre, smoothed, feeds, s.smooth_layernorm_alpha,
@@ -116,7 +117,7 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, context: RecipeContext
     absent = sorted(set(s.float_output_op_types) - {n.op_type for n in graph.node})
     if absent:
         raise InputError(f"quantize.variants (ort_static): float_output_op_types {absent} not in {model}; fix the names")
-    excluded = list(s.nodes_to_exclude) + ([] if s.activation_matmuls else activation_matmuls(graph))
+    excluded = excluded_by_name + ([] if s.activation_matmuls else activation_matmuls(graph))
     cache = tmp / "calibration.json"
     common = dict(
         quant_format=QuantFormat.QDQ,
@@ -153,6 +154,7 @@ class OrtStaticRecipe:
     method = "ort_static"
     settings = OrtStaticSettings
     artifact = ONNX_ARTIFACT
+    companions = ()
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtStaticSettings) -> bool:

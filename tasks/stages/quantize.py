@@ -24,8 +24,8 @@ __all__ = ["QuantizeParams", "artifact_name", "needs_calibration", "run", "tools
 
 
 def run(*, model: Path, calibration: Path | None, variant: str, params: QuantizeParams, family: FamilySettings,
-        out_dir: Path, key: str) -> dict:
+        out_dir: Path, key: str, imports: dict[str, Path] | None = None) -> dict:
     with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-quant-") as tmp:
-        payload = quantize(model, calibration, variant, params, family, scratch, Path(tmp))
+        payload = quantize(model, calibration, variant, params, family, scratch, Path(tmp), imports)
         write_stamp(scratch, key, payload)
     return payload

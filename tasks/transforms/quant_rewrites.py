@@ -7,6 +7,7 @@
 - `huge_float_constants`: float constants beyond 1e30 (the float-min attention-mask fill of HF exports).
 - `unshare_biases`: a Gemm/Conv bias that several layers read, one copy per layer.
 - `unit_norm_outputs`: outputs of L2 normalisations, bounded by [-1, 1] whatever calibration saw.
+- `int32_biases`: a Gemm's float bias as int32 on the scales of its quantized input and weight.
 """
 
 from __future__ import annotations
@@ -172,3 +173,51 @@ def unit_norm_outputs(graph) -> list[str]:
     """Outputs of every L2 LpNormalization (what qnn_preprocess fuses a normalize into): always in [-1, 1]."""
     return [n.output[0] for n in graph.node
             if n.op_type == "LpNormalization" and next((a.i for a in n.attribute if a.name == "p"), 2) == 2]
+
+
+def int32_biases(graph) -> int:
+    """Quantize the float bias of every Gemm whose input and weight come through DequantizeLinear: int32,
+    scale = input scale x weight scale (per output channel), zero point 0, as ONNX Runtime's quantizer does.
+
+    A Gemm with a float bias is no QDQ unit for ONNX Runtime's QNN EP, and its weight's DequantizeLinear
+    then falls back to the CPU. Returns how many biases were quantized.
+    """
+    from onnx import helper, numpy_helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+
+    def dequantized(name: str):
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits:
+            return None
+        return node
+
+    nodes, count = [], 0
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        x, w = dequantized(node.input[0]), dequantized(node.input[1])
+        bias = numpy_helper.to_array(inits[node.input[2]])
+        if x is None or w is None or bias.dtype != np.float32 or bias.ndim != 1:
+            continue
+        scale = (numpy_helper.to_array(inits[x.input[1]]).astype(np.float64)
+                 * numpy_helper.to_array(inits[w.input[1]]).astype(np.float64)) * np.ones(bias.shape)
+        if np.any(scale <= 0):
+            continue
+        limit = np.iinfo(np.int32)
+        quantized = np.clip(np.round(bias / scale), limit.min, limit.max).astype(np.int32)
+        base = f"{node.input[2]}/int32"
+        graph.initializer.extend([
+            numpy_helper.from_array(quantized, base),
+            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.zeros(bias.shape, np.int32), f"{base}_zero_point"),
+        ])
+        nodes.insert(len(nodes) - 1, helper.make_node(  # before its Gemm: the node list stays sorted
+            "DequantizeLinear", [base, f"{base}_scale", f"{base}_zero_point"], [f"{base}_dq"], name=f"{base}_dq", axis=0))
+        node.input[2] = f"{base}_dq"
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return count

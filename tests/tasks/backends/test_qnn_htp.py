@@ -51,9 +51,9 @@ def tiny_sentences(n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(n)]
 
 
-def make_tiny_qdq(model_dir: Path, folder: Path, **recipe) -> Path:
-    """Export the tiny encoder (static [1, 16]) and quantize it with the project's QNN recipe
-    (tasks.recipes.ort_qnn, `OrtQnnSettings(**recipe)`); e.g. `qnn_preprocess=False` leaves ops the HTP
+def make_tiny_qdq(model_dir: Path, folder: Path, settings=None, **recipe) -> Path:
+    """Export the tiny encoder (static [1, 16]) and quantize it with `settings`, by default the project's QNN
+    recipe (tasks.recipes.ort_qnn, `OrtQnnSettings(**recipe)`); e.g. `qnn_preprocess=False` leaves ops the HTP
     rejects (the Erf GELU, the mask's Shape/Expand chain)."""
     import onnx
     from transformers import AutoTokenizer
@@ -72,7 +72,7 @@ def make_tiny_qdq(model_dir: Path, folder: Path, **recipe) -> Path:
     onnx.save(fp32, str(folder / "clamped.onnx"))
     feeds = FAMILY.samples(AutoTokenizer.from_pretrained(model_dir), tiny_sentences(16), SEQ_LEN)
     np.savez(folder / "calibration.npz", **feeds)
-    params = QuantizeParams(variants={"qnn": OrtQnnSettings(**recipe)})
+    params = QuantizeParams(variants={"qnn": settings or OrtQnnSettings(**recipe)})
     quantize_run(model=folder / "clamped.onnx", calibration=folder / "calibration.npz", variant="qnn",
                  params=params, family=family, out_dir=folder / "qdq", key="test")
     return folder / "qdq" / "model.onnx"

@@ -75,6 +75,20 @@ def test_tiny_qdq_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(tiny_qdq
     assert models.cosine(loaded.run(feeds), reference) >= 0.999
 
 
+
+def test_an_aimet_export_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(tiny_bert, tmp_path):
+    pytest.importorskip("aimet_onnx")
+    from tasks.recipes.aimet_qnn import AimetQnnSettings
+
+    qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", AimetQnnSettings(htp_config="htp_v75"))
+    payload = run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileCheckParams(threads=1), QnnHtpCompileParams(),
+                  SENTENCE_ENCODER, tmp_path / "compile", key="k", model_dir=tiny_bert)
+
+    assert payload["cpu_fallback_nodes"] == 0 and payload["nodes_per_ep"]["QNNExecutionProvider"] > 100
+    assert payload["verify_source"] == "sentence_encoder:8 check samples"
+    assert payload["verify_min_cosine"] >= 0.999
+    assert payload["precision"].startswith("a16w8")
+
 def test_unsupported_op_trips_the_fallback_gate_naming_ops_and_nodes(unsupported_onnx, tmp_path):
     out = tmp_path / "compile"
     with pytest.raises(StageError) as err:

@@ -85,3 +85,21 @@ def test_bad_inputs_are_one_line_input_errors(tmp_path, tiny_onnx, tiny_fixed, c
         run(model=tmp_path / "missing.onnx", calibration=calib, variant="ort_qdq_a8w8", params=params,
             family=SENTENCE_ENCODER, out_dir=tmp_path / "o", key="k")
     assert not (tmp_path / "o").exists()
+
+
+def test_nodes_to_exclude_takes_patterns_matched_after_ort_preprocessing(tmp_path, tiny_fixed):
+    import onnx
+
+    def integer_matmuls(settings) -> list[str]:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        run(model=tiny_fixed, calibration=None, variant="v", params=QuantizeParams(variants={"v": settings}),
+            family=SENTENCE_ENCODER, out_dir=out, key="k")
+        return [n.name for n in onnx.load(out / "model.onnx").graph.node if n.op_type == "MatMulInteger"]
+
+    everything = integer_matmuls(OrtDynamicSettings())
+    kept_float = integer_matmuls(OrtDynamicSettings(nodes_to_exclude=["*/intermediate/dense/*"]))
+    # One FFN input layer per block (the tiny BERT has 2) stays float; every other linear layer is int8.
+    assert len(everything) - len(kept_float) == 2
+    assert not [n for n in kept_float if "/intermediate/dense/" in n]
+    with pytest.raises(InputError, match=r"nodes_to_exclude '\*/no_such_layer/\*' matches no node"):
+        integer_matmuls(OrtDynamicSettings(nodes_to_exclude=["*/no_such_layer/*"]))

@@ -1,0 +1,84 @@
+"""Recipe aimet_qnn on a tiny random BERT: AIMET QuantSim with the HTP config, exported as QDQ + encodings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import min_cosine, ort_embed, quantize_variant
+
+from tasks.recipes.aimet_qnn import ENCODINGS, AimetQnnSettings
+from tasks.recipes.ort_qnn import OrtQnnSettings
+
+pytest.importorskip("aimet_onnx")
+
+
+def _zero_point_types(model) -> set[int]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return {inits[n.input[2]].data_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def _own_row_is_nearest(quantized: np.ndarray, reference: np.ndarray) -> bool:
+    """Each quantized embedding is closer to the fp32 embedding of its own sentence than to any other's."""
+    q = quantized / np.linalg.norm(quantized, axis=1, keepdims=True)
+    r = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    return bool((np.argmax(q @ r.T, axis=1) == np.arange(len(q))).all())
+
+
+def test_a16w8_writes_a_16_bit_qdq_model_and_its_encodings(tmp_path, tiny_fixed, calib, eval_feeds):
+    out, payload = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a16w8", AimetQnnSettings())
+
+    assert sorted(p.name for p in out.iterdir()) == [ENCODINGS, "model.onnx", "stage.json"]
+    model = onnx.load(out / "model.onnx")
+    assert onnx.TensorProto.UINT16 in _zero_point_types(model)
+    assert payload["quantize_linear_nodes"] > 20 and payload["calibration_rows"] == 12
+    encodings = json.loads((out / ENCODINGS).read_text())
+    assert {e["bw"] for e in encodings["activation_encodings"]} >= {16}
+    assert {e["bw"] for e in encodings["param_encodings"]} == {8}
+    assert payload["encodings"] == {"activation": len(encodings["activation_encodings"]),
+                                    "param": len(encodings["param_encodings"])}
+    quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.99
+    assert _own_row_is_nearest(quantized, reference)
+
+    # AIMET ran in a process of its own: a variant ONNX Runtime quantizes next carries no AIMET op domain.
+    after, _ = quantize_variant(tmp_path, tiny_fixed, calib, "ort_a16w8", OrtQnnSettings())
+    assert not [o.domain for o in onnx.load(after / "model.onnx").opset_import if "aimet" in o.domain]
+
+
+def test_a8w8_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
+    settings = AimetQnnSettings(activation_bits=8, quant_scheme="tf_enhanced", htp_config="htp_v73")
+    out, _ = quantize_variant(tmp_path, tiny_fixed, calib, "aimet_a8w8", settings)
+
+    model = onnx.load(out / "model.onnx")
+    assert onnx.TensorProto.UINT16 not in _zero_point_types(model)
+    assert onnx.TensorProto.UINT8 in _zero_point_types(model)
+    quantized, reference = ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.95
+    assert _own_row_is_nearest(quantized, reference)
+
+
+def _integer_weights(path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2}
+
+
+@pytest.mark.parametrize("rounding", ["seq_mse", "adaround"])
+def test_seq_mse_and_adaround_choose_other_integer_weights(tmp_path, tiny_fixed, calib, eval_feeds, rounding):
+    a8w8 = dict(activation_bits=8, htp_config="htp_v75")
+    nearest, _ = quantize_variant(tmp_path, tiny_fixed, calib, "nearest", AimetQnnSettings(**a8w8))
+    settings = AimetQnnSettings(**a8w8, weight_rounding=rounding, seq_mse_candidates=5, adaround_iterations=20)
+    tuned, payload = quantize_variant(tmp_path, tiny_fixed, calib, rounding, settings)
+
+    base, other = _integer_weights(nearest / "model.onnx"), _integer_weights(tuned / "model.onnx")
+    assert base.keys() == other.keys() and len(base) >= 12  # every linear layer's weight, as int8
+    changed = [name for name in base if not np.array_equal(base[name], other[name])]
+    assert len(changed) >= len(base) // 2, changed  # SeqMSE moves the ranges, AdaRound the rounding
+    assert payload["settings"]["weight_rounding"] == rounding
+    quantized, reference = ort_embed(tuned / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
+    assert min_cosine(quantized, reference) > 0.95 and _own_row_is_nearest(quantized, reference)
