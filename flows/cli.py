@@ -544,8 +544,9 @@ def _arm(spec: str, bench, root: Path, seq_len: int):
 
 @app.command()
 def speedup(
-    arms: Annotated[list[str], typer.Argument(help="artifacts as MODEL/VARIANT[@DEVICE[/TARGET]] (device ort_cpu, "
-                                                   "target host by default); the first is the baseline")],
+    arms: Annotated[list[str], typer.Argument(help="artifacts as MODEL/VARIANT, MODEL/VARIANT@DEVICE or "
+                                                   "MODEL/VARIANT@DEVICE/TARGET (device ort_cpu, target host by "
+                                                   "default); the first is the baseline")],
     seq_len: Annotated[int, typer.Option(help="the length whose artifacts are timed")] = 128,
     rounds: Annotated[int, typer.Option(min=2, help="rounds; each times every artifact once, order reversed "
                                                     "every round")] = 6,
@@ -598,7 +599,7 @@ def speedup(
     table = Table(title=f"L={seq_len}, {timing.threads} threads, {rounds} interleaved rounds of "
                         f"{timing.timed_runs} timed runs; speed-up over {chosen[0].label}")
     for column in ("artifact", "p50 ms (median of rounds)", "p50 range", "speed-up", "speed-up range"):
-        table.add_column(column, justify="left" if column == "artifact" else "right")
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for s in summary:
         table.add_row(s["arm"], f"{s['latency_p50_ms_median']:.2f}",
                       f"{s['latency_p50_ms_min']:.2f}-{s['latency_p50_ms_max']:.2f}", f"{s['speedup_median']:.2f}x",

@@ -72,3 +72,8 @@ def test_speedup_times_artifacts_in_alternating_rounds(benchmarked):
 def test_speedup_bad_arms_are_one_line(benchmarked, arms, message):
     result = runner.invoke(app, ["speedup", *arms, "--seq-len", "16"])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_speedup_help_renders():
+    result = runner.invoke(app, ["speedup", "--help"])
+    assert result.exit_code == 0 and "MODEL/VARIANT@DEVICE/TARGET" in result.output
