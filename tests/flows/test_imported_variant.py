@@ -3,8 +3,10 @@ its quantize stage, and listed in dvc.yaml."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import yaml
+from onnx import TensorProto, helper
 
 from flows import dvc_yaml, stages
 from tasks.config import load_config
@@ -18,7 +20,7 @@ def importing(workspace):
     params["quantize"]["variants"]["imported"] = {"method": "aimet_import",
                                                    "onnx": "exports/{model}-{seq_len}.onnx",
                                                    "encodings": "exports/{model}-{seq_len}.encodings"}
-    params["variants"] = ["fp32", "imported"]
+    params["variants"] = [*params["variants"], "imported"]
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (workspace / "exports").mkdir()
     return workspace
@@ -33,8 +35,15 @@ def test_missing_export_files_stop_the_run_before_any_stage(importing):
 
 def test_each_instance_is_keyed_by_its_own_export_and_dvc_lists_them(importing):
     for seq_len in (16, 32):
-        for suffix in ("onnx", "encodings"):
-            (importing / "exports" / f"dense-{seq_len}.{suffix}").write_text(f"{seq_len} {suffix}")
+        x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq_len])
+        y = helper.make_tensor_value_info("y", TensorProto.INT64, [1, seq_len])
+        graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["y"])], "export", [x], [y])
+        onnx.save(helper.make_model(graph), importing / "exports" / f"dense-{seq_len}.onnx")
+        (importing / "exports" / f"dense-{seq_len}.encodings").write_text(f'{{"version": "1.0.0", "n": {seq_len}}}')
+    for seq_len in (16, 32):  # the stage's own input (its content is all the key reads)
+        surgery = importing / "artifacts" / "graph_surgery" / "dense" / f"seq{seq_len}"
+        surgery.mkdir(parents=True)
+        (surgery / "model.onnx").write_bytes(b"graph %d" % seq_len)
     cfg = load_config(importing / "params.yaml")
     stages.preflight(cfg)
     call16, call32 = (stages.quantize(cfg, "dense", "imported", n) for n in (16, 32))
