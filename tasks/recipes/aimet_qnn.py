@@ -111,7 +111,11 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
         path=str(tmp / "aimet"),
     )
     calibration = _batches(feeds)
-    # Both freeze the weight encodings they choose; compute_encodings then calibrates the activations.
+    # Both freeze the weight encodings they choose; compute_encodings then calibrates the activations. Both
+    # also start from initialised weight encodings, which AIMET would otherwise make on a random input (token
+    # ids beyond a token-type table: an ORT Gather error), so the rows calibrate everything once first.
+    if s.weight_rounding != "nearest":
+        sim.compute_encodings(calibration)
     if s.weight_rounding == "seq_mse":
         from aimet_onnx import apply_seq_mse
 

@@ -27,6 +27,8 @@ def _ort_dynamic(model: Path, s: OrtDynamicSettings, out: Path, tmp: Path) -> No
     from onnxruntime.quantization import quantize_dynamic
 
     pre, excluded = preprocess(model, tmp, s)
+    # quantize_dynamic replaces each Gemm by MatMul `<gemm>_MatMul` + Add before it reads nodes_to_exclude.
+    excluded += [f"{name}_MatMul" for name in excluded]
     quantize_dynamic(
         str(pre),
         str(out),

@@ -46,6 +46,7 @@ def test_an_aimet_export_becomes_the_qdq_model_the_sim_runs(tmp_path, tiny_fixed
     assert min_cosine(imported, ort_embed(tiny_fixed, eval_feeds)) > 0.99
 
 
+@pytest.mark.slow  # the HTP simulator compiles and verifies the context
 def test_the_imported_model_compiles_for_the_htp_with_zero_fallback(tmp_path, tiny_bert, tiny_fixed, export):
     from tasks.backends.qnn_htp import BACKEND, QnnHtpCompileParams
     from tasks.stages.compile import CompileCheckParams
