@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.stages import stage_code
+from flows.stages import stage_code, variant_imports
 from tasks.backends import BACKENDS
 from tasks.config import EdgeoptConfig, compile_devices, read_params
 from tasks.core.errors import ConfigError
@@ -57,8 +57,7 @@ def document(cfg: EdgeoptConfig) -> dict:
     sources = [Path(s.path).as_posix() for s in cfg.calibration_data.sources]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
-    imported = [path.as_posix() for name in cfg.variants for model in cfg.models for seq_len in cfg.seq_lens
-                for path in cfg.quantize.variant(name).imports(model, seq_len).values()]
+    imported = [path.as_posix() for _, path in variant_imports(cfg)]
     stages = {
         "fetch_model": {
             "cmd": "edgeopt stage fetch_model",

@@ -173,6 +173,14 @@ OUTPUT_FOLDERS = ("artifacts", "metrics", "reports", "runs")
 """Project folders stages write: a params path there may name an output that does not exist yet."""
 
 
+def variant_imports(cfg: EdgeoptConfig) -> list[tuple[str, Path]]:
+    """(params field, path) of every file the run's variants name per model and length (templates such as an
+    AIMET export's paths): what preflight checks and dvc.yaml lists."""
+    return [(f"quantize.variants.{name}.{role} ({model}, {seq_len})", path)
+            for name in cfg.variants for model in cfg.models for seq_len in cfg.seq_lens
+            for role, path in cfg.quantize.variant(name).imports(model, seq_len).items()]
+
+
 def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
     """Everything that can be checked before the first stage: every path params.yaml names (found by walking
     the config) stays inside the project or a `paths.read_roots` folder and exists unless a stage writes it;
@@ -180,11 +188,7 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
     root (`root`, default the working directory, as for both entry points)."""
     root = (root or Path.cwd()).resolve()
     allowed = [root, *((root / r).resolve() for r in cfg.paths.read_roots)]
-    # Files a variant's settings name per model and length (templates such as an AIMET export's paths).
-    imports = [(f"quantize.variants.{name}.{role} ({model}, {seq_len})", path)
-               for name in cfg.variants for model in cfg.models for seq_len in cfg.seq_lens
-               for role, path in cfg.quantize.variant(name).imports(model, seq_len).items()]
-    for field_name, path in [*path_fields(cfg), *imports]:
+    for field_name, path in [*path_fields(cfg), *variant_imports(cfg)]:
         if field_name.startswith("paths."):
             continue
         resolved = (root / path).resolve()
