@@ -278,7 +278,7 @@ def stage(
     name: Annotated[str, typer.Argument(help="a stage name in dvc.yaml, e.g. quantize")],
     seq_len: Annotated[int | None, typer.Option(help="for per-length stages")] = None,
     model: Annotated[str, typer.Option(help="for per-model stages: an entry of `models`")] = "dense",
-    variant: Annotated[str | None, typer.Option(help="for quantize and benchmark")] = None,
+    variant: Annotated[str | None, typer.Option(help="for quantize, sensitivity and benchmark")] = None,
     device: Annotated[str | None, typer.Option(help="for benchmark and compile: a device")] = None,
     target: Annotated[str | None, typer.Option(help="for compile: a job's target (e.g. a QNN SoC)")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -301,6 +301,7 @@ def stage(
             "reference": ("seq_len",),
             "graph_surgery": ("seq_len",),
             "quantize": ("variant", "seq_len"),
+            "sensitivity": ("variant",),
             "benchmark": ("variant", "device", "seq_len"),
             "compile": ("variant", "device", "target", "seq_len"),
         }.get(name, ())
@@ -319,6 +320,7 @@ def stage(
             "benchmark": lambda: stages.benchmark(cfg, model, *_target(cfg, variant, device), seq_len),
             "compile": lambda: stages.compile_device(cfg, model, *_job(cfg, variant, device, target), seq_len),
             "latency_curve": lambda: stages.latency_curve(cfg, model),
+            "sensitivity": lambda: stages.sensitivity(cfg, model, variant),
             "report": lambda: stages.report(cfg),
         }
         if name not in builders:
@@ -330,6 +332,9 @@ def stage(
             raise ConfigError(f"--seq-len {seq_len}: not in params.yaml seq_lens {cfg.seq_lens}")
         if name == "quantize" and variant not in cfg.variants:
             raise ConfigError(f"--variant {variant}: not in params.yaml variants {cfg.variants}")
+        if name == "sensitivity" and (variant not in cfg.sensitivity.variants or model not in cfg.sensitivity.models):
+            raise ConfigError(f"sensitivity --model {model} --variant {variant}: not in params.yaml sensitivity.models "
+                              f"{cfg.sensitivity.models} x sensitivity.variants {cfg.sensitivity.variants}")
         from flows.locking import workspace_lock
 
         call = builders[name]()

@@ -7,7 +7,7 @@ Markdown. Sections: the recommended artifact and sequence length per device and 
 latency-vs-accuracy Pareto plot per sequence length with the accuracy budget line; latency against
 sequence length per device with the share of inputs each length truncates; the pruning strengths the
 prune stage tried and their drop on every evaluation set (and, when none held the budget, that the dense
-model is recommended); op placement per compiled
+model is recommended); per-layer sensitivity of the probed variants (sensitivity.csv); op placement per compiled
 artifact (nodes on the accelerator, CPU fallback ops by name); all benchmark rows; tool versions and
 the CPU. Simulated timings (QNN HTP simulator) and quick-mode rows are marked wherever they appear.
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.core.catalog import SENSITIVITY_TABLE
 from tasks.core.errors import InputError
 from tasks.data.evaluation import metric_label
 
@@ -53,8 +54,9 @@ def load_metrics(metrics_dir: Path) -> dict:
         if not path.is_file():
             raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) to write {metrics_dir}/")
         found[name] = json.loads(path.read_text(encoding="utf-8")) if name.endswith(".json") else _read_csv(path)
-    searched = metrics_dir / "prune_search.csv"  # absent in metrics written before the search existed
-    found["prune_search.csv"] = _read_csv(searched) if searched.is_file() else pd.DataFrame()
+    for name in ("prune_search.csv", SENSITIVITY_TABLE):  # absent in metrics written before these stages existed
+        path = metrics_dir / name
+        found[name] = _read_csv(path) if path.is_file() else pd.DataFrame()
     return found
 
 
@@ -231,6 +233,67 @@ def plot_prune_search(searched: pd.DataFrame, budget: float) -> str:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
     return _svg(fig, "prune")
+
+
+def _short_groups(names: pd.Series) -> pd.Series:
+    """Layer-group names without the module path they all share (`/encoder/layer.` ...)."""
+    prefix = os.path.commonprefix(list(names))
+    prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
+    return names.str.slice(len(prefix))
+
+
+def sensitivity_table(sensitivity: pd.DataFrame) -> pd.DataFrame:
+    """One row per probed layer group: its size and what quantizing it alone / keeping it alone in float does."""
+    rows = []
+    for (model, variant, seq_len), probes in sensitivity.groupby(["model", "variant", "seq_len"], sort=False):
+        groups = probes[probes["probe"] != "variant"]
+        first = probes.iloc[0]
+        for group, g in groups.groupby("group", sort=False):
+            by = g.set_index("probe")
+            row = {"model": model, "variant": variant, "L": int(seq_len), "group": group, "layers": int(g["layers"].iloc[0]),
+                   "MMACs": f"{g['macs'].iloc[0] / 1e6:.0f}"}
+            if "alone" in by.index:
+                row["only this quantized: vs fp32"] = f"{by.loc['alone', 'metric_delta']:+.2f}"
+            if "kept" in by.index:
+                row["only this float: vs all quantized"] = f"{by.loc['kept', 'metric_value'] - first['variant_metric']:+.2f}"
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.assign(group=_short_groups(frame["group"])) if len(frame) else frame
+
+
+def plot_sensitivity(sensitivity: pd.DataFrame) -> str:
+    """Per layer group: the metric change when only it is quantized (vs fp32) and when only it stays float
+    (vs the fully quantized variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(sensitivity.groupby(["model", "variant", "seq_len"], sort=False))
+    height = max(3.0, 0.22 * max(len(p["group"].unique()) for _, p in runs) + 1.4)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12.4, height * len(runs)), squeeze=False)
+    for row, ((model, variant, seq_len), probes) in zip(axes, runs):
+        first = probes.iloc[0]
+        groups = probes[probes["probe"] != "variant"].assign(group=lambda f: _short_groups(f["group"]))
+        order = list(dict.fromkeys(groups["group"]))
+        panels = (("alone", "metric_delta", f"only this group quantized: {first['metric_name']} vs fp32",
+                   "#c44e52", first["variant_metric"] - first["fp32_metric"], "all groups quantized"),
+                  ("kept", None, "only this group in float: vs all quantized", "#55a868", None, None))
+        for ax, (probe, column, title, color, line, line_label) in zip(row, panels):
+            g = groups[groups["probe"] == probe].set_index("group").reindex(order)
+            values = g[column] if column else g["metric_value"] - first["variant_metric"]
+            ax.barh(range(len(order)), values.fillna(0), color=color)
+            if line is not None:
+                ax.axvline(line, color="black", linestyle="--", linewidth=1, label=f"{line_label} ({line:+.2f})")
+                ax.legend(fontsize=7, loc="lower left")
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.set_yticks(range(len(order)), order, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("metric points")
+            ax.set_title(f"{model}/{variant} L={seq_len}: {title}", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _svg(fig, "sensitivity")
 
 
 def prune_search_table(searched: pd.DataFrame) -> pd.DataFrame:
@@ -456,6 +519,10 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
     if len(searched):
         plots["prune_search.svg"] = drawn("prune_search.svg", plot_prune_search, searched, budget, cache=plot_cache)
     pruning = prune_search_table(searched) if len(searched) else pd.DataFrame()
+    probed = metrics[SENSITIVITY_TABLE]
+    if len(probed):
+        plots["sensitivity.svg"] = drawn("sensitivity.svg", plot_sensitivity, probed, cache=plot_cache)
+    sensitivity = sensitivity_table(probed) if len(probed) else pd.DataFrame()
     recs, placement, results, tools = (recommendations(bench, summary), placement_table(compiled),
                                        results_table(bench), tool_table(bench))
     per_set = evaluation_table(metrics["evaluation.csv"])
@@ -490,6 +557,9 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         *([("Pruning strength: the levels tried (torch fp32 vs dense, on the evaluation sets themselves)",
             f"<div class='plot'>{plots['prune_search.svg']}</div>" + _html_table(pruning, wide=True))]
           if len(pruning) else []),
+        *([("Per-layer sensitivity (seeded evaluation subset; each probe a real build of the variant)",
+            f"<div class='plot'>{plots['sensitivity.svg']}</div>" + _html_table(sensitivity, wide=True))]
+          if len(sensitivity) else []),
         ("Op placement per compiled artifact", _html_table(placement)),
         ("All benchmark rows", _html_table(results)),
         ("Tools and machine", _html_table(tools)),
@@ -516,6 +586,8 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
            "## Accuracy on every evaluation set", "", per_set.to_markdown(index=False) if len(per_set) else "none", "",
            *(["## Pruning strength: the levels tried", "", "![pruning strengths tried](prune_search.svg)", "",
               pruning.to_markdown(index=False), ""] if len(pruning) else []),
+           *(["## Per-layer sensitivity", "", "![per-layer sensitivity](sensitivity.svg)", "",
+              sensitivity.to_markdown(index=False, disable_numparse=True), ""] if len(sensitivity) else []),
            "## Op placement per compiled artifact", "", placement.to_markdown(index=False) if len(placement) else "none",
            "", "## All benchmark rows", "", results.to_markdown(index=False), "",
            "## Tools and machine", "", tools.to_markdown(index=False), ""]

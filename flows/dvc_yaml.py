@@ -25,6 +25,7 @@ from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import STAMP, write_json_atomic
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
+from tasks.stages.sensitivity import SensitivityParams
 
 DVC_YAML = Path("dvc.yaml")
 DVC_LOCK = Path("dvc.lock")
@@ -154,12 +155,27 @@ def document(cfg: EdgeoptConfig) -> dict:
         },
         "report": {
             "cmd": "edgeopt stage report",
-            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/latency_curve", "artifacts/prune", fetched,
+            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/latency_curve", "artifacts/prune",
+                     *(["artifacts/sensitivity"] if cfg.sensitivity.variants else []), fetched,
                      Path(cfg.report.seq_len_choice.text.path).as_posix(), *_code("report", families)],
-            "params": ["models", "seq_lens", "targets", "compile.jobs", "report", "family"],
+            "params": ["models", "seq_lens", "targets", "compile.jobs", "report", "family",
+                       *(["sensitivity.models", "sensitivity.variants"] if cfg.sensitivity.variants else [])],
             "outs": [{"metrics": {"cache": False}}],
         },
     }
+    if cfg.sensitivity.variants:  # off: no stage (a matrix over an empty list is not one DVC takes)
+        seq_len = cfg.sensitivity_seq_len()
+        stages = _before(stages, "compile", "sensitivity", {
+            "matrix": {"model": "${sensitivity.models}", "variant": "${sensitivity.variants}"},
+            "cmd": "edgeopt stage sensitivity --model ${item.model} --variant ${item.variant}",
+            "deps": [f"artifacts/graph_surgery/${{item.model}}/seq{seq_len}/model.onnx",
+                     f"artifacts/calibration_data/calib_seq{seq_len}.npz", fetched, *first_set,
+                     *_code("sensitivity", families, recipes, [BACKENDS.module_of("ort_cpu")])],
+            "params": [*(f"sensitivity.{f}" for f in SensitivityParams.model_fields if f not in ("models", "variants")),
+                       "seq_lens", "quantize.variants.${item.variant}", "quantize.calibration_chunk", "evaluation",
+                       "family"],
+            "outs": [f"artifacts/sensitivity/${{item.model}}/${{item.variant}}-{seq_len}"],
+        })
     for stage in stages.values():  # a file named twice (e.g. the seq-len text is a calibration source) once
         body = stage.get("do", stage)
         body["deps"] = list(dict.fromkeys(body["deps"]))
@@ -169,6 +185,13 @@ def document(cfg: EdgeoptConfig) -> dict:
         "plots": [{"latency_vs_accuracy": {"template": "scatter", "x": "latency_p50_ms",
                                            "y": {"metrics/benchmark.csv": "metric_value"}}}],
     }
+
+
+def _before(stages: dict, anchor: str, name: str, stage: dict) -> dict:
+    """`stages` with `name` inserted before `anchor` (dvc.yaml lists stages in the flow's order)."""
+    items = list(stages.items())
+    at = [k for k, _ in items].index(anchor)
+    return dict([*items[:at], (name, stage), *items[at:]])
 
 
 def params_read(cfg: EdgeoptConfig) -> dict[str, list[str]]:

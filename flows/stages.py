@@ -46,6 +46,7 @@ from tasks.stages import prune as prune_stage
 from tasks.stages import quantize as quantize_stage
 from tasks.stages import reference as reference_stage
 from tasks.stages import report as report_stage
+from tasks.stages import sensitivity as sensitivity_stage
 
 STAGE_MODULES = {
     "fetch_model": fetch_stage,
@@ -58,6 +59,7 @@ STAGE_MODULES = {
     "compile": compile_stage,
     "benchmark": benchmark_stage,
     "latency_curve": latency_curve_stage,
+    "sensitivity": sensitivity_stage,
     "report": report_stage,
 }
 
@@ -478,10 +480,42 @@ def latency_curve_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCa
     return [latency_curve(cfg, m, out) for m in cfg.models]
 
 
+def sensitivity(cfg: EdgeoptConfig, model: str, variant: str, out: Catalog = MAIN) -> StageCall:
+    seq_len = cfg.sensitivity_seq_len()
+    settings = cfg.quantize.variant(variant)
+    eval_set = cfg.evaluation.sets[0]
+    return StageCall(
+        stage="sensitivity",
+        name=catalog.dvc_stage_name("sensitivity", model=model, variant=variant),
+        fn=sensitivity_stage.run,
+        base=out.base,
+        out_dir=out.sensitivity_dir(model, variant, seq_len),
+        inputs={
+            "model": catalog.onnx_model(out.graph_surgery_dir(model, seq_len)),
+            "calibration": out.calibration_data_dir() / calibration_stage.calib_name(seq_len),
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
+        },
+        watch={f"eval_{name}": Path(p) for name, p in eval_set.files().items()},
+        # Only this instance's model and variant: adding another to the lists does not rerun this one.
+        params={"params": cfg.sensitivity.model_copy(update={"models": [model], "variants": [variant]}),
+                "quantize_params": cfg.quantize.model_copy(update={"variants": {variant: settings}}),
+                "family": cfg.family, "eval_set": eval_set},
+        args={"model_name": model, "variant": variant, "seq_len": seq_len},
+        code=stage_code("sensitivity", family_module(cfg), RECIPES.module_of(settings.method),
+                        BACKENDS.module_of(sensitivity_stage.EVAL_DEVICE)),
+        tools=sensitivity_stage.TOOLS,
+    )
+
+
+def sensitivity_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
+    return [sensitivity(cfg, m, v, out) for m in cfg.sensitivity.models for v in cfg.sensitivity.variants]
+
+
 def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     dirs = [c.out_dir for c in benchmark_calls(cfg, out)]
     compiled = [c.out_dir for c in compile_calls(cfg, out)]
     curves = [c.out_dir for c in latency_curve_calls(cfg, out)]
+    sensitive = [c.out_dir for c in sensitivity_calls(cfg, out)]
     pruned = [out.prune_dir(model) for model in cfg.models]
     return StageCall(
         stage="report",
@@ -498,10 +532,12 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
             **{f"benchmark_{i}": d for i, d in enumerate(dirs)},
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
             **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
+            **{f"sensitivity_{i}": d for i, d in enumerate(sensitive)},
             **{f"prune_{i}": d / STAMP for i, d in enumerate(pruned)},
         },
         params={"params": cfg.report, "family": cfg.family},
-        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "prune_dirs": pruned},
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "prune_dirs": pruned,
+              "sensitivity_dirs": sensitive},
         code=stage_code("report", family_module(cfg)),
         tools=report_stage.TOOLS,
     )
@@ -522,5 +558,5 @@ def prepare_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
 
 def all_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
-    return [*prepare_calls(cfg, out), *compile_calls(cfg, out), *benchmark_calls(cfg, out), *latency_curve_calls(cfg, out),
-            report(cfg, out)]
+    return [*prepare_calls(cfg, out), *sensitivity_calls(cfg, out), *compile_calls(cfg, out), *benchmark_calls(cfg, out),
+            *latency_curve_calls(cfg, out), report(cfg, out)]

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 
 from tasks.backends import BACKENDS
 from tasks.core.catalog import DENSE
-from tasks.core.errors import ConfigError
+from tasks.core.errors import ConfigError, InputError
 from tasks.core.params import StrictParams
 from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, family_settings
@@ -33,6 +33,7 @@ from tasks.stages.prune import PruneParams
 from tasks.stages.quantize import QuantizeParams
 from tasks.stages.reference import ReferenceParams
 from tasks.stages.report import ReportParams
+from tasks.stages.sensitivity import SensitivityParams, check_probeable
 
 _NAME = re.compile(r"[a-z0-9_]+")
 BASELINE_VARIANT = "fp32"
@@ -126,6 +127,7 @@ class EdgeoptConfig(StrictParams):
     compile: CompileParams = Field(default_factory=CompileParams)
     benchmark: BenchmarkParams = BenchmarkParams()
     latency_curve: LatencyCurveParams = LatencyCurveParams()
+    sensitivity: SensitivityParams = SensitivityParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
     execution: ExecutionParams = ExecutionParams()
@@ -226,6 +228,28 @@ class EdgeoptConfig(StrictParams):
         if missing:
             raise ValueError(f"targets use variant(s) {missing} that are not in variants {self.variants}; add them there")
         return self
+
+    @model_validator(mode="after")
+    def _sensitivity(self) -> EdgeoptConfig:
+        s = self.sensitivity
+        unknown = sorted(set(s.variants) - set(self.variants))
+        if unknown:
+            raise ValueError(f"sensitivity.variants: {unknown} not in variants {self.variants}; add them there")
+        for name in s.variants:
+            try:
+                check_probeable(name, self.quantize.variant(name))
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        if s.variants and sorted(set(s.models) - set(self.models)):
+            raise ValueError(f"sensitivity.models: {sorted(set(s.models) - set(self.models))} not in models {self.models}")
+        if s.seq_len is not None and s.seq_len not in self.seq_lens:
+            raise ValueError(f"sensitivity.seq_len: {s.seq_len} is not one of seq_lens {self.seq_lens}")
+        if len(set(s.variants)) != len(s.variants) or len(set(s.models)) != len(s.models):
+            raise ValueError("sensitivity: a variant or model is listed twice")
+        return self
+
+    def sensitivity_seq_len(self) -> int:
+        return self.sensitivity.seq_len if self.sensitivity.seq_len is not None else self.seq_lens[0]
 
     @model_validator(mode="after")
     def _evaluation_fits_family(self) -> EdgeoptConfig:

@@ -138,6 +138,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     # tiny model): the whole DAG, kept small. Quantization accuracy is tested in tests/tasks.
     params["variants"] = ["fp32", "ort_qdq_a16w8"]
     params["targets"] = [{"variant": "fp32", "device": "ort_cpu"}]
+    params["sensitivity"]["variants"] = []  # its own tests: tests/tasks/stages/test_sensitivity.py, test_pipeline.py
     # The compiled context must reproduce its source at the project's bar (compile.verify_min_cosine 0.999).
     params["compile"].update(
         jobs=[{"variant": "ort_qdq_a16w8", "device": "qnn_htp", "target": "snapdragon_8_gen_3"}], threads=1

@@ -14,6 +14,8 @@ from pathlib import Path
 DENSE = "dense"
 """The fetched model itself; other entries of `models` are derived from it (e.g. pruned copies)."""
 RUNS = Path("runs")
+SENSITIVITY_TABLE = "sensitivity.csv"
+"""A sensitivity stage's table in its folder, and all of them together in `metrics/`."""
 
 
 def model_folder(fetch_dir: Path) -> Path:
@@ -76,6 +78,10 @@ class Catalog:
     def latency_curve_dir(self, model: str) -> Path:
         """Latency at the extra lengths asked for in latency_curve, for the seq-len choice."""
         return self.artifacts / "latency_curve" / model
+
+    def sensitivity_dir(self, model: str, variant: str, seq_len: int) -> Path:
+        """Per-layer-group sensitivity of one variant of one model."""
+        return self.artifacts / "sensitivity" / model / f"{variant}-{seq_len}"
 
     def report_dir(self) -> Path:
         """The report stage owns `metrics/`: benchmark.csv, summary.json and its stage.json."""

@@ -278,3 +278,33 @@ PRUNE_SEARCH = pa.DataFrameSchema(
     coerce=True,
     name="prune_search",
 )
+
+# Per-layer-group sensitivity of one quantized variant (stage sensitivity; report -> metrics/sensitivity.csv).
+# probe: `variant` (every group quantized), `alone` (only this group), `kept` (every group but this one).
+SENSITIVITY_ROWS = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "variant": pa.Column(str),
+        "seq_len": pa.Column(int, pa.Check.gt(0)),
+        "group": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "probe": pa.Column(str, pa.Check.isin(["variant", "alone", "kept"])),
+        "layers": pa.Column(int, pa.Check.gt(0)),
+        "macs": pa.Column(int, pa.Check.gt(0)),
+        "eval_set": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "metric_name": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "eval_items": pa.Column(int, pa.Check.gt(0)),
+        "fp32_metric": pa.Column(float),
+        "variant_metric": pa.Column(float),
+        "metric_value": pa.Column(float),
+        # metric_value - fp32_metric (negative: worse, for a higher-is-better metric)
+        "metric_delta": pa.Column(float),
+        "cosine_to_fp32": pa.Column(float, pa.Check.in_range(-1.0001, 1.0001)),
+        "seconds": pa.Column(float, pa.Check.ge(0)),
+    },
+    checks=pa.Check(lambda df: ~df.duplicated(["model", "variant", "seq_len", "group", "probe"]),
+                    error="one row per (model, variant, seq_len, group, probe)"),
+    strict=True,
+    coerce=True,
+    ordered=True,
+    name="sensitivity_rows",
+)

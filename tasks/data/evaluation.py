@@ -168,15 +168,21 @@ def _first(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return frame.head(limit) if limit else frame
 
 
-def load(eval_set: EvalSet, class_names: list[str] | None = None, limit: int | None = None) -> EvalData:
-    """The set read and validated, cut to `max_items` and then to `limit` items (quick mode)."""
+def _shuffled(frame: pd.DataFrame, seed: int | None) -> pd.DataFrame:
+    return frame if seed is None else frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def load(eval_set: EvalSet, class_names: list[str] | None = None, limit: int | None = None,
+         seed: int | None = None) -> EvalData:
+    """The set read and validated, cut to `max_items` and then to `limit` items (quick mode); with `seed`, the
+    items are shuffled by it first, so the cut is a seeded random subset rather than the file's first items."""
     caps = [n for n in (eval_set.max_items, limit) if n]
     cap = min(caps) if caps else None
     if isinstance(eval_set, SentencePairsSet):
-        return _pairs(eval_set, cap)
+        return _pairs(eval_set, cap, seed)
     if isinstance(eval_set, LabelledTextSet):
-        return _labelled(eval_set, class_names, cap)
-    return _retrieval(eval_set, cap)
+        return _labelled(eval_set, class_names, cap, seed)
+    return _retrieval(eval_set, cap, seed)
 
 
 def unique_pair_texts(pairs: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -204,8 +210,8 @@ def _pair_frame(s: SentencePairsSet) -> pd.DataFrame:
     return _validated(raw[["score", "sentence1", "sentence2"]], SENTENCE_PAIRS, s.path)
 
 
-def _pairs(s: SentencePairsSet, cap: int | None) -> EvalData:
-    full = _pair_frame(s)
+def _pairs(s: SentencePairsSet, cap: int | None, seed: int | None = None) -> EvalData:
+    full = _shuffled(_pair_frame(s), seed)
 
     def build(n: int | None) -> EvalData:
         cut = _first(full, n)
@@ -244,11 +250,12 @@ def macro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def _labelled(s: LabelledTextSet, class_names: list[str] | None, cap: int | None) -> EvalData:
+def _labelled(s: LabelledTextSet, class_names: list[str] | None, cap: int | None, seed: int | None = None) -> EvalData:
     raw = read_table(s.path, s.reader, [s.text, s.label], f"evaluation set {s.name!r}")
     frame = raw.rename(columns={s.text: "text", s.label: "label"})
     frame = _validated(frame.assign(text=frame["text"].str.strip(), label=frame["label"].str.strip()), LABELLED_TEXT,
                        s.path)
+    frame = _shuffled(frame, seed)
     truth_all = class_index(frame["label"], class_names, s.path)
 
     def build(n: int | None) -> EvalData:
@@ -283,7 +290,7 @@ def ranking_metric(similarity: np.ndarray, relevant: list[dict[int, float]], met
     return float(np.mean(values) * 100)
 
 
-def _retrieval(s: RetrievalSet, cap: int | None) -> EvalData:
+def _retrieval(s: RetrievalSet, cap: int | None, seed: int | None = None) -> EvalData:
     where = f"evaluation set {s.name!r}"
     queries = read_table(s.queries, s.reader, ["id", "text"], where)
     corpus = read_table(s.corpus, s.reader, ["id", "text"], where)
@@ -295,7 +302,7 @@ def _retrieval(s: RetrievalSet, cap: int | None) -> EvalData:
     unknown = sorted(set(qrels["doc_id"]) - set(doc_index))
     if unknown:
         raise InputError(f"{s.qrels}: doc_id {unknown[0]!r} is not in {s.corpus} (+{len(unknown) - 1} more)")
-    judged_queries = queries[queries["id"].isin(set(qrels["query_id"]))].reset_index(drop=True)
+    judged_queries = _shuffled(queries[queries["id"].isin(set(qrels["query_id"]))].reset_index(drop=True), seed)
     if judged_queries.empty:
         raise InputError(f"{s.qrels}: no query_id matches an id of {s.queries}")
 

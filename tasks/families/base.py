@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tasks.core.params import StrictParams
+from tasks.transforms.layer_groups import LayerGroup
 
 
 class FamilySettings(StrictParams):
@@ -48,6 +49,9 @@ class QuantizationHints(Protocol):
 
     def smooth_outliers(self, model: Path, out: Path, feeds: dict[str, np.ndarray], alpha: float, rows: int) -> int:
         """Migrate activation outlier channels into the next weights (exact in float); how many were moved."""
+
+    def layer_groups(self, model: Path) -> list[LayerGroup]:
+        """The model's linear layers in the groups a per-layer precision is chosen for."""
 
 
 class ModelFamily(Protocol):

@@ -13,6 +13,7 @@ import numpy as np
 
 from tasks.core.onnx_graph import drop_unused_initializers
 from tasks.core.onnx_graph import producers as producers_of
+from tasks.transforms.layer_groups import LayerGroup, linear_layer_groups
 
 
 class TransformerGraphHints:
@@ -23,6 +24,18 @@ class TransformerGraphHints:
 
     def smooth_outliers(self, model: Path, out: Path, feeds: dict[str, np.ndarray], alpha: float, rows: int) -> int:
         return smooth_layernorm_outputs(model, out, feeds, alpha, rows)
+
+    def layer_groups(self, model: Path) -> list[LayerGroup]:
+        return linear_layer_groups(model, ATTENTION_PROJECTIONS)
+
+
+ATTENTION_PROJECTIONS = (
+    frozenset({"query", "key", "value"}),  # BERT, RoBERTa, XLM-R, ELECTRA
+    frozenset({"q", "k", "v"}),  # MPNet
+    frozenset({"q_lin", "k_lin", "v_lin"}),  # DistilBERT
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+)
+"""Module names of attention's input projections, which read the same tensor: one group per layer."""
 
 
 def residual_tensors(graph) -> list[str]:

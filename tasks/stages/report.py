@@ -8,7 +8,8 @@ Writes: `<out>/benchmark.csv` (`REPORT_TABLE`: every benchmark row plus `metric_
 `npu_nodes, cpu_fallback_nodes, compile_s` of the compile job that built the measured artifact),
 `<out>/evaluation.csv` (`EVALUATION_ROWS`: every evaluation set's metric per row and its own verdict),
 `<out>/compile.csv` (`COMPILE_ROWS`: every compile job, skipped ones included), `<out>/latency_curve.csv`
-(latency at the extra lengths), `<out>/prune_search.csv` (`PRUNE_SEARCH`: each searched model's levels
+(latency at the extra lengths), `<out>/sensitivity.csv` (`SENSITIVITY_ROWS`: every sensitivity stage's probes),
+`<out>/prune_search.csv` (`PRUNE_SEARCH`: each searched model's levels
 tried, their scores and drops per evaluation set and length, and the one kept), `<out>/seq_len_choice.csv`
 (per device and candidate length: share of inputs truncated, latency), `<out>/summary.json` (DVC metrics, the fastest within-budget row per device
 and length, the recommended length per device), `<out>/input_lengths.json` (percentiles of the input
@@ -43,7 +44,7 @@ import pandera.errors
 import pandera.pandas as pa
 from pydantic import Field, field_validator
 
-from tasks.core.catalog import DENSE
+from tasks.core.catalog import DENSE, SENSITIVITY_TABLE
 from tasks.core.errors import InputError, StageError
 from tasks.core.fingerprint import atomic_output_dir, read_stamp, write_json_atomic, write_stamp
 from tasks.core.params import StrictParams
@@ -54,6 +55,7 @@ from tasks.core.schemas import (
     PRUNE_SEARCH,
     REPORT_ROWS,
     ROW_KEY,
+    SENSITIVITY_ROWS,
     compile_row,
     describe,
 )
@@ -243,6 +245,20 @@ def collect_curve(curve_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
+def collect_sensitivity(sensitivity_dirs: list[Path]) -> pd.DataFrame:
+    """Every sensitivity stage's table, one frame (`SENSITIVITY_ROWS`)."""
+    frames = []
+    for folder in sensitivity_dirs:
+        table = Path(folder) / SENSITIVITY_TABLE
+        if not read_stamp(folder) or not table.is_file():
+            raise StageError(f"{folder}: no finished sensitivity (stage.json missing); run its sensitivity stage first")
+        try:
+            frames.append(SENSITIVITY_ROWS.validate(pd.read_csv(table), lazy=False))
+        except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+            raise StageError(f"{table}: {describe(exc)}; rerun its sensitivity stage") from exc
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SENSITIVITY_ROWS.columns))
+
+
 def collect_prune_search(prune_dirs: list[Path]) -> tuple[pd.DataFrame, dict]:
     """The walk of every model whose strength was searched (long: level x set@length) and, per model,
     whether a level held the budget and which."""
@@ -341,6 +357,7 @@ def run(
     compile_dirs: list[Path] = (),
     curve_dirs: list[Path] = (),
     prune_dirs: list[Path] = (),
+    sensitivity_dirs: list[Path] = (),
 ) -> dict:
     """`model_dir`: the model folder whose preprocessor measures input lengths; `text`: the file named by
     `params.seq_len_choice.text` (passed separately so the caller hashes its content)."""
@@ -351,6 +368,7 @@ def run(
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
+    sensitivity = collect_sensitivity(list(sensitivity_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})
     lengths = input_lengths(impl, impl.load_preprocessor(Path(model_dir)), source)
     choice_table, choices = choose(lengths, latency_by_length(table, curve), params.seq_len_choice.coverage)
@@ -370,17 +388,19 @@ def run(
         curve.to_csv(scratch / "latency_curve.csv", index=False, float_format="%.6g")
         choice_table.to_csv(scratch / "seq_len_choice.csv", index=False, float_format="%.6g")
         searched.to_csv(scratch / "prune_search.csv", index=False, float_format="%.6g")
+        sensitivity.to_csv(scratch / SENSITIVITY_TABLE, index=False, float_format="%.6g")
         write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best, "seq_len_choice": seq_len,
                                                      "prune_search": prune_verdicts})
         write_json_atomic(scratch / "input_lengths.json", stats)
         write_stamp(scratch, key, {"rows": len(table), "evaluation_rows": len(judged), "compile_rows": len(compiled),
-                                   "curve_rows": len(curve)})
+                                   "curve_rows": len(curve), "sensitivity_rows": len(sensitivity)})
     return {
         # Through JSON so missing values are None (the Prefect result is stored as JSON).
         "rows": json.loads(table.to_json(orient="records")),
         "evaluation_rows": json.loads(judged.to_json(orient="records")),
         "compile_rows": json.loads(compiled.to_json(orient="records")),
         "curve_rows": json.loads(curve.to_json(orient="records")),
+        "sensitivity_rows": len(sensitivity),
         "summary": summary,
         "best_within_budget": best,
         "seq_len_choice": seq_len,

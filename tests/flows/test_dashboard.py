@@ -68,6 +68,26 @@ def _compile(folder, variant, device, target, seq_len, status="compiled", fallba
     )
 
 
+def _sensitivity(folder):
+    """A sensitivity output: three layer groups of ort_qdq_a8w8, each quantized alone and kept float alone."""
+    import pandas as pd
+
+    from tasks.core.schemas import SENSITIVITY_ROWS
+
+    common = {"model": "dense", "variant": "ort_qdq_a8w8", "seq_len": 128, "eval_set": "stsb",
+              "metric_name": "spearman", "eval_items": 200, "fp32_metric": 84.0, "variant_metric": 83.6}
+    rows = [{**common, "group": "(all)", "probe": "variant", "layers": 4, "macs": 4 * 10**6, "metric_value": 83.6,
+             "metric_delta": -0.4, "cosine_to_fp32": 0.995, "seconds": 9.0}]
+    for name, alone, kept in [("query+key+value", 83.95, 83.62), ("intermediate/dense", 83.7, 83.85),
+                              ("output/dense", 83.98, 83.6)]:
+        for probe, value in (("alone", alone), ("kept", kept)):
+            rows.append({**common, "group": f"/encoder/layer.0/{name}", "probe": probe, "layers": 1, "macs": 10**6,
+                         "metric_value": value, "metric_delta": value - 84.0, "cosine_to_fp32": 0.998, "seconds": 9.0})
+    folder = _stage(folder, model="dense", variant="ort_qdq_a8w8")
+    pd.DataFrame(rows, columns=list(SENSITIVITY_ROWS.columns)).to_csv(folder / "sensitivity.csv", index=False)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -111,9 +131,10 @@ def report_dir(tmp_path_factory, tiny_bert):
     text.write_text("\n".join([f"short input number {i}." for i in range(300)] + ["word " * 100]) + "\n")
     params = ReportParams(seq_len_choice={"text": TextSource(path=text, format="txt")})
     report_run(bench, params, SENTENCE_ENCODER, tmp / "metrics", key="k", model_dir=tiny_bert, text=text,
-               compile_dirs=compiled, curve_dirs=curve, prune_dirs=pruned)
+               compile_dirs=compiled, curve_dirs=curve, prune_dirs=pruned, sensitivity_dirs=[_sensitivity(tmp / "s0")])
     files = dashboard.write_report(tmp / "metrics", tmp / "reports" / "run1", params.accuracy_budget)
-    assert [f.name for f in files] == ["index.html", "report.md", "pareto.svg", "seq_len.svg", "prune_search.svg"]
+    assert [f.name for f in files] == ["index.html", "report.md", "pareto.svg", "seq_len.svg", "prune_search.svg",
+                                       "sensitivity.svg"]
     return tmp / "reports" / "run1"
 
 
@@ -121,7 +142,7 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     page = (report_dir / "index.html").read_text()
     # Offline: no scripts, stylesheets or images fetched from anywhere (SVG namespaces are not fetches).
     assert not re.search(r"<script|<link|src=|@import|url\((?!#)", page)  # url(#id): clip paths in the SVGs
-    assert page.count("<svg") == 3
+    assert page.count("<svg") == 4
     # 300 of 301 inputs are short: 64 tokens keep 99.7 %, so the latency curve's 64 is recommended.
     assert "64 tokens keep 99.7% of 301 inputs whole" in page
     assert "snapdragon_8_gen_3" in page and "(sim)" in page  # simulated latency is marked
@@ -136,6 +157,9 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     assert "No pruning level of model &#x27;pruned&#x27; stayed within 0.5 points" in page
     assert "the dense model is recommended" in md and "## Pruning strength: the levels tried" in md
     assert "66.00 (-4.00)" in md and "69.20 (-0.80)" in md and "![pruning strengths tried](prune_search.svg)" in md
+    # Per-layer sensitivity: each group's cost quantized alone (vs fp32) and gain kept float alone (vs all quantized).
+    assert "## Per-layer sensitivity" in md and "![per-layer sensitivity](sensitivity.svg)" in md
+    assert re.search(r"\| intermediate/dense +\| 1 +\| 1 +\| -0\.30 +\| \+0\.25 +\|", md), md
     # The metric is named for what it is (the evaluation set and its metric), not assumed.
     assert "stsb Spearman x100" in page and "74.00 (-8.03, over budget)" in md
 
@@ -147,8 +171,8 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     shown = render(report_dir / "index.html")
     assert shown.errors == []
     assert all(url.startswith("file://") for url in shown.requests), shown.requests
-    # Every plot (latency vs accuracy, vs length, the pruning search) is laid out at a readable size.
-    assert len(shown.svg_sizes) == 3 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
+    # Every plot (latency vs accuracy, vs length, the pruning search, sensitivity) is laid out at a readable size.
+    assert len(shown.svg_sizes) == 4 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
     pixels = matplotlib.image.imread(io.BytesIO(shown.screenshot), format="png")[..., :3]
     (tmp_path / "report.png").write_bytes(shown.screenshot)
     not_white = (pixels < 0.95).any(axis=-1).mean()
@@ -159,7 +183,7 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
 def test_plots_are_drawn_once_per_distinct_data(report_dir, tmp_path, monkeypatch):
     metrics, cache = report_dir.parent.parent / "metrics", tmp_path / "plots"
     first = dashboard.write_report(metrics, tmp_path / "a", 0.5, plot_cache=cache)
-    assert len(list(cache.glob("*.svg"))) == 3
+    assert len(list(cache.glob("*.svg"))) == 4
 
     def no_drawing(*args):
         raise AssertionError("redrawn although the data did not change")
@@ -167,6 +191,7 @@ def test_plots_are_drawn_once_per_distinct_data(report_dir, tmp_path, monkeypatc
     monkeypatch.setattr(dashboard, "plot_pareto", no_drawing)
     monkeypatch.setattr(dashboard, "plot_seq_len", no_drawing)
     monkeypatch.setattr(dashboard, "plot_prune_search", no_drawing)
+    monkeypatch.setattr(dashboard, "plot_sensitivity", no_drawing)
     again = dashboard.write_report(metrics, tmp_path / "b", 0.5, plot_cache=cache)
     assert [f.read_text() for f in again if f.suffix == ".svg"] == [f.read_text() for f in first if f.suffix == ".svg"]
     with pytest.raises(AssertionError, match="redrawn"):  # another budget line is another plot

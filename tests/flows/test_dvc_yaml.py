@@ -89,8 +89,13 @@ def test_same_outputs_and_code_deps(dvc_stages, flow_calls):
 def test_params_section_per_stage(dvc_stages, flow_calls):
     for name, call in flow_calls.items():
         declared = {key for p in dvc_stages[name].deps if hasattr(p, "params") for key in p.params}
-        if call.stage == "report":
-            assert declared == {"models", "seq_lens", "targets", "compile.jobs", "report", "family"}
+        if call.stage == "report":  # params.yaml probes sensitivity: which instances exist is the report's input
+            assert declared == {"models", "seq_lens", "targets", "compile.jobs", "report", "family",
+                                "sensitivity.models", "sensitivity.variants"}
+        elif call.stage == "sensitivity":  # its own settings, not the lists of what else is probed
+            own = {f"sensitivity.{k}" for k in ("seq_len", "probes", "items", "seed", "calibration_rows", "threads")}
+            assert declared == {*own, "seq_lens", f"quantize.variants.{call.args['variant']}",
+                                "quantize.calibration_chunk", "evaluation", "family"}
         elif call.stage == "compile":
             common = {"compile.verify_inputs", "compile.verify_count", "compile.verify_min_cosine", "compile.threads"}
             assert declared == {f"compile.{call.args['device']}", *common, "family"}

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from conftest import write_params
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.compare import compare
 from flows.pipeline import pipeline
-from tasks.core.schemas import COMPILE_ROWS
+from tasks.core.schemas import COMPILE_ROWS, SENSITIVITY_ROWS
 from tasks.data.evaluation import metric_label
 from tasks.stages.report import REPORT_TABLE
 
@@ -175,6 +176,28 @@ def test_a_no_op_rerun_reads_no_artifact_and_leaves_dvc_lock_alone(workspace, ti
     assert "report" in dvc("status")
     assert executed(pipeline(project_dir=str(workspace))) == set() and commits == [1]
     assert "up to date" in dvc("status")
+
+
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
+def test_sensitivity_runs_in_the_flow_and_under_dvc_and_reruns_alone(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["seq_lens"] = [16]
+    params["sensitivity"].update(variants=["ort_qdq_a16w8"], probes=["alone"], items=20, calibration_rows=8, threads=1)
+    write_params(workspace, params)
+    probed = "sensitivity@dense-ort_qdq_a16w8"
+    first = pipeline(project_dir=str(workspace))
+    assert probed in executed(first)
+    table = SENSITIVITY_ROWS.validate(pd.read_csv(workspace / "metrics" / "sensitivity.csv"))
+    # The full variant, then each of the tiny BERT's 8 layer groups quantized alone, on 20 STS-B pairs.
+    assert list(table["probe"]) == ["variant"] + ["alone"] * 8 and (table["eval_items"] == 20).all()
+    page = open(first["report_files"][0]).read()
+    assert "Per-layer sensitivity" in page and page.count("<svg") == 3
+    assert "up to date" in dvc("status")
+
+    set_param(workspace, "sensitivity", "items", 24)
+    assert executed(pipeline(project_dir=str(workspace))) == {probed, "report"}
+    set_param(workspace, "sensitivity", "items", 28)  # a new value: DVC's run cache would restore an old one
+    assert dvc_ran(dvc("repro")) == {probed, "report"}
 
 
 def test_export_param_change_reruns_export_and_downstream_only(workspace):
