@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.core.catalog import SENSITIVITY_TABLE
+from tasks.core.catalog import AUTO_MIXED, SENSITIVITY_TABLE
 from tasks.core.errors import InputError
 from tasks.data.evaluation import metric_label
 
@@ -57,6 +57,8 @@ def load_metrics(metrics_dir: Path) -> dict:
     for name in ("prune_search.csv", SENSITIVITY_TABLE):  # absent in metrics written before these stages existed
         path = metrics_dir / name
         found[name] = _read_csv(path) if path.is_file() else pd.DataFrame()
+    mixed = metrics_dir / AUTO_MIXED
+    found[AUTO_MIXED] = json.loads(mixed.read_text(encoding="utf-8")) if mixed.is_file() else []
     return found
 
 
@@ -259,6 +261,26 @@ def sensitivity_table(sensitivity: pd.DataFrame) -> pd.DataFrame:
             rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.assign(group=_short_groups(frame["group"])) if len(frame) else frame
+
+
+def mixed_table(assignments: list[dict]) -> pd.DataFrame:
+    """One row per auto_mixed variant: the groups it keeps float and what that measured on the whole set."""
+    return pd.DataFrame([{
+        "variant": a["variant"], "model": a["model"], "base": a["base"], "chosen at L": a["seq_len"],
+        "groups kept float": f"{len(a['float_groups'])}: {', '.join(_short_groups(pd.Series(a['float_groups'])))}"
+        if a["float_groups"] else "0 (the base as it is)",
+        "points below fp32 (all items)": f"{a['loss']:+.3f} on {a['eval_items']}", "budget": f"{a['budget']:g}",
+        "within budget": _fmt(bool(a["within_budget"])),
+    } for a in assignments])
+
+
+def mixed_overrides(assignments: list[dict]) -> str:
+    """The assignments as params.yaml variants of their base's recipe (paste under quantize.variants)."""
+    import yaml
+
+    models = {a["model"] for a in assignments}
+    variants = {a["variant"] if len(models) == 1 else f"{a['variant']}_{a['model']}": a["settings"] for a in assignments}
+    return yaml.safe_dump({"quantize": {"variants": variants}}, sort_keys=False, width=120)
 
 
 def plot_sensitivity(sensitivity: pd.DataFrame) -> str:
@@ -523,6 +545,8 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
     if len(probed):
         plots["sensitivity.svg"] = drawn("sensitivity.svg", plot_sensitivity, probed, cache=plot_cache)
     sensitivity = sensitivity_table(probed) if len(probed) else pd.DataFrame()
+    assignments = metrics[AUTO_MIXED]
+    mixed = mixed_table(assignments) if assignments else pd.DataFrame()
     recs, placement, results, tools = (recommendations(bench, summary), placement_table(compiled),
                                        results_table(bench), tool_table(bench))
     per_set = evaluation_table(metrics["evaluation.csv"])
@@ -560,6 +584,9 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         *([("Per-layer sensitivity (seeded evaluation subset; each probe a real build of the variant)",
             f"<div class='plot'>{plots['sensitivity.svg']}</div>" + _html_table(sensitivity, wide=True))]
           if len(sensitivity) else []),
+        *([("Mixed precision chosen (auto_mixed): layer groups kept float within the budget",
+            _html_table(mixed, wide=True) + "<p>The same, as variants to paste into params.yaml:</p><pre>"
+            + html.escape(mixed_overrides(assignments)) + "</pre>")] if assignments else []),
         ("Op placement per compiled artifact", _html_table(placement)),
         ("All benchmark rows", _html_table(results)),
         ("Tools and machine", _html_table(tools)),
@@ -588,6 +615,9 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
               pruning.to_markdown(index=False), ""] if len(pruning) else []),
            *(["## Per-layer sensitivity", "", "![per-layer sensitivity](sensitivity.svg)", "",
               sensitivity.to_markdown(index=False, disable_numparse=True), ""] if len(sensitivity) else []),
+           *(["## Mixed precision chosen (auto_mixed)", "", mixed.to_markdown(index=False, disable_numparse=True), "",
+              "As variants to paste into params.yaml:", "", "```yaml", mixed_overrides(assignments).rstrip(), "```", ""]
+             if assignments else []),
            "## Op placement per compiled artifact", "", placement.to_markdown(index=False) if len(placement) else "none",
            "", "## All benchmark rows", "", results.to_markdown(index=False), "",
            "## Tools and machine", "", tools.to_markdown(index=False), ""]

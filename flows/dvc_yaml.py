@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.stages import stage_code, variant_imports
+from flows.stages import is_mixed, mixed_assignment, stage_code, variant_imports
 from tasks.backends import BACKENDS
 from tasks.config import EdgeoptConfig, compile_devices, read_params
 from tasks.core.errors import ConfigError
@@ -59,6 +59,9 @@ def document(cfg: EdgeoptConfig) -> dict:
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
     imported = [path.as_posix() for _, path in variant_imports(cfg)]
+    # auto_mixed variants build what their base's sensitivity stage chose (DVC lists it for every instance).
+    mixed = [name for name in cfg.variants if is_mixed(cfg, name)]
+    assignments = [mixed_assignment(cfg, "${item.model}", name).as_posix() for name in mixed]
     stages = {
         "fetch_model": {
             "cmd": "edgeopt stage fetch_model",
@@ -116,7 +119,7 @@ def document(cfg: EdgeoptConfig) -> dict:
             "deps": ["artifacts/export_onnx/${item.model}/seq${item.seq_len}/model.onnx",
                      "artifacts/graph_surgery/${item.model}/seq${item.seq_len}/model.onnx",
                      "artifacts/calibration_data/calib_seq${item.seq_len}.npz",
-                     *imported, *_code("quantize", families, recipes)],
+                     *imported, *assignments, *_code("quantize", families, recipes)],
             "params": ["quantize.variants.${item.variant}", "quantize.calibration_chunk", "family"],
             "outs": ["artifacts/quantize/${item.model}/${item.variant}-${item.seq_len}"],
         },
@@ -172,8 +175,8 @@ def document(cfg: EdgeoptConfig) -> dict:
                      f"artifacts/calibration_data/calib_seq{seq_len}.npz", fetched, *first_set,
                      *_code("sensitivity", families, recipes, [BACKENDS.module_of("ort_cpu")])],
             "params": [*(f"sensitivity.{f}" for f in SensitivityParams.model_fields if f not in ("models", "variants")),
-                       "seq_lens", "quantize.variants.${item.variant}", "quantize.calibration_chunk", "evaluation",
-                       "family"],
+                       "seq_lens", "quantize.variants.${item.variant}", *(f"quantize.variants.{name}" for name in mixed),
+                       "quantize.calibration_chunk", "evaluation", "family"],
             "outs": [f"artifacts/sensitivity/${{item.model}}/${{item.variant}}-{seq_len}"],
         })
     for stage in stages.values():  # a file named twice (e.g. the seq-len text is a calibration source) once

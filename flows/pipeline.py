@@ -1,6 +1,6 @@
 """The edgeopt Prefect flow, wiring only:
 fetch → calibration data → per model and length: export → reference → graph surgery → quantize →
-per-layer sensitivity (when asked) → compile (fanned out over jobs) → benchmark (fanned out over targets) → latency curve (extra lengths,
+per-layer sensitivity (when asked) → quantize of auto_mixed variants → compile (fanned out over jobs) → benchmark (fanned out over targets) → latency curve (extra lengths,
 when asked) → report → the HTML/Markdown report in reports/<run>/."""
 
 from __future__ import annotations
@@ -148,8 +148,10 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
                 dvc_yaml.check(cfg, root)
             with workspace_lock(root):
                 prepare, probes, compiles, benchmarks, curves, report_call = (
-                    stages.prepare_calls(cfg, out), stages.sensitivity_calls(cfg, out), stages.compile_calls(cfg, out),
-                    stages.benchmark_calls(cfg, out), stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
+                    stages.prepare_calls(cfg, out),
+                    [*stages.sensitivity_calls(cfg, out), *stages.mixed_quantize_calls(cfg, out)],
+                    stages.compile_calls(cfg, out), stages.benchmark_calls(cfg, out), stages.latency_curve_calls(cfg, out),
+                    stages.report(cfg, out),
                 )
                 for call in [*prepare, *probes]:  # one at a time: the sensitivity probes use both cores
                     _run(call, states)

@@ -35,6 +35,7 @@ from tasks.core.params import path_fields
 from tasks.data.evaluation import check_columns
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
+from tasks.recipes.auto_mixed import ASSIGNMENT
 from tasks.stages import benchmark as benchmark_stage
 from tasks.stages import calibration_data as calibration_stage
 from tasks.stages import compile as compile_stage
@@ -339,6 +340,8 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
         else None
     )
     imports = settings.imports(model, seq_len)  # files the settings name (an AIMET export), keyed like inputs
+    if settings.method == "auto_mixed":  # the layer groups its base's sensitivity stage chose
+        imports = {ASSIGNMENT: mixed_assignment(cfg, model, variant, out)}
     return StageCall(
         stage="quantize",
         name=catalog.dvc_stage_name("quantize", model=model, variant=variant, seq_len=seq_len),
@@ -352,6 +355,16 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
         code=stage_code("quantize", family_module(cfg), RECIPES.module_of(settings.method)),
         tools=quantize_stage.tools(settings),
     )
+
+
+def mixed_assignment(cfg: EdgeoptConfig, model: str, variant: str, out: Catalog = MAIN) -> Path:
+    """The assignment an auto_mixed variant builds: written by its base variant's sensitivity stage."""
+    base = cfg.quantize.variant(variant).base
+    return out.sensitivity_dir(model, base, cfg.sensitivity_seq_len()) / sensitivity_stage.assignment_file(variant)
+
+
+def is_mixed(cfg: EdgeoptConfig, variant: str) -> bool:
+    return cfg.quantize.variant(variant).method == "auto_mixed"
 
 
 def variant_artifact(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Catalog = MAIN) -> Path:
@@ -500,7 +513,9 @@ def sensitivity(cfg: EdgeoptConfig, model: str, variant: str, out: Catalog = MAI
         params={"params": cfg.sensitivity.model_copy(update={"models": [model], "variants": [variant]}),
                 "quantize_params": cfg.quantize.model_copy(update={"variants": {variant: settings}}),
                 "family": cfg.family, "eval_set": eval_set},
-        args={"model_name": model, "variant": variant, "seq_len": seq_len},
+        args={"model_name": model, "variant": variant, "seq_len": seq_len,
+              "mixed": {name: cfg.quantize.variant(name).budget for name in cfg.variants
+                        if is_mixed(cfg, name) and cfg.quantize.variant(name).base == variant}},
         code=stage_code("sensitivity", family_module(cfg), RECIPES.module_of(settings.method),
                         BACKENDS.module_of(sensitivity_stage.EVAL_DEVICE)),
         tools=sensitivity_stage.TOOLS,
@@ -552,11 +567,18 @@ def prepare_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
             if model == catalog.DENSE:
                 calls.append(reference(cfg, seq_len, out))
             calls.append(graph_surgery(cfg, model, seq_len, out))
-            calls.extend(quantize(cfg, model, variant, seq_len, out) for variant in cfg.variants)
+            calls.extend(quantize(cfg, model, variant, seq_len, out) for variant in cfg.variants
+                         if not is_mixed(cfg, variant))
     return calls
+
+
+def mixed_quantize_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
+    """The quantize instances of auto_mixed variants: after the sensitivity stages that choose their layers."""
+    return [quantize(cfg, model, variant, seq_len, out) for model in cfg.models for seq_len in cfg.seq_lens
+            for variant in cfg.variants if is_mixed(cfg, variant)]
 
 
 def all_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
-    return [*prepare_calls(cfg, out), *sensitivity_calls(cfg, out), *compile_calls(cfg, out), *benchmark_calls(cfg, out),
-            *latency_curve_calls(cfg, out), report(cfg, out)]
+    return [*prepare_calls(cfg, out), *sensitivity_calls(cfg, out), *mixed_quantize_calls(cfg, out),
+            *compile_calls(cfg, out), *benchmark_calls(cfg, out), *latency_curve_calls(cfg, out), report(cfg, out)]

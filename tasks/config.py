@@ -248,6 +248,26 @@ class EdgeoptConfig(StrictParams):
             raise ValueError("sensitivity: a variant or model is listed twice")
         return self
 
+    @model_validator(mode="after")
+    def _auto_mixed(self) -> EdgeoptConfig:
+        s = self.sensitivity
+        for name in self.variants:
+            settings = self.quantize.variant(name)
+            if settings.method != "auto_mixed":
+                continue
+            where = f"quantize.variants.{name}"
+            base = self.quantize.variants.get(settings.base)
+            if base is None or base.method == "auto_mixed":
+                raise ValueError(f"{where}.base: {settings.base!r} is not a variant to build on; name one under "
+                                 "quantize.variants (not another auto_mixed)")
+            if settings.base not in s.variants or "kept" not in s.probes:
+                raise ValueError(f"{where}: its layer groups are chosen by the sensitivity stage of {settings.base!r}; "
+                                 f"add {settings.base!r} to sensitivity.variants (with probe `kept`)")
+            missing = sorted(set(self.models) - set(s.models))
+            if missing:
+                raise ValueError(f"{where}: sensitivity.models lacks {missing}; every model building it needs its probes")
+        return self
+
     def sensitivity_seq_len(self) -> int:
         return self.sensitivity.seq_len if self.sensitivity.seq_len is not None else self.seq_lens[0]
 

@@ -16,6 +16,8 @@ DENSE = "dense"
 RUNS = Path("runs")
 SENSITIVITY_TABLE = "sensitivity.csv"
 """A sensitivity stage's table in its folder, and all of them together in `metrics/`."""
+AUTO_MIXED = "auto_mixed.json"
+"""In `metrics/`: every auto_mixed variant's chosen assignment (from its base's sensitivity stage)."""
 
 
 def model_folder(fetch_dir: Path) -> Path:

@@ -21,6 +21,7 @@ RECIPES: Registry[Recipe] = Registry(
         "ort_qnn": "tasks.recipes.ort_qnn:RECIPE",
         "aimet_qnn": "tasks.recipes.aimet_qnn:RECIPE",
         "aimet_import": "tasks.recipes.aimet_import:RECIPE",
+        "auto_mixed": "tasks.recipes.auto_mixed:RECIPE",
         "ort_dynamic": "tasks.recipes.ort_dynamic:RECIPE",
         "nncf_ptq": "tasks.recipes.nncf_ptq:RECIPE",
         "nncf_weights": "tasks.recipes.nncf_weights:RECIPE",

@@ -9,6 +9,7 @@ Writes: `<out>/benchmark.csv` (`REPORT_TABLE`: every benchmark row plus `metric_
 `<out>/evaluation.csv` (`EVALUATION_ROWS`: every evaluation set's metric per row and its own verdict),
 `<out>/compile.csv` (`COMPILE_ROWS`: every compile job, skipped ones included), `<out>/latency_curve.csv`
 (latency at the extra lengths), `<out>/sensitivity.csv` (`SENSITIVITY_ROWS`: every sensitivity stage's probes),
+`<out>/auto_mixed.json` (the layer groups each auto_mixed variant keeps float, and its measured loss),
 `<out>/prune_search.csv` (`PRUNE_SEARCH`: each searched model's levels
 tried, their scores and drops per evaluation set and length, and the one kept), `<out>/seq_len_choice.csv`
 (per device and candidate length: share of inputs truncated, latency), `<out>/summary.json` (DVC metrics, the fastest within-budget row per device
@@ -44,7 +45,7 @@ import pandera.errors
 import pandera.pandas as pa
 from pydantic import Field, field_validator
 
-from tasks.core.catalog import DENSE, SENSITIVITY_TABLE
+from tasks.core.catalog import AUTO_MIXED, DENSE, SENSITIVITY_TABLE
 from tasks.core.errors import InputError, StageError
 from tasks.core.fingerprint import atomic_output_dir, read_stamp, write_json_atomic, write_stamp
 from tasks.core.params import StrictParams
@@ -245,18 +246,21 @@ def collect_curve(curve_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
-def collect_sensitivity(sensitivity_dirs: list[Path]) -> pd.DataFrame:
-    """Every sensitivity stage's table, one frame (`SENSITIVITY_ROWS`)."""
-    frames = []
+def collect_sensitivity(sensitivity_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """Every sensitivity stage's table, one frame (`SENSITIVITY_ROWS`), and the auto_mixed assignments they chose."""
+    frames, assignments = [], []
     for folder in sensitivity_dirs:
-        table = Path(folder) / SENSITIVITY_TABLE
-        if not read_stamp(folder) or not table.is_file():
+        table, stamp = Path(folder) / SENSITIVITY_TABLE, read_stamp(folder)
+        if not stamp or not table.is_file():
             raise StageError(f"{folder}: no finished sensitivity (stage.json missing); run its sensitivity stage first")
         try:
             frames.append(SENSITIVITY_ROWS.validate(pd.read_csv(table), lazy=False))
         except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
             raise StageError(f"{table}: {describe(exc)}; rerun its sensitivity stage") from exc
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SENSITIVITY_ROWS.columns))
+        assignments += [{"model": stamp["model"], "seq_len": stamp["seq_len"], **a}
+                        for a in stamp.get("assignments", {}).values()]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SENSITIVITY_ROWS.columns))
+    return frame, assignments
 
 
 def collect_prune_search(prune_dirs: list[Path]) -> tuple[pd.DataFrame, dict]:
@@ -368,7 +372,7 @@ def run(
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
-    sensitivity = collect_sensitivity(list(sensitivity_dirs))
+    sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})
     lengths = input_lengths(impl, impl.load_preprocessor(Path(model_dir)), source)
     choice_table, choices = choose(lengths, latency_by_length(table, curve), params.seq_len_choice.coverage)
@@ -389,6 +393,7 @@ def run(
         choice_table.to_csv(scratch / "seq_len_choice.csv", index=False, float_format="%.6g")
         searched.to_csv(scratch / "prune_search.csv", index=False, float_format="%.6g")
         sensitivity.to_csv(scratch / SENSITIVITY_TABLE, index=False, float_format="%.6g")
+        write_json_atomic(scratch / AUTO_MIXED, assignments)
         write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best, "seq_len_choice": seq_len,
                                                      "prune_search": prune_verdicts})
         write_json_atomic(scratch / "input_lengths.json", stats)

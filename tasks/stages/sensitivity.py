@@ -12,6 +12,14 @@ evaluation set against the fp32 model on the same subset:
 - `alone`: the metric lost by quantizing this group alone (what lowering its precision costs);
 - `kept`: the metric the fully quantized variant gains back when this group alone stays float.
 Each probe calibrates on the first `calibration_rows` rows (a ranking needs fewer than the artifact).
+
+Mixed precision (`mixed`: auto_mixed variant -> its budget, for the variants of recipe `auto_mixed` built on this
+one): from the fully quantized variant, keep groups in float in the order of their `kept` gain per
+multiply-accumulate, measuring each step on the subset, until the metric is within the budget of fp32; then
+confirm on the whole evaluation set (adding groups in the same order while it is not). Writes
+`assignment-<auto_mixed variant>.json` (the groups kept float, their `nodes_to_exclude` patterns and the full
+settings they make, which recipe `auto_mixed` builds) and `override-<variant>.yaml` (the same, to paste into
+params.yaml as a variant of its own).
 """
 
 from __future__ import annotations
@@ -19,24 +27,28 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import yaml
 from pydantic import Field
 
 from tasks.backends import get_backend
 from tasks.builders.quantize import QuantizeParams, quantize
 from tasks.core.catalog import SENSITIVITY_TABLE
 from tasks.core.errors import InputError
-from tasks.core.fingerprint import atomic_output_dir, write_stamp
+from tasks.core.fingerprint import atomic_output_dir, write_json_atomic, write_stamp
 from tasks.core.onnx_graph import row_cosines
 from tasks.core.params import StrictParams
 from tasks.core.schemas import SENSITIVITY_ROWS
 from tasks.data import evaluation
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
+from tasks.transforms.layer_groups import LayerGroup
 
 TOOLS = ("onnx", "onnxruntime", "transformers", "numpy")
 EVAL_DEVICE = "ort_cpu"
@@ -64,16 +76,55 @@ def check_probeable(variant: str, settings) -> None:
                          "float; probe a variant of an ONNX Runtime recipe (ort_static, ort_qnn, ort_dynamic)")
 
 
-def _patched(settings, params: SensitivityParams, exclude: list[str]):
-    update = {"nodes_to_exclude": [*settings.nodes_to_exclude, *exclude]}
-    if "calibration_rows" in type(settings).model_fields:
-        update["calibration_rows"] = params.calibration_rows
+def with_excluded(settings, exclude: list[str], calibration_rows: int | None):
+    """The variant's settings with `exclude` added to its nodes_to_exclude (and fewer calibration rows)."""
+    update = {"nodes_to_exclude": list(dict.fromkeys([*settings.nodes_to_exclude, *exclude]))}
+    if calibration_rows is not None and "calibration_rows" in type(settings).model_fields:
+        update["calibration_rows"] = calibration_rows
     return settings.model_copy(update=update)
 
 
-def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, variant: str, seq_len: int, params: SensitivityParams,
-        quantize_params: QuantizeParams, family: FamilySettings, eval_set: evaluation.EvalSet, out_dir: Path,
-        key: str) -> dict:
+def assignment_file(variant: str) -> str:
+    """The file recipe auto_mixed reads for its variant `variant`, in the sensitivity output of its base."""
+    return f"assignment-{variant}.json"
+
+
+@dataclass
+class _Subject:
+    """One evaluation set's inputs, and the fp32 model's outputs and metric on them."""
+
+    data: evaluation.EvalData
+    samples: dict[str, np.ndarray]
+    fp32: np.ndarray
+    fp32_metric: float
+
+    def loss(self, metric: float) -> float:
+        """Metric points below fp32 (in the metric's own direction)."""
+        return self.fp32_metric - metric if self.data.higher_is_better else metric - self.fp32_metric
+
+
+def choose_float_groups(groups: list[LayerGroup], gains: dict[str, float], budget: float,
+                        subset_loss: Callable[[list[LayerGroup]], float],
+                        full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
+    """The groups to keep float: greedy by `gains` (metric points the group regains kept float) per MAC, measured
+    on the subset until within `budget`, then on the whole set until within it there too. Returns the groups and
+    every measured step."""
+    order = sorted((g for g in groups if gains.get(g.name, 0.0) > 0), key=lambda g: -gains[g.name] / g.macs)
+    chosen: list[LayerGroup] = []
+    steps = [{"on": "subset", "float_groups": 0, "loss": subset_loss(chosen)}]
+    while steps[-1]["loss"] > budget and len(chosen) < len(order):
+        chosen.append(order[len(chosen)])
+        steps.append({"on": "subset", "float_groups": len(chosen), "loss": subset_loss(chosen)})
+    steps.append({"on": "full", "float_groups": len(chosen), "loss": full_loss(chosen)})
+    while steps[-1]["loss"] > budget and len(chosen) < len(order):
+        chosen.append(order[len(chosen)])
+        steps.append({"on": "full", "float_groups": len(chosen), "loss": full_loss(chosen)})
+    return chosen, steps
+
+
+def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, variant: str, seq_len: int,
+        params: SensitivityParams, quantize_params: QuantizeParams, family: FamilySettings,
+        eval_set: evaluation.EvalSet, out_dir: Path, key: str, mixed: dict[str, float] | None = None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -86,58 +137,109 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
     groups = hints.layer_groups(Path(model))
     if not groups:
         raise InputError(f"{model}: no linear layer (MatMul/Gemm with a weight) to probe; remove sensitivity.variants")
-    data = evaluation.load(eval_set, impl.class_names(Path(model_dir)), limit=params.items, seed=params.seed)
-    samples = impl.samples(impl.load_preprocessor(Path(model_dir)), data.inputs, seq_len)
+    mixed = dict(mixed or {})
+    if mixed and "kept" not in params.probes:
+        raise InputError("sensitivity.probes: auto_mixed variants rank groups by the `kept` probe; add it")
+    classes = impl.class_names(Path(model_dir))
+    preprocessor = impl.load_preprocessor(Path(model_dir))
     backend = get_backend(EVAL_DEVICE)
 
-    def outputs(artifact: Path) -> np.ndarray:
+    def outputs(artifact: Path, samples: dict[str, np.ndarray]) -> np.ndarray:
         loaded = backend.load(artifact, params.threads)
         n = len(next(iter(samples.values())))
         return np.stack([loaded.run({k: v[i : i + 1] for k, v in samples.items()})[0] for i in range(n)])
+
+    def subject(data: evaluation.EvalData) -> _Subject:
+        samples = impl.samples(preprocessor, data.inputs, seq_len)
+        fp32 = outputs(Path(model), samples)
+        return _Subject(data, samples, fp32, data.score(fp32))
 
     probes = [(g, probe) for g in groups for probe in params.probes]
     rows: list[dict] = []
     with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-sens-") as tmp_name:
         tmp = Path(tmp_name)
-        fp32 = outputs(Path(model))
-        fp32_metric = data.score(fp32)
+        sub = subject(evaluation.load(eval_set, classes, limit=params.items, seed=params.seed))
 
-        def build_and_score(exclude: list[str]) -> tuple[float, float, float]:
-            folder, work = tmp / "artifact", tmp / "work"
-            folder.mkdir()
-            work.mkdir()
-            patched = QuantizeParams(variants={variant: _patched(settings, params, exclude)},
-                                     calibration_chunk=quantize_params.calibration_chunk)
-            start = time.perf_counter()
-            record = quantize(Path(model), Path(calibration), variant, patched, family, folder, work)
-            out = outputs(folder / record["artifact"])
-            shutil.rmtree(folder)
-            shutil.rmtree(work)
-            cosine = float(row_cosines(out.reshape(len(out), -1), fp32.reshape(len(fp32), -1)).mean())
-            return data.score(out), cosine, time.perf_counter() - start
+        def build(exclude: list[str], full_calibration: bool = False) -> tuple[Path, Any]:
+            """The variant built with `exclude` added to its nodes_to_exclude, in tmp/artifact."""
+            shutil.rmtree(tmp / "artifact", ignore_errors=True)
+            shutil.rmtree(tmp / "work", ignore_errors=True)
+            (tmp / "artifact").mkdir()
+            (tmp / "work").mkdir()
+            built = with_excluded(settings, exclude, None if full_calibration else params.calibration_rows)
+            patched = QuantizeParams(variants={variant: built}, calibration_chunk=quantize_params.calibration_chunk)
+            record = quantize(Path(model), Path(calibration), variant, patched, family, tmp / "artifact", tmp / "work")
+            return tmp / "artifact" / record["artifact"], built
+
+        def score(exclude: list[str], on: _Subject, full_calibration: bool = False) -> tuple[float, float]:
+            artifact, _ = build(exclude, full_calibration)
+            out = outputs(artifact, on.samples)
+            cosine = float(row_cosines(out.reshape(len(out), -1), on.fp32.reshape(len(on.fp32), -1)).mean())
+            return on.data.score(out), cosine
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"sensitivity {variant} L={seq_len}: {len(groups)} layer groups", total=len(probes) + 1)
-            full_metric, full_cosine, seconds = build_and_score([])
+            start = time.perf_counter()
+            full_metric, full_cosine = score([], sub)
             progress.advance(task)
-            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": data.name, "metric_name": data.metric_name,
-                      "eval_items": data.items, "fp32_metric": fp32_metric, "variant_metric": full_metric}
+            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": sub.data.name,
+                      "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
+                      "variant_metric": full_metric}
             rows.append({**common, "group": "(all)", "probe": "variant", "layers": sum(len(g.nodes) for g in groups),
                          "macs": sum(g.macs for g in groups), "metric_value": full_metric, "cosine_to_fp32": full_cosine,
-                         "metric_delta": full_metric - fp32_metric, "seconds": seconds})
+                         "metric_delta": full_metric - sub.fp32_metric, "seconds": time.perf_counter() - start})
             for group, probe in probes:
+                start = time.perf_counter()
                 others = [p for g in groups if g is not group for p in g.patterns]
-                exclude = list(group.patterns) if probe == "kept" else others
-                metric, cosine, seconds = build_and_score(exclude)
+                metric, cosine = score(list(group.patterns) if probe == "kept" else others, sub)
                 rows.append({**common, "group": group.name, "probe": probe, "layers": len(group.nodes),
                              "macs": group.macs, "metric_value": metric, "cosine_to_fp32": cosine,
-                             "metric_delta": metric - fp32_metric, "seconds": seconds})
+                             "metric_delta": metric - sub.fp32_metric, "seconds": time.perf_counter() - start})
                 progress.advance(task)
-        SENSITIVITY_ROWS.validate(pd.DataFrame(rows, columns=list(SENSITIVITY_ROWS.columns))).to_csv(
-            scratch / SENSITIVITY_TABLE, index=False)
-        payload = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": data.name, "metric_name": data.metric_name,
-                   "eval_items": data.items, "fp32_metric": fp32_metric, "variant_metric": full_metric,
-                   "groups": len(groups), "probes": len(probes)}
+        table = SENSITIVITY_ROWS.validate(pd.DataFrame(rows, columns=list(SENSITIVITY_ROWS.columns)))
+        table.to_csv(scratch / SENSITIVITY_TABLE, index=False)
+
+        assignments = {}
+        if mixed:
+            kept = table[table["probe"] == "kept"].set_index("group")["metric_value"]
+            sign = 1.0 if sub.data.higher_is_better else -1.0
+            gains = {name: sign * (value - full_metric) for name, value in kept.items()}
+            whole = subject(evaluation.load(eval_set, classes))
+
+            def patterns(chosen: list[LayerGroup]) -> list[str]:
+                return [p for g in chosen for p in g.patterns]
+
+            for name, budget in sorted(mixed.items()):
+                chosen, steps = choose_float_groups(
+                    groups, gains, budget,
+                    subset_loss=lambda c: sub.loss(score(patterns(c), sub)[0]),
+                    full_loss=lambda c: whole.loss(score(patterns(c), whole, full_calibration=True)[0]))
+                _, built = build(patterns(chosen), full_calibration=True)
+                assignments[name] = write_assignment(scratch, name, variant, budget, chosen, built, steps, whole)
+        payload = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": sub.data.name,
+                   "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
+                   "variant_metric": full_metric, "groups": len(groups), "probes": len(probes),
+                   "assignments": assignments}
         write_stamp(scratch, key, payload)
     return payload
+
+
+def write_assignment(folder: Path, name: str, base: str, budget: float, chosen: list[LayerGroup], built,
+                     steps: list[dict], whole: _Subject) -> dict:
+    """`assignment-<name>.json` (what recipe auto_mixed builds) and `override-<name>.yaml` (to paste); returns
+    the assignment."""
+    settings = built.model_dump(mode="json")
+    assignment = {
+        "variant": name, "base": base, "budget": budget, "float_groups": [g.name for g in chosen],
+        "float_macs": sum(g.macs for g in chosen), "nodes_to_exclude": settings["nodes_to_exclude"],
+        "settings": settings, "steps": steps, "eval_items": whole.data.items, "fp32_metric": whole.fp32_metric,
+        "loss": steps[-1]["loss"], "within_budget": steps[-1]["loss"] <= budget,
+    }
+    write_json_atomic(folder / assignment_file(name), assignment)
+    override = {"quantize": {"variants": {name: settings}}}  # pasted over the auto_mixed entry, it freezes the choice
+    (folder / f"override-{name}.yaml").write_text(
+        f"# auto_mixed {name}: {base} with {len(chosen)} layer group(s) kept float, "
+        f"{steps[-1]['loss']:+.3f} points below fp32 on all {whole.data.items} items (budget {budget:g})\n"
+        + yaml.safe_dump(override, sort_keys=False, width=120), encoding="utf-8")
+    return assignment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -179,25 +180,40 @@ def test_a_no_op_rerun_reads_no_artifact_and_leaves_dvc_lock_alone(workspace, ti
 
 
 @pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
-def test_sensitivity_runs_in_the_flow_and_under_dvc_and_reruns_alone(workspace):
+def test_sensitivity_and_auto_mixed_run_in_the_flow_and_under_dvc(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["seq_lens"] = [16]
-    params["sensitivity"].update(variants=["ort_qdq_a16w8"], probes=["alone"], items=20, calibration_rows=8, threads=1)
+    params["sensitivity"].update(variants=["ort_qdq_a16w8"], probes=["kept"], items=20, calibration_rows=8, threads=1)
+    # The tiny random BERT's metric is noise: a wide budget keeps the choice stable (its search: test_sensitivity.py).
+    params["quantize"]["variants"]["mixed"] = {"method": "auto_mixed", "base": "ort_qdq_a16w8", "budget": 50.0}
+    params["variants"].append("mixed")
+    params["targets"].append({"variant": "mixed", "device": "ort_cpu"})
     write_params(workspace, params)
-    probed = "sensitivity@dense-ort_qdq_a16w8"
+    probed, mixed = "sensitivity@dense-ort_qdq_a16w8", "quantize@dense-mixed-16"
     first = pipeline(project_dir=str(workspace))
-    assert probed in executed(first)
+    assert {probed, mixed} <= executed(first)
+    order = list(first["stages"])
+    assert order.index("quantize@dense-ort_qdq_a16w8-16") < order.index(probed) < order.index(mixed)
     table = SENSITIVITY_ROWS.validate(pd.read_csv(workspace / "metrics" / "sensitivity.csv"))
-    # The full variant, then each of the tiny BERT's 8 layer groups quantized alone, on 20 STS-B pairs.
-    assert list(table["probe"]) == ["variant"] + ["alone"] * 8 and (table["eval_items"] == 20).all()
+    # The full variant, then each of the tiny BERT's 8 layer groups kept float alone, on 20 STS-B pairs.
+    assert list(table["probe"]) == ["variant"] + ["kept"] * 8 and (table["eval_items"] == 20).all()
+    (chosen,) = json.loads((workspace / "metrics" / "auto_mixed.json").read_text())
+    assert chosen["variant"] == "mixed" and chosen["within_budget"] and chosen["eval_items"] == 40  # max_items
+    assert {r["variant"] for r in first["rows"]} == {"fp32", "mixed"}
     page = open(first["report_files"][0]).read()
-    assert "Per-layer sensitivity" in page and page.count("<svg") == 3
+    assert "Per-layer sensitivity" in page and "Mixed precision chosen" in page and page.count("<svg") == 3
     assert "up to date" in dvc("status")
 
     set_param(workspace, "sensitivity", "items", 24)
-    assert executed(pipeline(project_dir=str(workspace))) == {probed, "report"}
+    assert executed(pipeline(project_dir=str(workspace))) == {probed, mixed, "report"}
     set_param(workspace, "sensitivity", "items", 28)  # a new value: DVC's run cache would restore an old one
-    assert dvc_ran(dvc("repro")) == {probed, "report"}
+    # DVC lists the assignment for every quantize instance (it cannot pick per variant), and a rerun quantize
+    # folder (a new stage.json) reruns what reads it: more than the flow, never less, and nothing upstream.
+    quantized = {"quantize@dense-fp32-16", "quantize@dense-ort_qdq_a16w8-16", mixed}
+    ran = dvc_ran(dvc("repro"))
+    assert {probed, *quantized, "report"} <= ran
+    assert not ran & {"fetch_model", "calibration_data", "prune@dense", "export_onnx@dense-16", "graph_surgery@dense-16",
+                      "reference@16"}
 
 
 def test_export_param_change_reruns_export_and_downstream_only(workspace):

@@ -13,6 +13,12 @@ BASE = yaml.safe_load((REPO / "params.yaml").read_text())
 PAIRS = {"name": "mine", "format": "sentence_pairs", "path": "pairs.csv"}
 
 
+def _mixed(settings: str, extra: str = "") -> str:
+    """params.yaml's variants plus an auto_mixed variant `mixed` with these settings."""
+    return (f"{{variants: [{', '.join(BASE['variants'])}, mixed], quantize: {{variants: {{mixed: {settings}}}}}"
+            + (f", {extra}" if extra else "") + "}")
+
+
 def test_repo_params_load_with_defaults():
     cfg = load_config(REPO / "params.yaml")
     assert cfg.seq_lens == [128, 512]
@@ -70,6 +76,15 @@ def test_a_classifier_family_takes_labelled_text(tmp_path):
         ("compile: {jobs: [{variant: ort_qdq_a16w8, device: qnn_htp, target: snapdragon_9000}]}",
          "compile.jobs[0]: compile.qnn_htp: unknown target SoC 'snapdragon_9000'"),
         ("compile: {jobs: [{variant: fp32, device: gpu, target: host}]}", "device 'gpu' has no compile step"),
+        ("sensitivity: {variants: [ov_nncf_int8]}", "'ov_nncf_int8' (method nncf_ptq) cannot keep single layers"),
+        ("sensitivity: {variants: [ort_qdq_a8w8_naive]}", "sensitivity.variants: ['ort_qdq_a8w8_naive'] not in variants"),
+        ("sensitivity: {seq_len: 256}", "sensitivity.seq_len: 256 is not one of seq_lens [128, 512]"),
+        ("sensitivity: {models: [pruned, huge]}", "sensitivity.models: ['huge'] not in models"),
+        (_mixed("{method: auto_mixed, base: ort_dynamic_int8}"),
+         "quantize.variants.mixed: its layer groups are chosen by the sensitivity stage of 'ort_dynamic_int8'"),
+        (_mixed("{method: auto_mixed, base: nope}"), "quantize.variants.mixed.base: 'nope' is not a variant to build on"),
+        (_mixed("{method: auto_mixed, base: ort_qdq_a8w8}", "sensitivity: {probes: [alone]}"), "(with probe `kept`)"),
+        (_mixed("{method: auto_mixed, base: ort_qdq_a8w8, budget: .inf}"), "budget"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected):

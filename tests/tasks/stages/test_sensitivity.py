@@ -13,7 +13,7 @@ from tasks.data.evaluation import SentencePairsSet
 from tasks.recipes.nncf_ptq import NncfPtqSettings
 from tasks.recipes.ort_static import OrtStaticSettings
 from tasks.stages.quantize import QuantizeParams
-from tasks.stages.sensitivity import SensitivityParams, run
+from tasks.stages.sensitivity import SensitivityParams, choose_float_groups, run
 
 STSB = SentencePairsSet(name="stsb", format="sentence_pairs", reader="stsb", path=STSB_TEST)
 SABOTAGED = "/encoder/encoder/layer.1/intermediate/dense"
@@ -24,11 +24,11 @@ A8W8 = dict(op_types=["MatMul", "Gemm"], gemm_linear_layers=True, float_output_o
             activation_matmuls=False)
 
 
-def _run(model, calib, tiny_bert, out, settings, **params):
+def _run(model, calib, tiny_bert, out, settings, mixed=None, **params):
     return run(model=model, calibration=calib, model_dir=tiny_bert, model_name="dense", variant="v", seq_len=16,
                params=SensitivityParams(items=24, calibration_rows=12, threads=1, **params),
                quantize_params=QuantizeParams(variants={"v": settings}), family=SENTENCE_ENCODER, eval_set=STSB,
-               out_dir=out, key="k")
+               out_dir=out, key="k", mixed=mixed)
 
 
 def test_the_group_whose_quantization_breaks_the_model_ranks_first(tiny_fixed, calib, tiny_bert, tmp_path, one_thread):
@@ -57,3 +57,102 @@ def test_a_recipe_that_cannot_keep_layers_float_is_one_line(tiny_fixed, calib, t
     with pytest.raises(InputError, match="cannot keep single layers in float"):
         _run(tiny_fixed, calib, tiny_bert, tmp_path / "out", NncfPtqSettings())
     assert not (tmp_path / "out").exists()
+
+
+def _groups(*spec):
+    from tasks.transforms.layer_groups import LayerGroup
+
+    return [LayerGroup(name, (name,), (f"{name}/*",), macs) for name, macs in spec]
+
+
+def test_float_groups_are_chosen_by_gain_per_mac_until_within_budget_then_confirmed_on_the_whole_set():
+    groups = _groups(("qkv", 300), ("ffn_in", 400), ("ffn_out", 400), ("out", 100))
+    gains = {"qkv": 0.3, "ffn_in": 0.1, "ffn_out": 0.8, "out": 0.05}  # per MAC: ffn_out, qkv, out, ffn_in
+
+    def loss(chosen, start):  # as if each group kept float gave back its gain
+        return start - sum(gains[g.name] for g in chosen)
+
+    # Two groups bring the subset within 0.3; the whole set loses more, so two more are kept float there.
+    chosen, steps = choose_float_groups(groups, gains, 0.3, lambda c: loss(c, 1.2), lambda c: loss(c, 1.5))
+    assert [g.name for g in chosen] == ["ffn_out", "qkv", "out", "ffn_in"]
+    assert [(s["on"], s["float_groups"]) for s in steps] == [
+        ("subset", 0), ("subset", 1), ("subset", 2), ("full", 2), ("full", 3), ("full", 4)]
+    assert steps[-1]["loss"] == pytest.approx(0.25)
+    # Within budget as it is: nothing kept float, one confirming measurement.
+    chosen, steps = choose_float_groups(groups, gains, 0.3, lambda c: 0.1, lambda c: 0.2)
+    assert chosen == [] and [s["on"] for s in steps] == ["subset", "full"]
+    # Groups that gain nothing are never kept float, even when the budget is out of reach.
+    chosen, steps = choose_float_groups(groups, {"out": 0.05}, 0.3, lambda c: 2.0, lambda c: 2.0)
+    assert [g.name for g in chosen] == ["out"] and steps[-1]["loss"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def self_scored(tiny_fixed, tiny_bert, tmp_path_factory) -> SentencePairsSet:
+    """Pairs scored by the tiny fp32 model's own cosine: fp32 scores Spearman 100, and any change of the
+    outputs shows in the metric (the tiny random BERT barely separates sentences otherwise)."""
+    import numpy as np
+    from helpers import run_outputs, sentences
+
+    from tasks.families.sentence_encoder import FAMILY
+
+    left, right = sentences(80, 7), sentences(80, 8)
+    tokenizer = FAMILY.load_preprocessor(tiny_bert)
+    a, b = (run_outputs(tiny_fixed, FAMILY.samples(tokenizer, texts, 16)) for texts in (left, right))
+    score = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
+    pd.DataFrame({"sentence1": left, "sentence2": right, "score": score}).to_csv(path, index=False)
+    return SentencePairsSet(name="own", path=path)
+
+
+def test_auto_mixed_keeps_the_breaking_group_float_and_writes_what_to_paste(tiny_fixed, calib, tiny_bert, tmp_path,
+                                                                             self_scored, one_thread):
+    import yaml
+    from pydantic import TypeAdapter
+
+    from tasks.recipes import variant_settings
+
+    settings = OrtStaticSettings(**A8W8, tensor_overrides={f"{SABOTAGED}/MatMul/gemm_input": {"rmin": -1e-3, "rmax": 1e-3}})
+    out = tmp_path / "out"
+    payload = run(model=tiny_fixed, calibration=calib, model_dir=tiny_bert, model_name="dense", variant="v", seq_len=16,
+                  params=SensitivityParams(items=40, calibration_rows=12, threads=1, probes=["kept"]),
+                  quantize_params=QuantizeParams(variants={"v": settings}), family=SENTENCE_ENCODER,
+                  eval_set=self_scored, out_dir=out, key="k", mixed={"v_mixed": 0.01})
+    assignment = payload["assignments"]["v_mixed"]
+    steps = assignment["steps"]
+    assert steps[0]["on"] == "subset" and steps[0]["loss"] > 0.01  # the sabotaged variant is out of budget
+    assert assignment["float_groups"] == [SABOTAGED] and assignment["within_budget"]
+    assert steps[-1]["on"] == "full" and steps[-1]["loss"] <= 0.01 and assignment["eval_items"] == 80
+    assert f"{SABOTAGED}/*" in assignment["nodes_to_exclude"]
+    # What to paste: the base's own settings with those patterns, a valid variant of its recipe.
+    pasted = yaml.safe_load((out / "override-v_mixed.yaml").read_text())["quantize"]["variants"]["v_mixed"]
+    built = TypeAdapter(variant_settings()).validate_python(pasted)
+    assert built.method == "ort_static" and built.nodes_to_exclude == assignment["nodes_to_exclude"]
+    assert built.tensor_overrides == settings.tensor_overrides and built.calibration_rows is None
+
+
+def test_recipe_auto_mixed_builds_the_assignment_and_refuses_a_broken_one(tiny_fixed, calib, tmp_path):
+    import json
+
+    from helpers import quantize_variant
+
+    from tasks.recipes.auto_mixed import AutoMixedSettings
+    from tasks.stages.quantize import run as quantize_run
+
+    base = OrtStaticSettings(**A8W8, nodes_to_exclude=[f"{SABOTAGED}/*"])
+    path = tmp_path / "assignment-m.json"
+    path.write_text(json.dumps({"settings": base.model_dump(mode="json"), "float_groups": [SABOTAGED], "loss": 0.1,
+                                "within_budget": True}))
+    mixed = AutoMixedSettings(base="v")
+
+    def build(folder, assignment):
+        return quantize_run(model=tiny_fixed, calibration=calib, variant="m", params=QuantizeParams(variants={"m": mixed}),
+                            family=SENTENCE_ENCODER, out_dir=tmp_path / folder, key="k", imports={"assignment": assignment})
+
+    payload = build("mixed", path)
+    same, _ = quantize_variant(tmp_path, tiny_fixed, calib, "base", base)
+    assert (tmp_path / "mixed" / "model.onnx").read_bytes() == (same / "model.onnx").read_bytes()
+    assert payload["float_groups"] == [SABOTAGED] and payload["method"] == "auto_mixed"
+    path.write_text("{not json")
+    with pytest.raises(InputError, match=r"assignment-m.json: not an assignment the sensitivity stage wrote"):
+        build("broken", path)
+    assert not (tmp_path / "broken").exists()
