@@ -234,7 +234,8 @@ class EdgeoptConfig(StrictParams):
         s = self.sensitivity
         unknown = sorted(set(s.variants) - set(self.variants))
         if unknown:
-            raise ValueError(f"sensitivity.variants: {unknown} not in variants {self.variants}; add them there")
+            raise ValueError(f"sensitivity.variants: {unknown} not in variants {self.variants}; add them there or "
+                             "remove them from sensitivity.variants")
         for name in s.variants:
             try:
                 check_probeable(name, self.quantize.variant(name))

@@ -12,6 +12,7 @@ from tasks.core.fingerprint import read_stamp
 from tasks.stages.report import REPORT_TABLE
 
 
+@pytest.mark.slow  # ~3.5 min: a pruned model distilled and run through the DAG beside the dense one
 def test_pruned_model_flows_through_every_stage(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["seq_lens"] = [16]
