@@ -244,31 +244,40 @@ def _short_groups(names: pd.Series) -> pd.Series:
     return names.str.slice(len(prefix))
 
 
+AXIS_LABELS = {"float": ("quantized", "float"), "a8": ("8-bit", "16-bit")}
+"""(lower, higher) precision of each sensitivity axis, as the report names them."""
+
+
 def sensitivity_table(sensitivity: pd.DataFrame) -> pd.DataFrame:
     """One row per probed layer group: its size and what quantizing it alone / keeping it alone in float does."""
     rows = []
     for (model, variant, seq_len), probes in sensitivity.groupby(["model", "variant", "seq_len"], sort=False):
-        groups = probes[probes["probe"] != "variant"]
+        groups = probes[probes["probe"] != "all"]
         first = probes.iloc[0]
         for group, g in groups.groupby("group", sort=False):
             by = g.set_index("probe")
             row = {"model": model, "variant": variant, "L": int(seq_len), "group": group, "layers": int(g["layers"].iloc[0]),
                    "MMACs": f"{g['macs'].iloc[0] / 1e6:.0f}"}
+            lower, higher = AXIS_LABELS[first["axis"]]
             if "alone" in by.index:
-                row["only this quantized: vs fp32"] = f"{by.loc['alone', 'metric_delta']:+.2f}"
+                row[f"only this {lower}: vs fp32"] = f"{by.loc['alone', 'metric_delta']:+.2f}"
             if "kept" in by.index:
-                row["only this float: vs all quantized"] = f"{by.loc['kept', 'metric_value'] - first['variant_metric']:+.2f}"
+                row[f"only this {higher}: vs all {lower}"] = (
+                    f"{by.loc['kept', 'metric_value'] - first['all_lowered_metric']:+.2f}")
             rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.assign(group=_short_groups(frame["group"])) if len(frame) else frame
 
 
 def mixed_table(assignments: list[dict]) -> pd.DataFrame:
-    """One row per auto_mixed variant: the groups it keeps float and what that measured on the whole set."""
+    """One row per auto_mixed variant: the groups it keeps at the higher precision and what that measured."""
     return pd.DataFrame([{
         "variant": a["variant"], "model": a["model"], "base": a["base"], "chosen at L": a["seq_len"],
-        "groups kept float": f"{len(a['float_groups'])}: {', '.join(_short_groups(pd.Series(a['float_groups'])))}"
-        if a["float_groups"] else "0 (the base as it is)",
+        "groups at the higher precision": (
+            f"{len(a['higher_groups'])} of {a['groups']} {AXIS_LABELS[a['axis']][1]}, the rest "
+            f"{AXIS_LABELS[a['axis']][0]}: "
+            f"{', '.join(_short_groups(pd.Series(a['higher_groups'])))}" if a["higher_groups"]
+            else f"0 of {a['groups']}"),
         "points below fp32 (all items)": f"{a['loss']:+.3f} on {a['eval_items']}", "budget": f"{a['budget']:g}",
         "within budget": _fmt(bool(a["within_budget"])),
     } for a in assignments])
@@ -296,14 +305,15 @@ def plot_sensitivity(sensitivity: pd.DataFrame) -> str:
     fig, axes = plt.subplots(len(runs), 2, figsize=(12.4, height * len(runs)), squeeze=False)
     for row, ((model, variant, seq_len), probes) in zip(axes, runs):
         first = probes.iloc[0]
-        groups = probes[probes["probe"] != "variant"].assign(group=lambda f: _short_groups(f["group"]))
+        groups = probes[probes["probe"] != "all"].assign(group=lambda f: _short_groups(f["group"]))
         order = list(dict.fromkeys(groups["group"]))
-        panels = (("alone", "metric_delta", f"only this group quantized: {first['metric_name']} vs fp32",
-                   "#c44e52", first["variant_metric"] - first["fp32_metric"], "all groups quantized"),
-                  ("kept", None, "only this group in float: vs all quantized", "#55a868", None, None))
+        lower, higher = AXIS_LABELS[first["axis"]]
+        panels = (("alone", "metric_delta", f"only this group {lower}: {first['metric_name']} vs fp32",
+                   "#c44e52", first["all_lowered_metric"] - first["fp32_metric"], f"all groups {lower}"),
+                  ("kept", None, f"only this group {higher}: vs all {lower}", "#55a868", None, None))
         for ax, (probe, column, title, color, line, line_label) in zip(row, panels):
             g = groups[groups["probe"] == probe].set_index("group").reindex(order)
-            values = g[column] if column else g["metric_value"] - first["variant_metric"]
+            values = g[column] if column else g["metric_value"] - first["all_lowered_metric"]
             ax.barh(range(len(order)), values.fillna(0), color=color)
             if line is not None:
                 ax.axvline(line, color="black", linestyle="--", linewidth=1, label=f"{line_label} ({line:+.2f})")
@@ -584,7 +594,7 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         *([("Per-layer sensitivity (seeded evaluation subset; each probe a real build of the variant)",
             f"<div class='plot'>{plots['sensitivity.svg']}</div>" + _html_table(sensitivity, wide=True))]
           if len(sensitivity) else []),
-        *([("Mixed precision chosen (auto_mixed): layer groups kept float within the budget",
+        *([("Mixed precision chosen (auto_mixed): layer groups at the higher precision within the budget",
             _html_table(mixed, wide=True) + "<p>The same, as variants to paste into params.yaml:</p><pre>"
             + html.escape(mixed_overrides(assignments)) + "</pre>")] if assignments else []),
         ("Op placement per compiled artifact", _html_table(placement)),

@@ -238,7 +238,7 @@ class EdgeoptConfig(StrictParams):
                              "remove them from sensitivity.variants")
         for name in s.variants:
             try:
-                check_probeable(name, self.quantize.variant(name))
+                check_probeable(name, self.quantize.variant(name), s.axis)
             except InputError as exc:
                 raise ValueError(str(exc)) from None
         if s.variants and sorted(set(s.models) - set(self.models)):

@@ -280,21 +280,23 @@ PRUNE_SEARCH = pa.DataFrameSchema(
 )
 
 # Per-layer-group sensitivity of one quantized variant (stage sensitivity; report -> metrics/sensitivity.csv).
-# probe: `variant` (every group quantized), `alone` (only this group), `kept` (every group but this one).
+# axis: the two precisions a group is put at (float: quantized or float; a8: 8- or 16-bit activations);
+# probe: `all` (every group at the lower one), `alone` (only this group), `kept` (every group but this one).
 SENSITIVITY_ROWS = pa.DataFrameSchema(
     {
         "model": pa.Column(str),
         "variant": pa.Column(str),
         "seq_len": pa.Column(int, pa.Check.gt(0)),
         "group": pa.Column(str, pa.Check.str_length(min_value=1)),
-        "probe": pa.Column(str, pa.Check.isin(["variant", "alone", "kept"])),
+        "axis": pa.Column(str, pa.Check.isin(["float", "a8"])),
+        "probe": pa.Column(str, pa.Check.isin(["all", "alone", "kept"])),
         "layers": pa.Column(int, pa.Check.gt(0)),
         "macs": pa.Column(int, pa.Check.gt(0)),
         "eval_set": pa.Column(str, pa.Check.str_length(min_value=1)),
         "metric_name": pa.Column(str, pa.Check.str_length(min_value=1)),
         "eval_items": pa.Column(int, pa.Check.gt(0)),
         "fp32_metric": pa.Column(float),
-        "variant_metric": pa.Column(float),
+        "all_lowered_metric": pa.Column(float),
         "metric_value": pa.Column(float),
         # metric_value - fp32_metric (negative: worse, for a higher-is-better metric)
         "metric_delta": pa.Column(float),

@@ -1,12 +1,12 @@
 """Recipe `auto_mixed`: a base variant with the per-layer precision chosen for it under an accuracy budget.
 
-The choice is made by the sensitivity stage of the base variant (tasks/stages/sensitivity.py): from the base
-fully quantized, the layer groups that regain the most metric per multiply-accumulate stay float until the
-metric is within `budget` of fp32, confirmed on the whole first evaluation set. It writes
-`assignment-<this variant>.json` with the base's settings plus those groups' `nodes_to_exclude` patterns; this
-recipe builds exactly that with the base's recipe (and `override-<variant>.yaml` beside it is the same thing to
-paste into params.yaml). Precisions per layer: the base's (e.g. int8 QGemm) or float, which every ONNX Runtime
-recipe expresses through `nodes_to_exclude`.
+The choice is made by the sensitivity stage of the base variant (tasks/stages/sensitivity.py): from every layer
+group at the lower precision of its axis (the base's quantization on axis `float`; 8-bit activations in a uint16
+`ort_qnn` base on axis `a8`), the groups that regain the most metric per multiply-accumulate go to the higher one
+(float; 16-bit) until the metric is within `budget` of fp32, confirmed on the whole first evaluation set. It writes
+`assignment-<this variant>.json` with the base's settings plus those groups' patterns (`nodes_to_exclude`;
+`activations_8bit` for the rest); this recipe builds exactly that with the base's recipe (and
+`override-<variant>.yaml` beside it is the same thing to paste into params.yaml).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class AutoMixedSettings(RecipeSettings):
     """The base variant with layer groups kept float until the metric is within `budget` of fp32."""
 
     method: Literal["auto_mixed"] = "auto_mixed"
-    base: str = Field(description="a variant of an ONNX Runtime recipe (nodes_to_exclude), listed in sensitivity.variants")
+    base: str = Field(description="a variant of an ONNX Runtime recipe, listed in sensitivity.variants")
     budget: float = Field(0.3, gt=0, allow_inf_nan=False,
                           description="metric points below fp32 (on the first evaluation set) the assignment may lose")
 
@@ -72,7 +72,7 @@ class AutoMixedRecipe:
         if feeds is not None and limit:  # what the quantize stage does for the base variant itself
             feeds = {name: rows[:limit] for name, rows in feeds.items()}
         facts = base.apply(model, feeds, chosen, context, out, tmp)
-        return {**facts, "base": settings.base, "float_groups": assignment["float_groups"],
+        return {**facts, "base": settings.base, "higher_groups": assignment["higher_groups"],
                 "assignment_loss": assignment["loss"], "assignment_within_budget": assignment["within_budget"]}
 
     def counts(self, artifact: Path) -> dict:

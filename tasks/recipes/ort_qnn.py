@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from tasks.recipes._ort import NpzReader, chunk, onnx_quant_counts, preprocess, qtype
+from tasks.recipes._ort import NpzReader, chunk, excluded_nodes, onnx_quant_counts, preprocess, qtype
 from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
 from tasks.transforms.quant_rewrites import activation_matmuls, softmax_floor_ranges, unit_norm_outputs, unshare_biases
 from tasks.transforms.surgery import qnn_preprocess
@@ -65,11 +65,24 @@ class OrtQnnSettings(RecipeSettings):
         "range: the HTP's 16-bit L2Norm maps a value below its output range to the range's maximum (QNN SDK 2.51, "
         "simulator) where the CPU EP clips it to the minimum, flipping one component of the embedding",
     )
+    activations_8bit: list[str] = Field(
+        [],
+        description="node names or patterns (`*/intermediate/dense/*`) of the pre-processed graph whose activations "
+        "are quantized to uint8 while the rest keep activation_type (uint16): per-layer mixed precision. ORT's "
+        "mixed-precision fixer (get_qnn_qdq_config, add_qtype_converts) inserts the 16<->8-bit conversions QNN needs",
+    )
     qnn_preprocess: bool = Field(
         True,
         description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs; "
         "a bare Erf falls back to the CPU)",
     )
+
+
+    @model_validator(mode="after")
+    def _mixed_needs_16_bit(self) -> OrtQnnSettings:
+        if self.activations_8bit and self.activation_type != "uint16":
+            raise ValueError("activations_8bit lowers layers of a uint16 graph to uint8; set activation_type: uint16")
+        return self
 
 
 def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path, tmp: Path) -> None:
@@ -95,6 +108,12 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
                 transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
                 axis = 0 if transposed else 1  # the output channels
                 overrides[node.input[1]] = [{"quant_type": qtype("int8"), "symmetric": True, "axis": axis}]
+    # Per-layer 8-bit activations: the inputs of the named nodes (their outputs follow through ORT's fixer).
+    for name in excluded_nodes(graph, list(s.activations_8bit), "quantize.variants (ort_qnn) activations_8bit"):
+        node = next(n for n in graph.node if n.name == name)
+        for tensor in node.input:
+            if tensor and tensor not in weights:
+                overrides.setdefault(tensor, [{}])[0]["quant_type"] = qtype("uint8")
     excluded = excluded_by_name + (activation_matmuls(graph) if s.float_activation_matmuls else [])
     config = get_qnn_qdq_config(
         str(pre),

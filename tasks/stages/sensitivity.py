@@ -5,21 +5,23 @@ Reads: the graph-surgery ONNX of one model at one length, the calibration npz fo
 and `<out>/stage.json`.
 
 The groups are the family's (`QuantizationHints.layer_groups`: each linear layer by the module that made it,
-attention's query/key/value as one). Two probes per group, each a real build of the variant's recipe with the
-group's node patterns added to (`kept`: only this group stays float) or all other groups' patterns set as
-(`alone`: only this group is quantized) its `nodes_to_exclude`, then scored on a seeded random subset of the
-evaluation set against the fp32 model on the same subset:
-- `alone`: the metric lost by quantizing this group alone (what lowering its precision costs);
-- `kept`: the metric the fully quantized variant gains back when this group alone stays float.
-Each probe calibrates on the first `calibration_rows` rows (a ranking needs fewer than the artifact).
+attention's query/key/value as one). Each group is put at one of two precisions, the axis (`sensitivity.axis`):
+- `float`: the lower precision is the variant's quantization, the higher float (`nodes_to_exclude`; any ONNX
+  Runtime recipe);
+- `a8`: the lower is 8-bit activations, the higher the 16-bit activations of a uint16 `ort_qnn` variant
+  (`activations_8bit`, which ORT's mixed-precision fixer turns into the conversions QNN needs).
+Rows, each a real build of the variant's recipe scored on a seeded random subset of the first evaluation set
+against the fp32 model on the same subset: `all` (every group at the lower precision: on axis float, the variant
+itself), `alone` (only this group at the lower precision: what lowering it costs) and `kept` (every group but
+this one at the lower precision: what keeping it higher gains back). Each build calibrates on the first
+`calibration_rows` rows (a ranking needs fewer than the artifact).
 
 Mixed precision (`mixed`: auto_mixed variant -> its budget, for the variants of recipe `auto_mixed` built on this
-one): from the fully quantized variant, keep groups in float in the order of their `kept` gain per
+one): from every group at the lower precision, put groups at the higher one in the order of their `kept` gain per
 multiply-accumulate, measuring each step on the subset, until the metric is within the budget of fp32; then
 confirm on the whole evaluation set (adding groups in the same order while it is not). Writes
-`assignment-<auto_mixed variant>.json` (the groups kept float, their `nodes_to_exclude` patterns and the full
-settings they make, which recipe `auto_mixed` builds) and `override-<variant>.yaml` (the same, to paste into
-params.yaml as a variant of its own).
+`assignment-<auto_mixed variant>.json` (the groups at the higher precision and the full settings they make, which
+recipe `auto_mixed` builds) and `override-<variant>.yaml` (the same, to paste into params.yaml).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -53,32 +55,48 @@ from tasks.transforms.layer_groups import LayerGroup
 TOOLS = ("onnx", "onnxruntime", "transformers", "numpy")
 EVAL_DEVICE = "ort_cpu"
 Probe = Literal["alone", "kept"]
+Axis = Literal["float", "a8"]
 
 
 class SensitivityParams(StrictParams):
     """Per-layer sensitivity of quantized variants (off while `variants` is empty)."""
 
-    variants: list[str] = Field([], description="variants (ORT recipes with nodes_to_exclude) probed per layer group")
+    variants: list[str] = Field([], description="variants (ONNX Runtime recipes) probed per layer group")
     models: list[str] = Field(["dense"], description="entries of `models` probed")
     seq_len: int | None = Field(None, description="the length probed; null = the first of seq_lens")
+    axis: Axis = Field("float", description="float: a group is quantized as the variant does it, or float (any ORT "
+                       "recipe, through nodes_to_exclude); a8: a group's activations are uint16 as the variant has "
+                       "them, or uint8 (an ort_qnn uint16 variant, through activations_8bit)")
     probes: list[Probe] = Field(["alone", "kept"], min_length=1,
-                                description="alone: only the group quantized; kept: only the group float")
+                                description="alone: only the group at the lower precision; kept: only the group "
+                                "at the higher one")
     items: int = Field(200, ge=20, description="evaluation items scored per probe (a seeded random subset)")
     seed: int = 0
     calibration_rows: int = Field(64, ge=1, description="calibration rows per probe's build")
     threads: int = Field(2, ge=1)
 
 
-def check_probeable(variant: str, settings) -> None:
-    """InputError unless the variant's recipe can keep single layers in float (`nodes_to_exclude`)."""
+def check_probeable(variant: str, settings, axis: Axis = "float") -> None:
+    """InputError unless the variant's recipe can place single layers on the axis's two precisions."""
+    if axis == "a8" and not (settings.method == "ort_qnn" and settings.activation_type == "uint16"):
+        raise InputError(f"sensitivity.variants: {variant!r} (method {settings.method}) is not a uint16 ort_qnn variant; "
+                         "axis a8 lowers such a variant's layers to 8-bit activations")
     if "nodes_to_exclude" not in type(settings).model_fields:
         raise InputError(f"sensitivity.variants: {variant!r} (method {settings.method}) cannot keep single layers in "
                          "float; probe a variant of an ONNX Runtime recipe (ort_static, ort_qnn, ort_dynamic)")
 
 
-def with_excluded(settings, exclude: list[str], calibration_rows: int | None):
-    """The variant's settings with `exclude` added to its nodes_to_exclude (and fewer calibration rows)."""
-    update = {"nodes_to_exclude": list(dict.fromkeys([*settings.nodes_to_exclude, *exclude]))}
+def placed(settings, axis: Axis, groups: list[LayerGroup], higher: list[LayerGroup], calibration_rows: int | None):
+    """The variant's settings with the groups in `higher` at the axis's higher precision (float, or 16-bit
+    activations) and every other group at its lower one (the variant's quantization, or 8-bit activations)."""
+    def patterns(chosen):
+        return [p for g in chosen for p in g.patterns]
+
+    if axis == "float":
+        update = {"nodes_to_exclude": list(dict.fromkeys([*settings.nodes_to_exclude, *patterns(higher)]))}
+    else:
+        lower = [g for g in groups if g not in higher]
+        update = {"activations_8bit": list(dict.fromkeys([*settings.activations_8bit, *patterns(lower)]))}
     if calibration_rows is not None and "calibration_rows" in type(settings).model_fields:
         update["calibration_rows"] = calibration_rows
     return settings.model_copy(update=update)
@@ -103,22 +121,22 @@ class _Subject:
         return self.fp32_metric - metric if self.data.higher_is_better else metric - self.fp32_metric
 
 
-def choose_float_groups(groups: list[LayerGroup], gains: dict[str, float], budget: float,
+def choose_higher_groups(groups: list[LayerGroup], gains: dict[str, float], budget: float,
                         subset_loss: Callable[[list[LayerGroup]], float],
                         full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
-    """The groups to keep float: greedy by `gains` (metric points the group regains kept float) per MAC, measured
-    on the subset until within `budget`, then on the whole set until within it there too. Returns the groups and
-    every measured step."""
+    """The groups to put at the higher precision: greedy by `gains` (metric points a group regains there alone) per
+    MAC, measured on the subset until within `budget`, then on the whole set until within it there too. Returns
+    the groups and every measured step."""
     order = sorted((g for g in groups if gains.get(g.name, 0.0) > 0), key=lambda g: -gains[g.name] / g.macs)
     chosen: list[LayerGroup] = []
-    steps = [{"on": "subset", "float_groups": 0, "loss": subset_loss(chosen)}]
+    steps = [{"on": "subset", "higher_groups": 0, "loss": subset_loss(chosen)}]
     while steps[-1]["loss"] > budget and len(chosen) < len(order):
         chosen.append(order[len(chosen)])
-        steps.append({"on": "subset", "float_groups": len(chosen), "loss": subset_loss(chosen)})
-    steps.append({"on": "full", "float_groups": len(chosen), "loss": full_loss(chosen)})
+        steps.append({"on": "subset", "higher_groups": len(chosen), "loss": subset_loss(chosen)})
+    steps.append({"on": "full", "higher_groups": len(chosen), "loss": full_loss(chosen)})
     while steps[-1]["loss"] > budget and len(chosen) < len(order):
         chosen.append(order[len(chosen)])
-        steps.append({"on": "full", "float_groups": len(chosen), "loss": full_loss(chosen)})
+        steps.append({"on": "full", "higher_groups": len(chosen), "loss": full_loss(chosen)})
     return chosen, steps
 
 
@@ -129,7 +147,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     settings = quantize_params.variant(variant)
-    check_probeable(variant, settings)
+    check_probeable(variant, settings, params.axis)
     impl = FAMILIES.get(family.name)
     hints = impl.quantization_hints()
     if hints is None:
@@ -160,39 +178,40 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
         tmp = Path(tmp_name)
         sub = subject(evaluation.load(eval_set, classes, limit=params.items, seed=params.seed))
 
-        def build(exclude: list[str], full_calibration: bool = False) -> tuple[Path, Any]:
-            """The variant built with `exclude` added to its nodes_to_exclude, in tmp/artifact."""
+        def build(higher: list[LayerGroup], full_calibration: bool = False) -> Path:
+            """The variant built with `higher` at the higher precision and the rest at the lower, in tmp/artifact."""
             shutil.rmtree(tmp / "artifact", ignore_errors=True)
             shutil.rmtree(tmp / "work", ignore_errors=True)
             (tmp / "artifact").mkdir()
             (tmp / "work").mkdir()
-            built = with_excluded(settings, exclude, None if full_calibration else params.calibration_rows)
+            built = placed(settings, params.axis, groups, higher, None if full_calibration else params.calibration_rows)
             patched = QuantizeParams(variants={variant: built}, calibration_chunk=quantize_params.calibration_chunk)
             record = quantize(Path(model), Path(calibration), variant, patched, family, tmp / "artifact", tmp / "work")
-            return tmp / "artifact" / record["artifact"], built
+            return tmp / "artifact" / record["artifact"]
 
-        def score(exclude: list[str], on: _Subject, full_calibration: bool = False) -> tuple[float, float]:
-            artifact, _ = build(exclude, full_calibration)
+        def score(higher: list[LayerGroup], on: _Subject, full_calibration: bool = False) -> tuple[float, float]:
+            artifact = build(higher, full_calibration)
             out = outputs(artifact, on.samples)
             cosine = float(row_cosines(out.reshape(len(out), -1), on.fp32.reshape(len(on.fp32), -1)).mean())
             return on.data.score(out), cosine
 
+        console = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task(f"sensitivity {variant} L={seq_len}: {len(groups)} layer groups", total=len(probes) + 1)
             start = time.perf_counter()
-            full_metric, full_cosine = score([], sub)
+            full_metric, full_cosine = score([], sub)  # every group at the lower precision
             progress.advance(task)
-            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": sub.data.name,
+            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "axis": params.axis,
+                      "eval_set": sub.data.name,
                       "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
-                      "variant_metric": full_metric}
-            rows.append({**common, "group": "(all)", "probe": "variant", "layers": sum(len(g.nodes) for g in groups),
+                      "all_lowered_metric": full_metric}
+            rows.append({**common, "group": "(all)", "probe": "all", "layers": sum(len(g.nodes) for g in groups),
                          "macs": sum(g.macs for g in groups), "metric_value": full_metric, "cosine_to_fp32": full_cosine,
                          "metric_delta": full_metric - sub.fp32_metric, "seconds": time.perf_counter() - start})
             for group, probe in probes:
                 start = time.perf_counter()
-                others = [p for g in groups if g is not group for p in g.patterns]
-                metric, cosine = score(list(group.patterns) if probe == "kept" else others, sub)
+                metric, cosine = score([group] if probe == "kept" else [g for g in groups if g is not group], sub)
                 rows.append({**common, "group": group.name, "probe": probe, "layers": len(group.nodes),
                              "macs": group.macs, "metric_value": metric, "cosine_to_fp32": cosine,
                              "metric_delta": metric - sub.fp32_metric, "seconds": time.perf_counter() - start})
@@ -207,39 +226,45 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
             gains = {name: sign * (value - full_metric) for name, value in kept.items()}
             whole = subject(evaluation.load(eval_set, classes))
 
-            def patterns(chosen: list[LayerGroup]) -> list[str]:
-                return [p for g in chosen for p in g.patterns]
+            def measured(name: str, on: _Subject, full: bool) -> Callable[[list[LayerGroup]], float]:
+                def loss(chosen: list[LayerGroup]) -> float:
+                    value = on.loss(score(chosen, on, full_calibration=full)[0])
+                    console.print(f"auto_mixed {name}: {len(chosen)} group(s) at the higher precision, {value:+.3f} "
+                                  f"points below fp32 "
+                                  f"on {on.data.items} items")
+                    return value
+                return loss
 
             for name, budget in sorted(mixed.items()):
-                chosen, steps = choose_float_groups(
-                    groups, gains, budget,
-                    subset_loss=lambda c: sub.loss(score(patterns(c), sub)[0]),
-                    full_loss=lambda c: whole.loss(score(patterns(c), whole, full_calibration=True)[0]))
-                _, built = build(patterns(chosen), full_calibration=True)
-                assignments[name] = write_assignment(scratch, name, variant, budget, chosen, built, steps, whole)
+                chosen, steps = choose_higher_groups(groups, gains, budget, measured(name, sub, False),
+                                                    measured(name, whole, True))
+                built = placed(settings, params.axis, groups, chosen, None)
+                assignments[name] = write_assignment(scratch, name, variant, params.axis, budget, chosen, groups, built,
+                                                     steps, whole)
         payload = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": sub.data.name,
                    "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
-                   "variant_metric": full_metric, "groups": len(groups), "probes": len(probes),
+                   "all_lowered_metric": full_metric, "groups": len(groups), "probes": len(probes),
                    "assignments": assignments}
         write_stamp(scratch, key, payload)
     return payload
 
 
-def write_assignment(folder: Path, name: str, base: str, budget: float, chosen: list[LayerGroup], built,
-                     steps: list[dict], whole: _Subject) -> dict:
+def write_assignment(folder: Path, name: str, base: str, axis: Axis, budget: float, chosen: list[LayerGroup],
+                     groups: list[LayerGroup], built, steps: list[dict], whole: _Subject) -> dict:
     """`assignment-<name>.json` (what recipe auto_mixed builds) and `override-<name>.yaml` (to paste); returns
     the assignment."""
     settings = built.model_dump(mode="json")
     assignment = {
-        "variant": name, "base": base, "budget": budget, "float_groups": [g.name for g in chosen],
-        "float_macs": sum(g.macs for g in chosen), "nodes_to_exclude": settings["nodes_to_exclude"],
+        "variant": name, "base": base, "axis": axis, "budget": budget, "higher_groups": [g.name for g in chosen],
+        "groups": len(groups), "higher_macs": sum(g.macs for g in chosen), "macs": sum(g.macs for g in groups),
         "settings": settings, "steps": steps, "eval_items": whole.data.items, "fp32_metric": whole.fp32_metric,
         "loss": steps[-1]["loss"], "within_budget": steps[-1]["loss"] <= budget,
     }
     write_json_atomic(folder / assignment_file(name), assignment)
     override = {"quantize": {"variants": {name: settings}}}  # pasted over the auto_mixed entry, it freezes the choice
     (folder / f"override-{name}.yaml").write_text(
-        f"# auto_mixed {name}: {base} with {len(chosen)} layer group(s) kept float, "
+        f"# auto_mixed {name}: {base} with {len(chosen)} of {len(groups)} layer group(s) at the higher precision "
+        f"(axis {axis}), "
         f"{steps[-1]['loss']:+.3f} points below fp32 on all {whole.data.items} items (budget {budget:g})\n"
         + yaml.safe_dump(override, sort_keys=False, width=120), encoding="utf-8")
     return assignment

@@ -196,7 +196,7 @@ def test_sensitivity_and_auto_mixed_run_in_the_flow_and_under_dvc(workspace):
     assert order.index("quantize@dense-ort_qdq_a16w8-16") < order.index(probed) < order.index(mixed)
     table = SENSITIVITY_ROWS.validate(pd.read_csv(workspace / "metrics" / "sensitivity.csv"))
     # The full variant, then each of the tiny BERT's 8 layer groups kept float alone, on 20 STS-B pairs.
-    assert list(table["probe"]) == ["variant"] + ["kept"] * 8 and (table["eval_items"] == 20).all()
+    assert list(table["probe"]) == ["all"] + ["kept"] * 8 and (table["eval_items"] == 20).all()
     (chosen,) = json.loads((workspace / "metrics" / "auto_mixed.json").read_text())
     assert chosen["variant"] == "mixed" and chosen["within_budget"] and chosen["eval_items"] == 40  # max_items
     assert {r["variant"] for r in first["rows"]} == {"fp32", "mixed"}

@@ -78,6 +78,7 @@ def test_a_classifier_family_takes_labelled_text(tmp_path):
         ("compile: {jobs: [{variant: fp32, device: gpu, target: host}]}", "device 'gpu' has no compile step"),
         ("sensitivity: {variants: [ov_nncf_int8]}", "'ov_nncf_int8' (method nncf_ptq) cannot keep single layers"),
         ("sensitivity: {variants: [ort_qdq_a8w8_naive]}", "sensitivity.variants: ['ort_qdq_a8w8_naive'] not in variants"),
+        ("sensitivity: {axis: a8}", "'ort_qdq_a8w8' (method ort_static) is not a uint16 ort_qnn variant"),
         ("sensitivity: {seq_len: 256}", "sensitivity.seq_len: 256 is not one of seq_lens [128, 512]"),
         ("sensitivity: {models: [pruned, huge]}", "sensitivity.models: ['huge'] not in models"),
         (_mixed("{method: auto_mixed, base: ort_dynamic_int8}"),

@@ -89,6 +89,32 @@ def test_an_aimet_export_compiles_with_zero_fallback_and_reproduces_the_cpu_ep(t
     assert payload["verify_min_cosine"] >= 0.999
     assert payload["precision"].startswith("a16w8")
 
+def test_ffn_layers_at_8_bit_in_a_16_bit_graph_compile_with_zero_fallback(tiny_bert, tmp_path):
+    import onnx
+
+    from tasks.recipes.ort_qnn import OrtQnnSettings
+
+    ffn = ["*/intermediate/dense/*", "*/output/dense/*"]  # FFN in and out, and the attention output projection
+    qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", OrtQnnSettings(activations_8bit=ffn))
+    graph = onnx.load(str(qdq)).graph
+    inits, producers = {i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output}
+
+    def activation_bits(node) -> int:  # the zero point type of the DequantizeLinear feeding its activation input
+        dq = producers[node.input[0]]
+        assert dq.op_type == "DequantizeLinear"
+        return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[dq.input[2]].data_type]
+
+    linear = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in producers  # weights come dequantized
+              and producers[n.input[1]].input[0] in inits]
+    bits = {n.name: activation_bits(n) for n in linear}
+    assert {name: b for name, b in bits.items() if "/dense/" in name} and all(
+        b == (8 if "/dense/" in name else 16) for name, b in bits.items()), bits
+    # ORT's mixed-precision fixer converted between the two where they meet; the HTP runs all of it.
+    payload = run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileCheckParams(threads=1), QnnHtpCompileParams(),
+                  SENTENCE_ENCODER, tmp_path / "compile", key="k", model_dir=tiny_bert)
+    assert payload["cpu_fallback_nodes"] == 0 and payload["verify_min_cosine"] >= 0.999
+
+
 def test_unsupported_op_trips_the_fallback_gate_naming_ops_and_nodes(unsupported_onnx, tmp_path):
     out = tmp_path / "compile"
     with pytest.raises(StageError) as err:

@@ -13,7 +13,7 @@ from tasks.data.evaluation import SentencePairsSet
 from tasks.recipes.nncf_ptq import NncfPtqSettings
 from tasks.recipes.ort_static import OrtStaticSettings
 from tasks.stages.quantize import QuantizeParams
-from tasks.stages.sensitivity import SensitivityParams, choose_float_groups, run
+from tasks.stages.sensitivity import SensitivityParams, choose_higher_groups, run
 
 STSB = SentencePairsSet(name="stsb", format="sentence_pairs", reader="stsb", path=STSB_TEST)
 SABOTAGED = "/encoder/encoder/layer.1/intermediate/dense"
@@ -37,14 +37,14 @@ def test_the_group_whose_quantization_breaks_the_model_ranks_first(tiny_fixed, c
     settings = OrtStaticSettings(**A8W8, tensor_overrides={f"{SABOTAGED}/MatMul/gemm_input": {"rmin": -1e-3, "rmax": 1e-3}})
     payload = _run(tiny_fixed, calib, tiny_bert, tmp_path / "out", settings)
     table = SENSITIVITY_ROWS.validate(pd.read_csv(tmp_path / "out" / "sensitivity.csv"))
-    groups = list(dict.fromkeys(table.loc[table["probe"] != "variant", "group"]))
+    groups = list(dict.fromkeys(table.loc[table["probe"] != "all", "group"]))
     # Two layers x (query+key+value, attention output, FFN in, FFN out), in graph order.
     assert len(groups) == 8 and groups[0] == "/encoder/encoder/layer.0/attention/self/query+key+value"
     assert SABOTAGED in groups and payload["groups"] == 8 and len(table) == 1 + 8 * 2
     # Losses of cosine to fp32 (the tiny random BERT's embeddings barely move, so compare them as ratios).
     alone = 1 - table[table["probe"] == "alone"].set_index("group")["cosine_to_fp32"]
     kept = 1 - table[table["probe"] == "kept"].set_index("group")["cosine_to_fp32"]
-    full = 1 - table[table["probe"] == "variant"].iloc[0]["cosine_to_fp32"]
+    full = 1 - table[table["probe"] == "all"].iloc[0]["cosine_to_fp32"]
     assert alone.idxmax() == SABOTAGED and alone[SABOTAGED] > 10 * alone.drop(SABOTAGED).max()
     assert kept.idxmin() == SABOTAGED and kept[SABOTAGED] < full / 10 < kept.drop(SABOTAGED).min()
     assert (table["eval_items"] == 24).all() and table["metric_name"].eq("spearman").all()
@@ -65,7 +65,7 @@ def _groups(*spec):
     return [LayerGroup(name, (name,), (f"{name}/*",), macs) for name, macs in spec]
 
 
-def test_float_groups_are_chosen_by_gain_per_mac_until_within_budget_then_confirmed_on_the_whole_set():
+def test_higher_precision_groups_are_chosen_by_gain_per_mac_until_within_budget_then_confirmed_on_the_whole_set():
     groups = _groups(("qkv", 300), ("ffn_in", 400), ("ffn_out", 400), ("out", 100))
     gains = {"qkv": 0.3, "ffn_in": 0.1, "ffn_out": 0.8, "out": 0.05}  # per MAC: ffn_out, qkv, out, ffn_in
 
@@ -73,16 +73,16 @@ def test_float_groups_are_chosen_by_gain_per_mac_until_within_budget_then_confir
         return start - sum(gains[g.name] for g in chosen)
 
     # Two groups bring the subset within 0.3; the whole set loses more, so two more are kept float there.
-    chosen, steps = choose_float_groups(groups, gains, 0.3, lambda c: loss(c, 1.2), lambda c: loss(c, 1.5))
+    chosen, steps = choose_higher_groups(groups, gains, 0.3, lambda c: loss(c, 1.2), lambda c: loss(c, 1.5))
     assert [g.name for g in chosen] == ["ffn_out", "qkv", "out", "ffn_in"]
-    assert [(s["on"], s["float_groups"]) for s in steps] == [
+    assert [(s["on"], s["higher_groups"]) for s in steps] == [
         ("subset", 0), ("subset", 1), ("subset", 2), ("full", 2), ("full", 3), ("full", 4)]
     assert steps[-1]["loss"] == pytest.approx(0.25)
     # Within budget as it is: nothing kept float, one confirming measurement.
-    chosen, steps = choose_float_groups(groups, gains, 0.3, lambda c: 0.1, lambda c: 0.2)
+    chosen, steps = choose_higher_groups(groups, gains, 0.3, lambda c: 0.1, lambda c: 0.2)
     assert chosen == [] and [s["on"] for s in steps] == ["subset", "full"]
     # Groups that gain nothing are never kept float, even when the budget is out of reach.
-    chosen, steps = choose_float_groups(groups, {"out": 0.05}, 0.3, lambda c: 2.0, lambda c: 2.0)
+    chosen, steps = choose_higher_groups(groups, {"out": 0.05}, 0.3, lambda c: 2.0, lambda c: 2.0)
     assert [g.name for g in chosen] == ["out"] and steps[-1]["loss"] == 2.0
 
 
@@ -120,13 +120,13 @@ def test_auto_mixed_keeps_the_breaking_group_float_and_writes_what_to_paste(tiny
     assignment = payload["assignments"]["v_mixed"]
     steps = assignment["steps"]
     assert steps[0]["on"] == "subset" and steps[0]["loss"] > 0.01  # the sabotaged variant is out of budget
-    assert assignment["float_groups"] == [SABOTAGED] and assignment["within_budget"]
+    assert assignment["higher_groups"] == [SABOTAGED] and assignment["within_budget"]
     assert steps[-1]["on"] == "full" and steps[-1]["loss"] <= 0.01 and assignment["eval_items"] == 80
-    assert f"{SABOTAGED}/*" in assignment["nodes_to_exclude"]
+    assert f"{SABOTAGED}/*" in assignment["settings"]["nodes_to_exclude"] and assignment["axis"] == "float"
     # What to paste: the base's own settings with those patterns, a valid variant of its recipe.
     pasted = yaml.safe_load((out / "override-v_mixed.yaml").read_text())["quantize"]["variants"]["v_mixed"]
     built = TypeAdapter(variant_settings()).validate_python(pasted)
-    assert built.method == "ort_static" and built.nodes_to_exclude == assignment["nodes_to_exclude"]
+    assert built.method == "ort_static" and built.nodes_to_exclude == assignment["settings"]["nodes_to_exclude"]
     assert built.tensor_overrides == settings.tensor_overrides and built.calibration_rows is None
 
 
@@ -140,7 +140,7 @@ def test_recipe_auto_mixed_builds_the_assignment_and_refuses_a_broken_one(tiny_f
 
     base = OrtStaticSettings(**A8W8, nodes_to_exclude=[f"{SABOTAGED}/*"])
     path = tmp_path / "assignment-m.json"
-    path.write_text(json.dumps({"settings": base.model_dump(mode="json"), "float_groups": [SABOTAGED], "loss": 0.1,
+    path.write_text(json.dumps({"settings": base.model_dump(mode="json"), "higher_groups": [SABOTAGED], "loss": 0.1,
                                 "within_budget": True}))
     mixed = AutoMixedSettings(base="v")
 
@@ -151,8 +151,31 @@ def test_recipe_auto_mixed_builds_the_assignment_and_refuses_a_broken_one(tiny_f
     payload = build("mixed", path)
     same, _ = quantize_variant(tmp_path, tiny_fixed, calib, "base", base)
     assert (tmp_path / "mixed" / "model.onnx").read_bytes() == (same / "model.onnx").read_bytes()
-    assert payload["float_groups"] == [SABOTAGED] and payload["method"] == "auto_mixed"
+    assert payload["higher_groups"] == [SABOTAGED] and payload["method"] == "auto_mixed"
     path.write_text("{not json")
     with pytest.raises(InputError, match=r"assignment-m.json: not an assignment the sensitivity stage wrote"):
         build("broken", path)
     assert not (tmp_path / "broken").exists()
+
+
+def test_each_axis_places_groups_through_its_own_setting():
+    from tasks.recipes.ort_qnn import OrtQnnSettings
+    from tasks.stages.sensitivity import placed
+
+    groups = _groups(("qkv", 300), ("ffn_in", 400), ("ffn_out", 400))
+    # float: the higher groups join nodes_to_exclude (after the variant's own), calibration trimmed for probes.
+    cpu = placed(OrtStaticSettings(**A8W8, nodes_to_exclude=["x"]), "float", groups, groups[1:2], 16)
+    assert cpu.nodes_to_exclude == ["x", "ffn_in/*"] and cpu.calibration_rows == 16
+    # a8: every group not at the higher precision gets 8-bit activations.
+    htp = placed(OrtQnnSettings(), "a8", groups, groups[1:2], None)
+    assert htp.activations_8bit == ["qkv/*", "ffn_out/*"] and htp.nodes_to_exclude == [] and htp.calibration_rows is None
+
+
+def test_axis_a8_probes_a_16_bit_qnn_variant_and_refuses_others(tiny_fixed, calib, tiny_bert, tmp_path, one_thread):
+    from tasks.recipes.ort_qnn import OrtQnnSettings
+
+    _run(tiny_fixed, calib, tiny_bert, tmp_path / "out", OrtQnnSettings(), axis="a8", probes=["alone"])
+    table = SENSITIVITY_ROWS.validate(pd.read_csv(tmp_path / "out" / "sensitivity.csv"))
+    assert list(table["probe"]) == ["all"] + ["alone"] * 8 and (table["axis"] == "a8").all()
+    with pytest.raises(InputError, match="is not a uint16 ort_qnn variant"):
+        _run(tiny_fixed, calib, tiny_bert, tmp_path / "other", OrtStaticSettings(**A8W8), axis="a8")
