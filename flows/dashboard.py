@@ -278,6 +278,7 @@ def mixed_table(assignments: list[dict]) -> pd.DataFrame:
             f"{AXIS_LABELS[a['axis']][0]}: "
             f"{', '.join(_short_groups(pd.Series(a['higher_groups'])))}" if a["higher_groups"]
             else f"0 of {a['groups']}"),
+        f"linear layers {AXIS_LABELS[a['axis']][0]}": f"{a['layers'] - a['higher_layers']} of {a['layers']}",
         "points below fp32 (all items)": f"{a['loss']:+.3f} on {a['eval_items']}", "budget": f"{a['budget']:g}",
         "within budget": _fmt(bool(a["within_budget"])),
     } for a in assignments])

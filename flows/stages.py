@@ -510,7 +510,9 @@ def sensitivity(cfg: EdgeoptConfig, model: str, variant: str, out: Catalog = MAI
         },
         watch={f"eval_{name}": Path(p) for name, p in eval_set.files().items()},
         # Only this instance's model and variant: adding another to the lists does not rerun this one.
-        params={"params": cfg.sensitivity.model_copy(update={"models": [model], "variants": [variant]}),
+        params={"params": cfg.sensitivity.model_copy(update={
+                    "models": [model], "variants": [variant],
+                    "axes": {k: v for k, v in cfg.sensitivity.axes.items() if k == variant}}),
                 "quantize_params": cfg.quantize.model_copy(update={"variants": {variant: settings}}),
                 "family": cfg.family, "eval_set": eval_set},
         args={"model_name": model, "variant": variant, "seq_len": seq_len,

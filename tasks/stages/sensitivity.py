@@ -5,7 +5,7 @@ Reads: the graph-surgery ONNX of one model at one length, the calibration npz fo
 and `<out>/stage.json`.
 
 The groups are the family's (`QuantizationHints.layer_groups`: each linear layer by the module that made it,
-attention's query/key/value as one). Each group is put at one of two precisions, the axis (`sensitivity.axis`):
+attention's query/key/value as one). Each group is put at one of two precisions, the variant's axis (`sensitivity.axes`):
 - `float`: the lower precision is the variant's quantization, the higher float (`nodes_to_exclude`; any ONNX
   Runtime recipe);
 - `a8`: the lower is 8-bit activations, the higher the 16-bit activations of a uint16 `ort_qnn` variant
@@ -61,12 +61,16 @@ Axis = Literal["float", "a8"]
 class SensitivityParams(StrictParams):
     """Per-layer sensitivity of quantized variants (off while `variants` is empty)."""
 
+    def axis(self, variant: str) -> Axis:
+        return self.axes.get(variant, "float")
+
     variants: list[str] = Field([], description="variants (ONNX Runtime recipes) probed per layer group")
     models: list[str] = Field(["dense"], description="entries of `models` probed")
     seq_len: int | None = Field(None, description="the length probed; null = the first of seq_lens")
-    axis: Axis = Field("float", description="float: a group is quantized as the variant does it, or float (any ORT "
-                       "recipe, through nodes_to_exclude); a8: a group's activations are uint16 as the variant has "
-                       "them, or uint8 (an ort_qnn uint16 variant, through activations_8bit)")
+    axes: dict[str, Axis] = Field({}, description="variant -> its axis (default float). float: a group is "
+                                  "quantized as the variant does it, or float (any ORT recipe, through "
+                                  "nodes_to_exclude); a8: a group's activations are uint16 as the variant has them, "
+                                  "or uint8 (a uint16 ort_qnn variant, through activations_8bit)")
     probes: list[Probe] = Field(["alone", "kept"], min_length=1,
                                 description="alone: only the group at the lower precision; kept: only the group "
                                 "at the higher one")
@@ -147,7 +151,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     settings = quantize_params.variant(variant)
-    check_probeable(variant, settings, params.axis)
+    check_probeable(variant, settings, params.axis(variant))
     impl = FAMILIES.get(family.name)
     hints = impl.quantization_hints()
     if hints is None:
@@ -184,7 +188,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
             shutil.rmtree(tmp / "work", ignore_errors=True)
             (tmp / "artifact").mkdir()
             (tmp / "work").mkdir()
-            built = placed(settings, params.axis, groups, higher, None if full_calibration else params.calibration_rows)
+            built = placed(settings, params.axis(variant), groups, higher, None if full_calibration else params.calibration_rows)
             patched = QuantizeParams(variants={variant: built}, calibration_chunk=quantize_params.calibration_chunk)
             record = quantize(Path(model), Path(calibration), variant, patched, family, tmp / "artifact", tmp / "work")
             return tmp / "artifact" / record["artifact"]
@@ -202,7 +206,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
             start = time.perf_counter()
             full_metric, full_cosine = score([], sub)  # every group at the lower precision
             progress.advance(task)
-            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "axis": params.axis,
+            common = {"model": model_name, "variant": variant, "seq_len": seq_len, "axis": params.axis(variant),
                       "eval_set": sub.data.name,
                       "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
                       "all_lowered_metric": full_metric}
@@ -238,8 +242,8 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
             for name, budget in sorted(mixed.items()):
                 chosen, steps = choose_higher_groups(groups, gains, budget, measured(name, sub, False),
                                                     measured(name, whole, True))
-                built = placed(settings, params.axis, groups, chosen, None)
-                assignments[name] = write_assignment(scratch, name, variant, params.axis, budget, chosen, groups, built,
+                built = placed(settings, params.axis(variant), groups, chosen, None)
+                assignments[name] = write_assignment(scratch, name, variant, params.axis(variant), budget, chosen, groups, built,
                                                      steps, whole)
         payload = {"model": model_name, "variant": variant, "seq_len": seq_len, "eval_set": sub.data.name,
                    "metric_name": sub.data.metric_name, "eval_items": sub.data.items, "fp32_metric": sub.fp32_metric,
@@ -257,6 +261,7 @@ def write_assignment(folder: Path, name: str, base: str, axis: Axis, budget: flo
     assignment = {
         "variant": name, "base": base, "axis": axis, "budget": budget, "higher_groups": [g.name for g in chosen],
         "groups": len(groups), "higher_macs": sum(g.macs for g in chosen), "macs": sum(g.macs for g in groups),
+        "higher_layers": sum(len(g.nodes) for g in chosen), "layers": sum(len(g.nodes) for g in groups),
         "settings": settings, "steps": steps, "eval_items": whole.data.items, "fp32_metric": whole.fp32_metric,
         "loss": steps[-1]["loss"], "within_budget": steps[-1]["loss"] <= budget,
     }

@@ -83,7 +83,12 @@ def _sensitivity(folder):
         for probe, value in (("alone", alone), ("kept", kept)):
             rows.append({**common, "group": f"/encoder/layer.0/{name}", "probe": probe, "layers": 1, "macs": 10**6,
                          "metric_value": value, "metric_delta": value - 84.0, "cosine_to_fp32": 0.998, "seconds": 9.0})
-    folder = _stage(folder, model="dense", variant="ort_qdq_a8w8")
+    chosen = {"variant": "ort_auto_mixed", "base": "ort_qdq_a8w8", "axis": "float", "budget": 0.3,
+              "higher_groups": ["/encoder/layer.0/intermediate/dense"], "groups": 3, "higher_layers": 1, "layers": 5,
+              "higher_macs": 10**6, "macs": 3 * 10**6, "eval_items": 1379, "fp32_metric": 84.0, "loss": 0.21,
+              "within_budget": True, "steps": [],
+              "settings": {"method": "ort_static", "nodes_to_exclude": ["/encoder/layer.0/intermediate/dense/*"]}}
+    folder = _stage(folder, model="dense", variant="ort_qdq_a8w8", seq_len=128, assignments={"ort_auto_mixed": chosen})
     pd.DataFrame(rows, columns=list(SENSITIVITY_ROWS.columns)).to_csv(folder / "sensitivity.csv", index=False)
     return folder
 
@@ -160,6 +165,10 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     # Per-layer sensitivity: each group's cost quantized alone (vs fp32) and gain kept float alone (vs all quantized).
     assert "## Per-layer sensitivity" in md and "![per-layer sensitivity](sensitivity.svg)" in md
     assert re.search(r"\| intermediate/dense +\| 1 +\| 1 +\| -0\.30 +\| \+0\.25 +\|", md), md
+    # What auto_mixed chose, and the same as a params.yaml variant to paste.
+    assert "## Mixed precision chosen (auto_mixed)" in md and "1 of 3 float, the rest quantized" in md
+    assert "4 of 5" in md and "+0.210 on 1379" in md
+    assert "    ort_auto_mixed:\n      method: ort_static\n      nodes_to_exclude:\n      - /encoder/layer.0/intermediate/dense/*" in md
     # The metric is named for what it is (the evaluation set and its metric), not assumed.
     assert "stsb Spearman x100" in page and "74.00 (-8.03, over budget)" in md
 

@@ -121,6 +121,7 @@ def test_auto_mixed_keeps_the_breaking_group_float_and_writes_what_to_paste(tiny
     steps = assignment["steps"]
     assert steps[0]["on"] == "subset" and steps[0]["loss"] > 0.01  # the sabotaged variant is out of budget
     assert assignment["higher_groups"] == [SABOTAGED] and assignment["within_budget"]
+    assert (assignment["higher_layers"], assignment["layers"]) == (1, 12)  # 2 x (query, key, value, out, FFN in/out)
     assert steps[-1]["on"] == "full" and steps[-1]["loss"] <= 0.01 and assignment["eval_items"] == 80
     assert f"{SABOTAGED}/*" in assignment["settings"]["nodes_to_exclude"] and assignment["axis"] == "float"
     # What to paste: the base's own settings with those patterns, a valid variant of its recipe.
@@ -174,8 +175,8 @@ def test_each_axis_places_groups_through_its_own_setting():
 def test_axis_a8_probes_a_16_bit_qnn_variant_and_refuses_others(tiny_fixed, calib, tiny_bert, tmp_path, one_thread):
     from tasks.recipes.ort_qnn import OrtQnnSettings
 
-    _run(tiny_fixed, calib, tiny_bert, tmp_path / "out", OrtQnnSettings(), axis="a8", probes=["alone"])
+    _run(tiny_fixed, calib, tiny_bert, tmp_path / "out", OrtQnnSettings(), axes={"v": "a8"}, probes=["alone"])
     table = SENSITIVITY_ROWS.validate(pd.read_csv(tmp_path / "out" / "sensitivity.csv"))
     assert list(table["probe"]) == ["all"] + ["alone"] * 8 and (table["axis"] == "a8").all()
     with pytest.raises(InputError, match="is not a uint16 ort_qnn variant"):
-        _run(tiny_fixed, calib, tiny_bert, tmp_path / "other", OrtStaticSettings(**A8W8), axis="a8")
+        _run(tiny_fixed, calib, tiny_bert, tmp_path / "other", OrtStaticSettings(**A8W8), axes={"v": "a8"})
