@@ -44,6 +44,10 @@ def linear_layer_groups(model: Path, fused_siblings: Iterable[frozenset[str]] = 
     tied = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
     shapes = {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim]
               for info in (*graph.value_info, *graph.input)}
+    # Rows a layer multiplies: its input's leading dims; where shape inference left them unknown, the tokens of
+    # the model's first input (every linear layer of an encoder runs once per token).
+    first = [d for d in shapes.get(graph.input[0].name, []) if d > 0] if graph.input else []
+    default_rows = int(np.prod(first)) if first else 1
     layers: dict[str, list[tuple[str, int]]] = {}  # module -> [(node, macs)]
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -51,7 +55,8 @@ def linear_layer_groups(model: Path, fused_siblings: Iterable[frozenset[str]] = 
         weight = inits.get(tied.get(node.input[1], node.input[1]))
         if weight is None or len(weight.dims) != 2:
             continue
-        rows = int(np.prod(shapes.get(node.input[0], [1])[:-1] or [1]))
+        leading = shapes.get(node.input[0], [])[:-1]
+        rows = int(np.prod(leading)) if leading and all(d > 0 for d in leading) else default_rows
         layers.setdefault(_module(node.name), []).append((node.name, rows * int(np.prod(weight.dims))))
     group_of = {m: m for m in layers}
     for siblings in fused_siblings:

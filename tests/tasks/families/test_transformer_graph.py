@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
+from tiny_models import ARCHITECTURES
 
 from tasks.families.transformer_graph import smooth_layernorm_outputs
 from tasks.recipes.base import calibration_feeds
@@ -35,3 +37,26 @@ def test_layernorm_smoothing_is_exact_and_shrinks_outliers(tmp_path, tiny_fixed,
     scales = [onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "s.onnx").graph.initializer
               if i.name.endswith("/smooth_scale")]
     assert len(scales) == n and min(s.min() for s in scales) == 1.0 and max(s.max() for s in scales) > 1.0
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_layer_groups_of_every_architecture_fuse_attention_inputs(architecture, tmp_path_factory):
+    """Per layer: attention's input projections as one group, its output, FFN in and out (ELECTRA adds its
+    embedding projection), in graph order, each selected by its module pattern."""
+    from conftest import SENTENCE_ENCODER
+    from tiny_models import make_tiny_encoder
+
+    from tasks.families.transformer_graph import TransformerGraphHints
+    from tasks.stages.export_onnx import ExportOnnxParams
+    from tasks.stages.export_onnx import run as export_onnx
+
+    folder = tmp_path_factory.mktemp(architecture)
+    export_onnx(make_tiny_encoder(folder / "model", architecture), SEQ, ExportOnnxParams(), SENTENCE_ENCODER,
+                folder / "onnx", key="t")
+    groups = TransformerGraphHints().layer_groups(folder / "onnx" / "model.onnx")
+    fused = [g for g in groups if len(g.nodes) == 3]
+    assert len(fused) == 2 and all("+" in g.name for g in fused)  # one q+k+v group per layer (2 layers)
+    assert len(groups) == 2 * 4 + (architecture == "electra")
+    assert all(g.patterns and g.macs > 0 for g in groups)
+    nodes = [n for g in groups for n in g.nodes]
+    assert len(nodes) == len(set(nodes)) == 2 * 6 + (architecture == "electra")
