@@ -422,11 +422,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def run_server_processes(root: Path, orphaned_only: bool = False) -> list[psutil.Process]:
+    """Live Prefect servers that runs of this project started, each marked with its run's pid
+    (`<state>/run-server-<pid>`, inherited by whatever it spawns); with `orphaned_only`, those whose run is gone."""
+    prefix = str(state_dir(root) / RUN_SERVER) + "-"
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            marker = proc.environ().get(MARKER_ENV, "")
+            if not marker.startswith(prefix) or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if not orphaned_only or not psutil.pid_exists(int(marker[len(prefix):])):
+                found.append(proc)
+        except (psutil.Error, ValueError):
+            continue
+    return found
+
+
 def reap_run_server(root: Path) -> list[int]:
-    """Stop what a run killed before it could stop its Prefect server left running; the pids stopped."""
-    left = service_processes(root, RUN_SERVER)
+    """Stop the Prefect servers of runs killed before they could stop them. A server whose run is alive (another
+    run, e.g. one this run will wait for at the workspace lock) is left alone: it is that run's."""
+    left = run_server_processes(root, orphaned_only=True)
     _terminate(left, RUN_SERVER_STOP_S)
-    pid_file(root, RUN_SERVER).unlink(missing_ok=True)
+    for stale in [*state_dir(root).glob(f"{RUN_SERVER}-*.pid"), *state_dir(root).glob(f"{RUN_SERVER}-*.log")]:
+        owner = stale.stem.removeprefix(f"{RUN_SERVER}-")
+        if owner.isdigit() and not psutil.pid_exists(int(owner)):  # the pid and log files of runs that are gone
+            stale.unlink(missing_ok=True)
     return [p.pid for p in left]
 
 
@@ -453,7 +474,7 @@ def run_api(root: Path, timeout_s: float = 90) -> Iterator[Callable[[], str]]:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     service = Service(
-        name=RUN_SERVER,
+        name=f"{RUN_SERVER}-{os.getpid()}",  # one per run: two runs of a project never share (or reap) a server
         cmd=[sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env={"PREFECT_HOME": str(state_dir(root) / "run-server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
         url=api,
@@ -470,4 +491,4 @@ def run_api(root: Path, timeout_s: float = 90) -> Iterator[Callable[[], str]]:
         yield ready
     finally:
         _terminate([proc, *_group_and_descendants(proc.pid)], RUN_SERVER_STOP_S)
-        pid_file(root, RUN_SERVER).unlink(missing_ok=True)
+        pid_file(root, service.name).unlink(missing_ok=True)

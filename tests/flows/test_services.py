@@ -136,3 +136,29 @@ def test_compose_needs_its_secrets_and_ships_none():
     assert len(secrets) == 7
     assert all(value.startswith("${") and ":?" in value for value in secrets.values()), secrets  # required, no default
     assert "change-me" in (REPO / "infra" / "compose.env.example").read_text()
+
+
+def test_a_run_reaps_only_the_servers_of_runs_that_are_gone(tmp_path):
+    """A second `edgeopt run` of a project (which then waits at the workspace lock) once stopped the first run's
+    Prefect server in the middle of its benchmarks; only a server whose run is dead may be stopped."""
+    services.state_dir(tmp_path).mkdir(parents=True)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    running_run = subprocess.Popen(sleeper)
+    gone_run = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_run.wait()
+
+    def server_of(run: subprocess.Popen) -> subprocess.Popen:
+        marker = str(services.state_dir(tmp_path) / f"{services.RUN_SERVER}-{run.pid}")
+        (services.state_dir(tmp_path) / f"{services.RUN_SERVER}-{run.pid}.pid").write_text("x")
+        return subprocess.Popen(sleeper, env={**os.environ, services.MARKER_ENV: marker})
+
+    kept, orphan = server_of(running_run), server_of(gone_run)
+    try:
+        assert {p.pid for p in services.run_server_processes(tmp_path)} == {kept.pid, orphan.pid}
+        assert services.reap_run_server(tmp_path) == [orphan.pid]
+        assert orphan.wait(timeout=10) is not None and kept.poll() is None
+        left = sorted(p.name for p in services.state_dir(tmp_path).iterdir())
+        assert left == [f"{services.RUN_SERVER}-{running_run.pid}.pid"]
+    finally:
+        for proc in (kept, orphan, running_run):
+            proc.kill()

@@ -276,9 +276,9 @@ def test_interrupt_stops_within_seconds_with_one_line_and_leaves_nothing(workspa
     output = log.read_text()
     assert output.count("interrupted:") == 1 and "Traceback" not in output
     assert not list((workspace / ".edgeopt" / "tmp").iterdir())
-    from flows.services import RUN_SERVER, service_processes
+    from flows.services import run_server_processes
 
-    assert service_processes(workspace, RUN_SERVER) == []
+    assert run_server_processes(workspace) == []
 
 
 @pytest.mark.slow
@@ -314,9 +314,9 @@ def test_sigterm_mid_benchmark_stops_like_ctrl_c_and_leaves_no_worker(workspace,
     time.sleep(1)  # a terminated worker's exit is reaped by its parent's death; give the OS a moment
     assert workers() == []
     assert not list((workspace / ".edgeopt" / "tmp").iterdir())
-    from flows.services import RUN_SERVER, service_processes
+    from flows.services import run_server_processes
 
-    assert service_processes(workspace, RUN_SERVER) == []
+    assert run_server_processes(workspace) == []
 
 
 # Fault injection: kills at seeded random points across the stages, then the outputs an uninterrupted run gives.
@@ -351,7 +351,7 @@ def test_random_kills_never_change_the_outcome(workspace, tmp_path):
     import random
     import signal
 
-    from flows.services import RUN_SERVER, service_processes
+    from flows.services import run_server_processes
 
     log = tmp_path / "runs.log"
     rng = random.Random(20261126)
@@ -386,5 +386,5 @@ def test_random_kills_never_change_the_outcome(workspace, tmp_path):
     assert run.wait(timeout=900) == 0, (tmp_path / "clean.log").read_text()[-4000:]
     assert interrupted == _hashes(clean)
     assert "up to date" in _dvc("status")
-    assert service_processes(workspace, RUN_SERVER) == [] and not list((workspace / ".edgeopt/tmp").iterdir())
+    assert run_server_processes(workspace) == [] and not list((workspace / ".edgeopt/tmp").iterdir())
     assert not list(workspace.glob("artifacts/**/.*.tmp-*")) and not list(workspace.glob("artifacts/**/.*.old-*"))
