@@ -17,9 +17,9 @@ this one at the lower precision: what keeping it higher gains back). Each build 
 `calibration_rows` rows (a ranking needs fewer than the artifact).
 
 Mixed precision (`mixed`: auto_mixed variant -> its budget, for the variants of recipe `auto_mixed` built on this
-one): from every group at the lower precision, put groups at the higher one in the order of their `kept` gain per
-multiply-accumulate, measuring each step on the subset, until the metric is within the budget of fp32; then
-confirm on the whole evaluation set (adding groups in the same order while it is not). Writes
+one): groups go to the higher precision in the order of their `kept` gain per multiply-accumulate; the choice is
+the shortest such prefix whose loss against fp32 on the whole evaluation set is within the budget, found from the
+subset's answer (`choose_higher_groups`). Writes
 `assignment-<auto_mixed variant>.json` (the groups at the higher precision and the full settings they make, which
 recipe `auto_mixed` builds) and `override-<variant>.yaml` (the same, to paste into params.yaml).
 """
@@ -126,22 +126,38 @@ class _Subject:
 
 
 def choose_higher_groups(groups: list[LayerGroup], gains: dict[str, float], budget: float,
-                        subset_loss: Callable[[list[LayerGroup]], float],
-                        full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
-    """The groups to put at the higher precision: greedy by `gains` (metric points a group regains there alone) per
-    MAC, measured on the subset until within `budget`, then on the whole set until within it there too. Returns
-    the groups and every measured step."""
+                         subset_loss: Callable[[list[LayerGroup]], float],
+                         full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
+    """The groups to put at the higher precision: the shortest prefix, of the groups ordered by `gains` (metric points
+    a group regains there alone) per MAC, whose loss on the whole set is within `budget`. The subset guides (the
+    shortest prefix within budget there, measured step by step); the whole set decides: no group first (a loss
+    near the budget can fall either side on a subset), then the subset's prefix, then a bisection below it or
+    single steps beyond it. Returns the groups and every measured step."""
     order = sorted((g for g in groups if gains.get(g.name, 0.0) > 0), key=lambda g: -gains[g.name] / g.macs)
-    chosen: list[LayerGroup] = []
-    steps = [{"on": "subset", "higher_groups": 0, "loss": subset_loss(chosen)}]
-    while steps[-1]["loss"] > budget and len(chosen) < len(order):
-        chosen.append(order[len(chosen)])
-        steps.append({"on": "subset", "higher_groups": len(chosen), "loss": subset_loss(chosen)})
-    steps.append({"on": "full", "higher_groups": len(chosen), "loss": full_loss(chosen)})
-    while steps[-1]["loss"] > budget and len(chosen) < len(order):
-        chosen.append(order[len(chosen)])
-        steps.append({"on": "full", "higher_groups": len(chosen), "loss": full_loss(chosen)})
-    return chosen, steps
+    steps: list[dict] = []
+
+    def measure(n: int, on: str) -> bool:
+        loss = (subset_loss if on == "subset" else full_loss)(order[:n])
+        steps.append({"on": on, "higher_groups": n, "loss": loss})
+        return loss <= budget
+
+    guess = 0
+    while not measure(guess, "subset") and guess < len(order):
+        guess += 1
+    if measure(0, "full"):
+        return [], steps
+    if guess and measure(guess, "full"):
+        failing, passing = 0, guess
+        while passing - failing > 1:
+            middle = (failing + passing) // 2
+            failing, passing = (failing, middle) if measure(middle, "full") else (middle, passing)
+        return order[:passing], steps
+    n = guess
+    while n < len(order):
+        n += 1
+        if measure(n, "full"):
+            break
+    return order[:n], steps
 
 
 def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, variant: str, seq_len: int,
