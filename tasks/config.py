@@ -241,12 +241,14 @@ class EdgeoptConfig(StrictParams):
                 check_probeable(name, self.quantize.variant(name), s.axis(name))
             except InputError as exc:
                 raise ValueError(str(exc)) from None
-        if s.variants and sorted(set(s.models) - set(self.models)):
-            raise ValueError(f"sensitivity.models: {sorted(set(s.models) - set(self.models))} not in models {self.models}")
+        models = sorted(set(s.models) - set(self.models))
+        if s.variants and models:
+            raise ValueError(f"sensitivity.models: {models} not in models {self.models}")
         if s.seq_len is not None and s.seq_len not in self.seq_lens:
             raise ValueError(f"sensitivity.seq_len: {s.seq_len} is not one of seq_lens {self.seq_lens}")
-        if sorted(set(s.axes) - set(s.variants)):
-            raise ValueError(f"sensitivity.axes: {sorted(set(s.axes) - set(s.variants))} not in sensitivity.variants")
+        axes = sorted(set(s.axes) - set(s.variants))
+        if axes:
+            raise ValueError(f"sensitivity.axes: {axes} not in sensitivity.variants")
         if len(set(s.variants)) != len(s.variants) or len(set(s.models)) != len(s.models):
             raise ValueError("sensitivity: a variant or model is listed twice")
         return self

@@ -3,6 +3,8 @@ model input specs (ONNX file, OpenVINO IR, ModelProto, ONNX Runtime session) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,14 @@ def constants(graph) -> set[str]:
     """Initializers, and the Identity outputs exporters use to tie a weight to another."""
     names = {i.name for i in graph.initializer}
     return names | {n.output[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in names}
+
+
+def initializers(graph) -> Callable[[str], Any]:
+    """`lookup(name)`: the initializer behind a tensor name, also through the Identity exporters use to tie a
+    weight to another; None for an activation."""
+    inits = {i.name: i for i in graph.initializer}
+    tied = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    return lambda name: inits.get(tied.get(name, name))
 
 
 def drop_unused_initializers(graph) -> None:

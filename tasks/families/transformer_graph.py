@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core.onnx_graph import drop_unused_initializers
+from tasks.core.onnx_graph import drop_unused_initializers, initializers
 from tasks.core.onnx_graph import producers as producers_of
 from tasks.transforms.layer_groups import LayerGroup, linear_layer_groups
 
@@ -105,13 +105,11 @@ def smooth_layernorm_outputs(model: Path, out: Path, feeds: dict[str, np.ndarray
         for name in node.input:
             users.setdefault(name, []).append(node)
 
-    producers = producers_of(graph)
+    initializer = initializers(graph)
 
     def _const(name):  # an initializer's value, also behind the Identity nodes exporters use for tied weights
-        node = producers.get(name)
-        if name not in inits and node is not None and node.op_type == "Identity":
-            name = node.input[0]
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        tensor = initializer(name)
+        return numpy_helper.to_array(tensor) if tensor is not None else None
 
     def _private(node, k: int, value: np.ndarray, suffix: str) -> None:  # node.input[k] := a fresh initializer
         name = f"{node.input[k]}/{suffix}"

@@ -109,9 +109,9 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
                 axis = 0 if transposed else 1  # the output channels
                 overrides[node.input[1]] = [{"quant_type": qtype("int8"), "symmetric": True, "axis": axis}]
     # Per-layer 8-bit activations: the inputs of the named nodes (their outputs follow through ORT's fixer).
+    by_name = {n.name: n for n in graph.node}
     for name in excluded_nodes(graph, list(s.activations_8bit), "quantize.variants (ort_qnn) activations_8bit"):
-        node = next(n for n in graph.node if n.name == name)
-        for tensor in node.input:
+        for tensor in by_name[name].input:
             if tensor and tensor not in weights:
                 overrides.setdefault(tensor, [{}])[0]["quant_type"] = qtype("uint8")
     excluded = excluded_by_name + (activation_matmuls(graph) if s.float_activation_matmuls else [])

@@ -61,9 +61,6 @@ Axis = Literal["float", "a8"]
 class SensitivityParams(StrictParams):
     """Per-layer sensitivity of quantized variants (off while `variants` is empty)."""
 
-    def axis(self, variant: str) -> Axis:
-        return self.axes.get(variant, "float")
-
     variants: list[str] = Field([], description="variants (ONNX Runtime recipes) probed per layer group")
     models: list[str] = Field(["dense"], description="entries of `models` probed")
     seq_len: int | None = Field(None, description="the length probed; null = the first of seq_lens")
@@ -78,6 +75,9 @@ class SensitivityParams(StrictParams):
     seed: int = 0
     calibration_rows: int = Field(64, ge=1, description="calibration rows per probe's build")
     threads: int = Field(2, ge=1)
+
+    def axis(self, variant: str) -> Axis:
+        return self.axes.get(variant, "float")
 
 
 def check_probeable(variant: str, settings, axis: Axis = "float") -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.core.onnx_graph import initializers
+
 
 @dataclass(frozen=True)
 class LayerGroup:
@@ -40,8 +42,7 @@ def linear_layer_groups(model: Path, fused_siblings: Iterable[frozenset[str]] = 
     from onnx import shape_inference
 
     graph = shape_inference.infer_shapes(onnx.load(str(model))).graph
-    inits = {i.name: i for i in graph.initializer}
-    tied = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    initializer = initializers(graph)
     shapes = {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim]
               for info in (*graph.value_info, *graph.input)}
     # Rows a layer multiplies: its input's leading dims; where shape inference left them unknown, the tokens of
@@ -52,7 +53,7 @@ def linear_layer_groups(model: Path, fused_siblings: Iterable[frozenset[str]] = 
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        weight = inits.get(tied.get(node.input[1], node.input[1]))
+        weight = initializer(node.input[1])
         if weight is None or len(weight.dims) != 2:
             continue
         leading = shapes.get(node.input[0], [])[:-1]

@@ -18,7 +18,7 @@ import numpy as np
 
 from tasks.core.errors import StageError
 from tasks.core.onnx_graph import constants as constants_of
-from tasks.core.onnx_graph import drop_unused_initializers, load_model
+from tasks.core.onnx_graph import drop_unused_initializers, initializers, load_model
 
 
 def huge_float_constants(model_path: Path, limit: float = 1e30) -> list[str]:
@@ -50,7 +50,6 @@ def linear_layers_as_gemm(model: Path, out: Path) -> int:
 
     proto = shape_inference.infer_shapes(onnx.load(str(model)))
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
     shapes = {}
     for info in (*graph.value_info, *graph.input):
         dims = info.type.tensor_type.shape.dim
@@ -61,10 +60,7 @@ def linear_layers_as_gemm(model: Path, out: Path) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
 
-    tied = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
-
-    def constant(name):  # the initializer behind `name`, also through an exporter's Identity (tied weights)
-        return inits.get(tied.get(name, name))
+    constant = initializers(graph)
 
     def linear(node):  # (bias Add, weight, bias, input's leading dims) of a MatMul + Add layer, else None
         readers = users.get(node.output[0], [])
