@@ -143,5 +143,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each row of `a` with the same row of `b` ([N, D] each), in the arrays' own precision."""
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    """Cosine of each row of `a` with the same row of `b` ([N, D] each), in the arrays' own precision; a row that is
+    all zero on one side only scores 0 (its signal is gone), on both sides 1, as in `cosine`."""
+    dots, denoms = np.sum(a * b, axis=1), np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    equal = np.all(a == b, axis=1).astype(dots.dtype)
+    return np.divide(dots, denoms, out=equal, where=denoms > 0)

@@ -112,6 +112,7 @@ def smooth_layernorm_outputs(model: Path, out: Path, feeds: dict[str, np.ndarray
         return numpy_helper.to_array(tensor) if tensor is not None else None
 
     def _private(node, k: int, value: np.ndarray, suffix: str) -> None:  # node.input[k] := a fresh initializer
+        # The suffix names the node: exporters deduplicate equal tensors, so two LayerNorms may share a gamma.
         name = f"{node.input[k]}/{suffix}"
         graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
         node.input[k] = name
@@ -159,7 +160,7 @@ def smooth_layernorm_outputs(model: Path, out: Path, feeds: dict[str, np.ndarray
         scale = np.clip(scale / np.median(scale), 1.0, None).astype(np.float32)
         # New initializers rather than edits in place: tied/deduplicated weights may be shared.
         for k in (k for k in (1, 2) if k < len(ln.input) and ln.input[k]):
-            _private(ln, k, _const(ln.input[k]) / scale, "smoothed")
+            _private(ln, k, _const(ln.input[k]) / scale, f"smoothed_{ln.name}")
         for node in mats:
             w, transposed = weight(node)
             w = w * scale[:, None]
