@@ -96,18 +96,29 @@ def preprocess(model: Path, tmp: Path, settings) -> tuple[Path, list[str]]:
     graph = onnx.load(str(out), load_external_data=False).graph
     where = f"quantize.variants ({settings.method})"
     excluded = excluded_nodes(graph, list(settings.nodes_to_exclude), where)
-    tensors = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
-    unknown = sorted(set(getattr(settings, "tensor_overrides", {})) - tensors)
-    if unknown:
-        raise InputError(f"{where}: tensor_overrides {unknown[:3]} not tensors of {model}; fix the names")
     present = {n.op_type for n in graph.node}
     if settings.op_types is not None and not set(settings.op_types) & present:
         raise InputError(f"{where}: none of op_types {settings.op_types} occurs in {model}; fix op_types")
     return out, excluded
 
 
-def tensor_overrides(overrides: dict[str, dict]) -> dict[str, list[dict]]:
+def tensor_names(graph, patterns: list[str], where: str) -> dict[str, list[str]]:
+    """Each `tensor_overrides` key's tensors in the graph: an exact name or a shell-style pattern
+    (`*/intermediate_act_fn/Mul_1_output_0`: every FFN activation output). Each key must match a tensor."""
+    names = sorted({t for n in graph.node for t in (*n.input, *n.output) if t} | {i.name for i in graph.initializer})
+    found = {}
+    for pattern in patterns:
+        found[pattern] = [pattern] if pattern in names else fnmatch.filter(names, pattern)
+        if not found[pattern]:
+            raise InputError(f"{where}: tensor_overrides {pattern!r} matches no tensor of the pre-processed graph; "
+                             "fix the name or pattern")
+    return found
+
+
+def tensor_overrides(overrides: dict[str, dict], graph) -> dict[str, list[dict]]:
+    """ORT's TensorQuantOverrides from params (keys may be patterns, see `tensor_names`), values checked."""
     fixed = {}
+    matched = tensor_names(graph, list(overrides), "quantize.variants (ort_static)")
     for tensor, values in overrides.items():
         entry = dict(values)
         if "quant_type" in entry:
@@ -122,7 +133,8 @@ def tensor_overrides(overrides: dict[str, dict]) -> dict[str, list[dict]]:
         for bound in ("rmin", "rmax"):  # ORT needs numpy scalars here, not Python floats
             if bound in entry:
                 entry[bound] = np.float32(entry[bound])
-        fixed[tensor] = [entry]
+        for name in matched[tensor]:
+            fixed[name] = [dict(entry)]
     return fixed
 
 

@@ -74,7 +74,8 @@ class OrtStaticSettings(RecipeSettings):
         "them float (ORT CPU has no faster integer kernel for these small per-head products)",
     )
     tensor_overrides: dict[str, dict[str, str | float | int | bool]] = Field(
-        {}, description="ORT TensorQuantOverrides per tensor: quant_type (e.g. uint16), rmin+rmax, symmetric"
+        {}, description="ORT TensorQuantOverrides per tensor name or pattern (`*/intermediate_act_fn/Mul_1_output_0`): "
+        "quant_type (e.g. uint16), rmin+rmax, symmetric"
     )
 
 
@@ -86,7 +87,7 @@ def _hints(context: RecipeContext, setting: str):
 
 def _structural_overrides(graph, s: OrtStaticSettings, ranges, context: RecipeContext) -> dict[str, list[dict]]:
     """TensorQuantOverrides from the settings: explicit ones, residual stream type, Softmax floor."""
-    overrides = tensor_overrides(s.tensor_overrides)
+    overrides = tensor_overrides(s.tensor_overrides, graph)
     if s.residual_type and s.residual_type != s.activation_type:
         for name in _hints(context, "residual_type").residual_tensors(graph):
             overrides.setdefault(name, [{}])[0].setdefault("quant_type", qtype(s.residual_type))

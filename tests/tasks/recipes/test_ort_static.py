@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def test_ort_static_entropy_with_tensor_override(tmp_path, tiny_fixed, calib, ev
     zp_types = {inits[n.input[2]].data_type for n in q.node if n.op_type == "QuantizeLinear" and n.input[0] == softmax_in}
     assert zp_types == {onnx.TensorProto.UINT16}
     assert min_cosine(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)) > 0.95
+
+
+def test_tensor_override_pattern_reaches_every_matching_tensor(tmp_path, tiny_fixed, calib):
+    """One pattern puts every FFN activation (GELU output) at 16 bit: what a per-model params file writes once."""
+    pattern = "*/intermediate_act_fn/Mul_1_output_0"
+    settings = OrtStaticSettings(tensor_overrides={pattern: {"quant_type": "uint16"}})
+    out, _ = quantize_variant(tmp_path, tiny_fixed, calib, "pattern", settings)
+    q = onnx.load(out / "model.onnx").graph
+    inits = {i.name: i for i in q.initializer}
+    zero_points = {n.input[0]: inits[n.input[2]].data_type for n in q.node if n.op_type == "QuantizeLinear"}
+    ffn = {t: dtype for t, dtype in zero_points.items() if fnmatch.fnmatch(t, pattern)}
+    assert len(ffn) == 2 and set(ffn.values()) == {onnx.TensorProto.UINT16}
+    # The Reshapes in front of the fused FFN-output Gemms pass the 16-bit scale on; every other tensor stays 8-bit.
+    passed_on = {n.output[0] for n in q.node if n.op_type == "Reshape" and n.input[0].removesuffix(
+        "_DequantizeLinear_Output") in ffn}
+    wide = {t for t, dtype in zero_points.items() if t not in ffn and dtype != onnx.TensorProto.UINT8}
+    assert len(passed_on) == 2 and wide == passed_on
+
+
+def test_tensor_override_that_matches_nothing_is_refused(tmp_path, tiny_fixed, calib):
+    settings = OrtStaticSettings(tensor_overrides={"*/intermediate_act_fn/Typo": {"quant_type": "uint16"}})
+    with pytest.raises(InputError, match=r"tensor_overrides '\*/intermediate_act_fn/Typo' matches no tensor"):
+        quantize_variant(tmp_path, tiny_fixed, calib, "typo", settings)
