@@ -23,7 +23,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows import dashboard, dvc_yaml, stages
 from flows.caching import StageCachePolicy, results_dir
 from flows.locking import workspace_lock
-from flows.secrets import redact
+from flows.secrets import redact, redact_logs
 from flows.tracking import check_uri, log_pipeline, prefect_links, start_run, summary_markdown, tracking_uri
 from tasks.config import ExecutionParams, load_config
 from tasks.core.catalog import MAIN, Catalog, run_catalog
@@ -134,6 +134,7 @@ def run_outputs(params_file: str, overrides: dict[str, Any] | None) -> Catalog:
 def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> dict:
     """Run the DAG in `project_dir`. A run of params.yaml as it is writes the tracked outputs and dvc.lock;
     one from another params file or with `overrides` (e.g. a deployment's) writes under runs/<name>/ only."""
+    redact_logs()  # here, not in the CLI: deployments' flow runs log through the same handlers
     root = Path(project_dir).resolve()
     os.chdir(root)  # stage paths are relative to the project root, as they are for `dvc repro`
     states: dict[str, str] = {}

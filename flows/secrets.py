@@ -9,6 +9,7 @@ tokens, AWS access keys).
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -45,3 +46,29 @@ def redact_mapping(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     return value
+
+
+def redact_values(mapping: dict[str, Any]) -> dict[str, str]:
+    """MLflow tags (or params) as strings, each redacted."""
+    return {key: redact(str(value)) for key, value in mapping.items()}
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in every record a handler emits (console, files, Prefect's API log handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def redact_logs() -> None:
+    """Add a `RedactingFilter` to every handler configured so far (root, Prefect's, libraries'): a handler-level
+    filter also sees records that propagate up from child loggers, which a logger-level one would not."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

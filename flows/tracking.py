@@ -31,7 +31,7 @@ from urllib.parse import quote, urlparse
 import pandas as pd
 import yaml
 
-from flows.secrets import redact, redact_mapping
+from flows.secrets import redact, redact_mapping, redact_values
 from flows.stages import model_label
 from tasks.config import EdgeoptConfig
 from tasks.core.errors import ConfigError
@@ -191,7 +191,7 @@ def prefect_links() -> dict[str, str]:
     # Not `flow_run.ui_url`: Prefect 3.8 builds it as /flow-runs/flow-run/<id>, a page its UI does not have.
     url = url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.deployment": deployment.name, "prefect.flow_run_url": url}
-    return {k: str(v) for k, v in tags.items() if v}
+    return redact_values({k: v for k, v in tags.items() if v})
 
 
 def git_revision(root: Path) -> str:
@@ -423,7 +423,7 @@ def log_pipeline(
     # One write each for the parent's values and for its files: a local store commits every call on its own.
     client.log_batch(pid, params=[Param(k, redact(v)[:6000]) for k, v in params.items()],
                      metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rows, summary, seconds).items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+                     tags=[RunTag(k, v) for k, v in redact_values(tags).items()])
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp)
         # each stage instance: ran (Completed), or reused (Cached; Linked from the tracked outputs)
@@ -445,7 +445,7 @@ def log_pipeline(
     for row in rows:
         tags = {"mlflow.parentRunId": pid, "kind": "benchmark", "simulated": str(row["simulated"]),
                 **{k: str(row[k]) for k in ROW_TAGS}, **versions, **machine}
-        child = client.create_run(experiment_id, run_name=child_name(row), tags=tags)
+        child = client.create_run(experiment_id, run_name=child_name(row), tags=redact_values(tags))
         row_runs[_row_key(row)] = child.info.run_id
         optional = [m for m in OPTIONAL_ROW_METRICS if row.get(m) is not None and not pd.isna(row[m])]
         counts = {"timed_runs_total": row["timed_runs"],
@@ -460,7 +460,7 @@ def log_pipeline(
     for row in compile_rows:
         tags = {"mlflow.parentRunId": pid, "kind": "compile", "simulated": str(row["simulated"]),
                 **{k: str(row[k]) for k in ROW_TAGS}, **versions, **machine}
-        child = client.create_run(experiment_id, run_name="compile " + child_name(row), tags=tags)
+        child = client.create_run(experiment_id, run_name="compile " + child_name(row), tags=redact_values(tags))
         values = {m: row[m] for m in COMPILE_METRICS if row.get(m) is not None and not pd.isna(row[m])}
         client.log_batch(
             child.info.run_id,

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No params value is infinite or NaN: a `.inf` budget or `.nan` threshold would pass every comparison silently.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def path_fields(value: Any, where: str = "") -> Iterator[tuple[str, Path]]:

@@ -31,7 +31,7 @@ class AutoMixedSettings(RecipeSettings):
 
     method: Literal["auto_mixed"] = "auto_mixed"
     base: str = Field(description="a variant of an ONNX Runtime recipe, listed in sensitivity.variants")
-    budget: float = Field(0.3, gt=0, allow_inf_nan=False,
+    budget: float = Field(0.3, gt=0,
                           description="metric points below fp32 (on the first evaluation set) the assignment may lose")
 
 

@@ -388,3 +388,32 @@ def test_random_kills_never_change_the_outcome(workspace, tmp_path):
     assert "up to date" in _dvc("status")
     assert run_server_processes(workspace) == [] and not list((workspace / ".edgeopt/tmp").iterdir())
     assert not list(workspace.glob("artifacts/**/.*.tmp-*")) and not list(workspace.glob("artifacts/**/.*.old-*"))
+
+
+def test_secrets_are_masked_in_log_handlers_and_run_tags(monkeypatch):
+    """What a flow run logs reaches consoles, files and Prefect's API through handlers: each masks secrets, as
+    MLflow tags do."""
+    import io
+    import logging
+
+    import prefect  # noqa: F401  (configures Prefect's own handlers, which must be covered too)
+
+    from flows.secrets import RedactingFilter, redact_logs, redact_values
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("edgeopt.test.secrets")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        redact_logs()
+        logger.warning("fetching with HF_TOKEN=%s from %s", "hf_abcdefghijklmnopqrstuvwxyz123456",
+                       "https://bob:s3cret@hub.example/")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "fetching with HF_TOKEN=*** from https://bob:***@hub.example/\n"
+    prefect_handlers = [h for name, lg in logging.Logger.manager.loggerDict.items()
+                        if name.startswith("prefect") and isinstance(lg, logging.Logger) for h in lg.handlers]
+    assert prefect_handlers and all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in prefect_handlers)
+    assert redact_values({"prefect.flow_run_url": "https://u:pw@prefect.example/runs/1", "n": 3}) == {
+        "prefect.flow_run_url": "https://u:***@prefect.example/runs/1", "n": "3"}
