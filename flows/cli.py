@@ -335,11 +335,12 @@ def stage(
         if name == "sensitivity" and (variant not in cfg.sensitivity.variants or model not in cfg.sensitivity.models):
             raise ConfigError(f"sensitivity --model {model} --variant {variant}: not in params.yaml sensitivity.models "
                               f"{cfg.sensitivity.models} x sensitivity.variants {cfg.sensitivity.variants}")
-        from flows.locking import workspace_lock
+        from flows.locking import run_scratch, workspace_lock
 
         call = builders[name]()
-        # `dvc repro` holds DVC's own lock; this one keeps a concurrent `edgeopt run` out.
-        with workspace_lock(params.resolve().parent, on_wait=err_console.print):
+        # `dvc repro` holds DVC's own lock; this one keeps a concurrent `edgeopt run` out. The scratch folder, like
+        # a run's, is reaped by the next command when this one is killed.
+        with run_scratch(params.resolve().parent), workspace_lock(params.resolve().parent, on_wait=err_console.print):
             result = call.execute()
             record_result(call, result, root=params.resolve().parent)
     console.print(f"{call.name}: done")
@@ -569,6 +570,7 @@ def speedup(
         import pandas as pd
         from rich.progress import Progress
 
+        from flows.locking import run_scratch
         from tasks.backends.interleave import speedups, time_interleaved
         from tasks.backends.measure import WorkerPool
         from tasks.builders.calibration import calib_name
@@ -591,7 +593,8 @@ def speedup(
         with np.load(feeds_path) as npz:
             feeds = {name: npz[name][:1] for name in npz.files}
         timing = cfg.benchmark
-        with tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp, Progress(console=err_console) as progress:
+        with (run_scratch(root), tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp,
+              Progress(console=err_console) as progress):
             task = progress.add_task(f"{rounds} rounds x {len(chosen)} artifacts", total=rounds * len(chosen))
             pool = WorkerPool(Path(tmp), feeds, timing.threads, timing.worker_timeout_s)
             rows = time_interleaved(pool, chosen, rounds=rounds, warmup=timing.warmup_runs, timed=timing.timed_runs,

@@ -34,6 +34,23 @@ def test_stage_runner_names_missing_options(workspace):
     assert result.exit_code == 1 and "unknown stage 'quantise'" in result.output
 
 
+def test_a_stage_reaps_the_scratch_of_a_killed_command_and_leaves_none(workspace):
+    """`dvc repro` runs each stage as `edgeopt stage`: its temp files live under the project, like a run's, and the
+    next command removes what a killed one (a pid that is gone) left behind."""
+    import subprocess
+    import sys
+
+    from flows.locking import SCRATCH
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = workspace / SCRATCH / gone.stdout.strip()
+    left.mkdir(parents=True)
+    (left / "edgeopt-quant-x").mkdir()
+    result = runner.invoke(app, ["stage", "fetch_model"])
+    assert result.exit_code == 0, result.output
+    assert list((workspace / SCRATCH).iterdir()) == []
+
+
 def test_stage_runner_bad_model_path(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["fetch_model"]["path"] = "models/missing"
