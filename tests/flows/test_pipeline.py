@@ -319,6 +319,24 @@ def test_unreachable_mlflow_server_falls_back_to_local_store(workspace, monkeypa
     assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
 
 
+def test_a_failing_dvc_sync_does_not_lose_the_mlflow_run(workspace, monkeypatch):
+    """MLflow logging comes before the DVC sync and does not depend on it: the run is in MLflow, finished, with
+    its metrics, although the flow then fails on the sync."""
+    from flows import dvc_yaml
+    from tasks.core.errors import StageError
+
+    def broken_sync(*_args, **_kwargs):
+        raise StageError("dvc commit: simulated failure")
+
+    monkeypatch.setattr(dvc_yaml, "sync_lock", broken_sync)
+    state = pipeline(project_dir=str(workspace), return_state=True)
+    assert state.is_failed() and "simulated failure" in state.message
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.mlflow.parentRunId IS NULL")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics
+
+
 def test_second_run_waits_for_the_first(workspace):
     import threading
     import time
