@@ -40,6 +40,18 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
 
+def matches_reference(candidate: np.ndarray, reference: np.ndarray, min_cos: float) -> bool:
+    """Each candidate row is within `min_cos` of its own reference row and nearer to it than to any other row.
+    The second half is what makes the check fail-able on tiny random models, whose embeddings of any two
+    sentences sit at cosine ~0.9999: a row fed the wrong sentence, or rows collapsed to one, pass a bare threshold."""
+    c = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
+    r = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    similarity = c @ r.T
+    own = np.diag(similarity)
+    others = np.where(np.eye(len(c), dtype=bool), -np.inf, similarity).max(axis=1)
+    return bool(len(c) > 1 and own.min() >= min_cos and (own > others).all())
+
+
 def run_outputs(model: Path, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """The model's first output for each row of `arrays`, fed as the model declares (build_feeds)."""
     import onnxruntime as ort

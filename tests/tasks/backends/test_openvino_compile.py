@@ -8,7 +8,7 @@ import numpy as np
 import openvino as ov
 import pytest
 from conftest import SENTENCE_ENCODER
-from helpers import min_cosine
+from helpers import matches_reference
 from tiny_models import WORDS
 
 from tasks.backends.openvino_cpu import BACKEND as CPU
@@ -66,7 +66,7 @@ def test_cpu_compiles_onnx_to_a_blob_that_matches_its_source(tiny_onnx, rows, tm
     assert blob.precision == "f32" and blob.details["inference_num_threads"] == 2  # the caller's threads win
     reference = CPU.load_reference(tiny_onnx, 2)
     got, want = _outputs(blob, rows), _outputs(reference, rows)
-    assert np.abs(got - want).max() < 1e-6 and min_cosine(got, want) >= 0.99999
+    assert np.abs(got - want).max() < 1e-6 and matches_reference(got, want, 0.99999)
 
 
 def test_cpu_compiles_a_quantized_surgery_ir_and_keeps_its_labels(tiny_onnx, rows, tmp_path):
@@ -87,7 +87,7 @@ def test_cpu_compiles_a_quantized_surgery_ir_and_keeps_its_labels(tiny_onnx, row
     assert blob.precision == result["precision"] and blob.details["quantization"]["int8_constants"] > 0
     assert blob.mask_fill_value == params.mask_fill_value
     got, want = _outputs(blob, rows), _outputs(CPU.load_reference(ir, 1), rows)  # int64 tokenizer feeds
-    assert min_cosine(got, want) >= 0.99999
+    assert matches_reference(got, want, 0.99999)
 
 
 def test_bad_inputs_and_blobs_are_one_line_errors(tiny_onnx, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import min_cosine, ort_embed, quantize_variant
+from helpers import matches_reference, ort_embed, quantize_variant
 
 from tasks.config import load_config
 from tasks.core.errors import InputError
@@ -32,7 +32,7 @@ def test_ort_static_a8w8(tmp_path, tiny_fixed, calib, eval_feeds):
     weight_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
                   and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
     assert weight_dqs and any(len(inits[n.input[1]].dims) == 1 for n in weight_dqs)
-    assert min_cosine(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)) > 0.97
+    assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.97)
 
 
 def _qparams(graph, tensor):
@@ -61,7 +61,7 @@ def test_ort_static_recipe_floor_and_16_bit_residuals(tmp_path, tiny_onnx, tiny_
         assert len(unsmooth) >= 3 and {_qparams(q, n.output[0])[1] for n in unsmooth} == {onnx.TensorProto.UINT16}
         matmul_in = [n.input[0] for n in q.node if n.op_type == "MatMul"]
         assert onnx.TensorProto.UINT8 in {_qparams(q, name)[1] for name in matmul_in if _has_q(q, name)}
-        assert min_cosine(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_onnx, eval_feeds)) > 0.98
+        assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_onnx, eval_feeds), 0.98)
 
 
 def _ort_cpu_ops(path, tmp_path):
@@ -101,7 +101,7 @@ def test_ort_static_cpu_recipe_runs_integer_gemms(tmp_path, tiny_fixed, calib, e
 
     ops, float_on_dq = _ort_cpu_ops(out / "model.onnx", tmp_path)
     assert ops["QGemm"] == 12 and not float_on_dq and ops["DequantizeLinear"] == 0
-    assert min_cosine(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)) > 0.98
+    assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.98)
 
 
 def test_float_output_op_types_must_occur(tmp_path, tiny_fixed, calib):
@@ -124,7 +124,7 @@ def test_ort_static_entropy_with_tensor_override(tmp_path, tiny_fixed, calib, ev
     inits = {i.name: i for i in q.initializer}
     zp_types = {inits[n.input[2]].data_type for n in q.node if n.op_type == "QuantizeLinear" and n.input[0] == softmax_in}
     assert zp_types == {onnx.TensorProto.UINT16}
-    assert min_cosine(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)) > 0.95
+    assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.95)
 
 
 def test_tensor_override_pattern_reaches_every_matching_tensor(tmp_path, tiny_fixed, calib):
