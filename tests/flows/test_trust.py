@@ -287,19 +287,12 @@ def test_sigterm_mid_benchmark_stops_like_ctrl_c_and_leaves_no_worker(workspace,
     ends within 5 s with the interrupt line, and no worker, Prefect server or temp folder of it is left."""
     import signal
 
-    import psutil
-
     log = tmp_path / "run.log"
     proc = _edgeopt_run(workspace, log)
     deadline = time.monotonic() + 600
 
     def workers() -> list:
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if "tasks.backends.worker" in cmdline and str(workspace) in cmdline:
-                found.append(p)
-        return found
+        return _benchmark_workers(workspace)
 
     while not workers() and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -361,6 +354,18 @@ STAGE_SCRATCH = ("artifacts/.fetch_model.tmp-*", "artifacts/.calibration_data.tm
                  ".metrics.tmp-*")
 
 
+def _benchmark_workers(workspace: Path) -> list:
+    """The live benchmark worker processes of runs in `workspace`."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if "tasks.backends.worker" in cmdline and str(workspace) in cmdline:
+            found.append(p)
+    return found
+
+
 def _edgeopt_run(workspace: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts (and owns) its server
     return subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
@@ -414,6 +419,7 @@ def test_random_kills_never_change_the_outcome(workspace, tmp_path):
     assert interrupted == _hashes(clean)
     assert "up to date" in _dvc("status")
     assert run_server_processes(workspace) == [] and not list((workspace / ".edgeopt/tmp").iterdir())
+    assert _benchmark_workers(workspace) == []
     assert not list(workspace.glob("artifacts/**/.*.tmp-*")) and not list(workspace.glob("artifacts/**/.*.old-*"))
 
 
