@@ -257,28 +257,15 @@ def test_secrets_are_masked_in_params_tags_and_messages():
 def test_interrupt_stops_within_seconds_with_one_line_and_leaves_nothing(workspace, tmp_path):
     """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) mid-run: the run ends within 5 s with
     one line, and neither its Prefect server nor its temp folder is left behind."""
-    import signal
-
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts its own server
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _edgeopt_run(workspace, log)
     deadline = time.monotonic() + 300
     # Mid-stage: any stage's atomic output folder in the making (a tiny export lives ~0.5 s, too short to
     # catch reliably on a loaded machine; calibration over the project's text pool takes seconds).
     while not list(workspace.glob("artifacts/**/.*.tmp-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    interrupted = time.monotonic()
-    assert proc.wait(timeout=30) == 130
-    assert time.monotonic() - interrupted < 5
-    output = log.read_text()
-    assert output.count("interrupted:") == 1 and "Traceback" not in output
-    assert not list((workspace / ".edgeopt" / "tmp").iterdir())
-    from flows.services import run_server_processes
-
-    assert run_server_processes(workspace) == []
+    _ctrl_c_stops_it_cleanly(proc, log, workspace)
 
 
 @pytest.mark.slow
@@ -316,10 +303,7 @@ def test_sigterm_mid_benchmark_stops_like_ctrl_c_and_leaves_no_worker(workspace,
 def test_a_run_waiting_for_the_lock_stops_at_ctrl_c_within_seconds(workspace, tmp_path):
     """A second run waits while another holds the project; Ctrl-C stops the waiting one within 5 s with one line,
     leaving its Prefect server and temp folder behind neither (measured at 73 s before the CLI owned them)."""
-    import signal
-
     from flows.locking import workspace_lock
-    from flows.services import run_server_processes
 
     log = tmp_path / "run.log"
     with workspace_lock(workspace, on_wait=lambda _: None):  # this test process is the run holding the project
@@ -329,14 +313,7 @@ def test_a_run_waiting_for_the_lock_stops_at_ctrl_c_within_seconds(workspace, tm
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         assert "waiting for it to finish" in log.read_text()
-        os.killpg(proc.pid, signal.SIGINT)
-        interrupted = time.monotonic()
-        assert proc.wait(timeout=30) == 130
-        assert time.monotonic() - interrupted < 5
-    output = log.read_text()
-    assert output.count("interrupted:") == 1 and "Traceback" not in output
-    assert not list((workspace / ".edgeopt" / "tmp").iterdir())
-    assert run_server_processes(workspace) == []
+        _ctrl_c_stops_it_cleanly(proc, log, workspace)
 
 
 # Fault injection: kills at seeded random points across the stages, then the outputs an uninterrupted run gives.
@@ -352,6 +329,23 @@ STAGE_SCRATCH = ("artifacts/.fetch_model.tmp-*", "artifacts/.calibration_data.tm
                  "artifacts/compile/dense/.ort_qdq_a16w8-qnn_htp-snapdragon_8_gen_3-16.tmp-*",
                  "artifacts/benchmark/dense/.fp32-ort_cpu-16.tmp-*", "artifacts/benchmark/dense/.fp32-ort_cpu-32.tmp-*",
                  ".metrics.tmp-*")
+
+
+def _ctrl_c_stops_it_cleanly(proc: subprocess.Popen, log: Path, workspace: Path) -> None:
+    """SIGINT to the run's process group, as a terminal's Ctrl-C: exit 130 within 5 s, one line, no traceback, and
+    neither its temp folder nor its Prefect server left."""
+    import signal
+
+    from flows.services import run_server_processes
+
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - interrupted < 5
+    output = log.read_text()
+    assert output.count("interrupted:") == 1 and "Traceback" not in output
+    assert not list((workspace / ".edgeopt" / "tmp").iterdir())
+    assert run_server_processes(workspace) == []
 
 
 def _benchmark_workers(workspace: Path) -> list:
