@@ -59,6 +59,10 @@ class AimetQnnSettings(RecipeSettings):
     )
     seq_mse_candidates: int = Field(20, ge=2, description="SeqMSE: weight ranges tried per layer")
     adaround_iterations: int = Field(2000, ge=1, description="AdaRound: optimisation steps per layer")
+    rounding_rows: int | None = Field(
+        64, ge=1, description="SeqMSE/AdaRound optimise on the first N calibration rows (null = all; every row still "
+        "calibrates the activations): SeqMSE's 20 candidates on 300 rows of MiniLM took ~3 min per layer on 2 cores"
+    )
 
 
 def _batches(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -116,14 +120,15 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
     # ids beyond a token-type table: an ORT Gather error), so the rows calibrate everything once first.
     if s.weight_rounding != "nearest":
         sim.compute_encodings(calibration)
+    rounding = calibration[: s.rounding_rows]
     if s.weight_rounding == "seq_mse":
         from aimet_onnx import apply_seq_mse
 
-        apply_seq_mse(sim, calibration, num_candidates=s.seq_mse_candidates)
+        apply_seq_mse(sim, rounding, num_candidates=s.seq_mse_candidates)
     elif s.weight_rounding == "adaround":
         from aimet_onnx import apply_adaround
 
-        apply_adaround(sim, calibration, num_iterations=s.adaround_iterations)
+        apply_adaround(sim, rounding, num_iterations=s.adaround_iterations)
     sim.compute_encodings(calibration)
     qdq = sim.to_onnx_qdq(prequantize_constants=True)  # int weights + DQ: the HTP takes no weight Q
     biases = int32_biases(qdq.graph)  # the HTP config leaves biases to the converter; the QNN EP needs them int32
@@ -137,6 +142,7 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
     (out.parent / ENCODINGS).write_text(json.dumps(encodings, indent=1, sort_keys=True), encoding="utf-8")
     return {
         "calibration_rows": len(calibration),
+        "rounding_rows": len(rounding) if s.weight_rounding != "nearest" else 0,
         "int32_biases": biases,
         "encodings": {
             "activation": len(encodings.get("activation_encodings", [])),

@@ -64,7 +64,8 @@ def _integer_weights(path) -> dict[str, np.ndarray]:
 def test_seq_mse_and_adaround_choose_other_integer_weights(tmp_path, tiny_fixed, calib, eval_feeds, rounding):
     a8w8 = dict(activation_bits=8, htp_config="htp_v75")
     nearest, _ = quantize_variant(tmp_path, tiny_fixed, calib, "nearest", AimetQnnSettings(**a8w8))
-    settings = AimetQnnSettings(**a8w8, weight_rounding=rounding, seq_mse_candidates=5, adaround_iterations=20)
+    settings = AimetQnnSettings(**a8w8, weight_rounding=rounding, seq_mse_candidates=5, adaround_iterations=20,
+                                rounding_rows=4)
     tuned, payload = quantize_variant(tmp_path, tiny_fixed, calib, rounding, settings)
 
     base, other = _integer_weights(nearest / "model.onnx"), _integer_weights(tuned / "model.onnx")
@@ -77,5 +78,6 @@ def test_seq_mse_and_adaround_choose_other_integer_weights(tmp_path, tiny_fixed,
         searched = json.loads((tuned / ENCODINGS).read_text())["param_encodings"]
         assert searched and all((np.asarray(e["scale"]) <= scales[e["name"]] * (1 + 1e-6)).all() for e in searched)
     assert payload["settings"]["weight_rounding"] == rounding
+    assert (payload["rounding_rows"], payload["calibration_rows"]) == (4, 12)  # the rows, not all, tune the weights
     quantized, reference = ort_embed(tuned / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds)
     assert matches_reference(quantized, reference, 0.95)
