@@ -86,9 +86,23 @@ def test_the_choice_is_the_shortest_prefix_by_gain_per_mac_that_holds_on_the_who
                                               ("full", 1)])
     # Out of budget on the subset but within it on the whole set: no group (measured there first).
     assert choose(0.4, 0.2) == ([], [("subset", 0), ("subset", 1), ("full", 0)])
-    # Groups that gain nothing never move, even when the budget is out of reach.
+    # Groups that gained nothing alone follow, cheapest first: here only together with them is the budget held.
+    chosen, steps = choose_higher_groups(groups, {"out": 0.05}, 0.3, lambda c: 2.0 - 0.6 * (len(c) >= 3),
+                                         lambda c: 2.0 - 1.8 * (len(c) >= 3))
+    assert [g.name for g in chosen] == ["out", "qkv", "ffn_in"]
+    # Out of reach even with every group at the higher precision (the base): all of them, and the loss says so.
     chosen, steps = choose_higher_groups(groups, {"out": 0.05}, 0.3, lambda c: 2.0, lambda c: 2.0)
-    assert [g.name for g in chosen] == ["out"] and steps[-1] == {"on": "full", "higher_groups": 1, "loss": 2.0}
+    assert len(chosen) == 4 and steps[-1] == {"on": "full", "higher_groups": 4, "loss": 2.0}
+
+
+def test_the_assignment_states_the_loss_of_the_chosen_prefix_not_of_the_last_step():
+    from tasks.stages.sensitivity import chosen_loss
+
+    # A bisection between 0 (failing) and 4 (passing) that ends on 3 failing: the choice is 4, its loss 0.2.
+    steps = [{"on": "subset", "higher_groups": 4, "loss": 0.1}, {"on": "full", "higher_groups": 0, "loss": 1.0},
+             {"on": "full", "higher_groups": 4, "loss": 0.2}, {"on": "full", "higher_groups": 2, "loss": 0.6},
+             {"on": "full", "higher_groups": 3, "loss": 0.4}]
+    assert chosen_loss(steps, 4) == 0.2
 
 
 @pytest.fixture(scope="module")
