@@ -63,7 +63,7 @@ def test_mpnet_fp32_and_int8_within_budget(tmp_path, monkeypatch):
                   params["report"]["seq_len_choice"]["text"]):
         entry["path"] = str((REPO / entry["path"]).resolve())
     params["paths"]["read_roots"] = [str(STSB_DIR.parent), str(REPO / "data"), str(MPNET.parent)]
-    params["benchmark"]["timed_runs"] = 20
+    params["benchmark"]["timed_runs"] = 50  # the minimum: the timings are not what this test checks
     workspace = make_workspace(tmp_path, params, monkeypatch)
 
     pipeline(project_dir=str(workspace))

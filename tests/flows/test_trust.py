@@ -361,9 +361,14 @@ def _benchmark_workers(workspace: Path) -> list:
 
 
 def _edgeopt_run(workspace: Path, log: Path) -> subprocess.Popen:
+    """`edgeopt run` as a terminal starts it: its own process group, SIGINT at its default (a suite started in the
+    background of a non-interactive shell ignores SIGINT, and children inherit that)."""
+    import signal
+
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts (and owns) its server
     return subprocess.Popen([str(Path(sys.executable).with_name("edgeopt")), "run"], cwd=workspace, env=env,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _hashes(workspace: Path) -> dict[str, str]:
