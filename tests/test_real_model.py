@@ -47,6 +47,7 @@ MPNET = REPO / "models" / "all-mpnet-base-v2"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # a 110 M model scored on 2,758 + 50 texts twice, on 2 cores: ~15-25 min
 def test_mpnet_fp32_and_int8_within_budget(tmp_path, monkeypatch):
     """The opt-in MPNet job (params.mpnet.yaml), cut to fp32 and its ORT a8w8 at 128 tokens: a second real
     architecture end to end, the int8 recipe within budget of its own fp32 on both default evaluation sets."""
