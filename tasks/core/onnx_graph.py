@@ -4,7 +4,6 @@ model input specs (ONNX file, OpenVINO IR, ModelProto, ONNX Runtime session) and
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -79,12 +79,18 @@ def excluded_nodes(graph, patterns: list[str], where: str) -> list[str]:
     names = [n.name for n in graph.node]
     found: list[str] = []
     for pattern in patterns:
-        matched = fnmatch.filter(names, pattern)
-        if not matched:
-            raise InputError(f"{where}: nodes_to_exclude {pattern!r} matches no node of the pre-processed graph; "
-                             "fix the name or pattern")
-        found.extend(name for name in matched if name not in found)
+        found.extend(name for name in _matching(names, pattern, "nodes_to_exclude", "node", where) if name not in found)
     return found
+
+
+def _matching(names: list[str], pattern: str, setting: str, kind: str, where: str) -> list[str]:
+    """The names a params entry means: itself when it is one (a name may hold `[`), else those its shell-style
+    pattern matches; none is an InputError naming the setting."""
+    matched = [pattern] if pattern in names else fnmatch.filter(names, pattern)
+    if not matched:
+        raise InputError(f"{where}: {setting} {pattern!r} matches no {kind} of the pre-processed graph; "
+                         "fix the name or pattern")
+    return matched
 
 
 def preprocess(model: Path, tmp: Path, settings) -> tuple[Path, list[str]]:
@@ -106,13 +112,7 @@ def tensor_names(graph, patterns: list[str], where: str) -> dict[str, list[str]]
     """Each `tensor_overrides` key's tensors in the graph: an exact name or a shell-style pattern
     (`*/intermediate_act_fn/Mul_1_output_0`: every FFN activation output). Each key must match a tensor."""
     names = sorted({t for n in graph.node for t in (*n.input, *n.output) if t} | {i.name for i in graph.initializer})
-    found = {}
-    for pattern in patterns:
-        found[pattern] = [pattern] if pattern in names else fnmatch.filter(names, pattern)
-        if not found[pattern]:
-            raise InputError(f"{where}: tensor_overrides {pattern!r} matches no tensor of the pre-processed graph; "
-                             "fix the name or pattern")
-    return found
+    return {pattern: _matching(names, pattern, "tensor_overrides", "tensor", where) for pattern in patterns}
 
 
 def tensor_overrides(overrides: dict[str, dict], graph) -> dict[str, list[dict]]:

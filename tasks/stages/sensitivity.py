@@ -17,7 +17,8 @@ this one at the lower precision: what keeping it higher gains back). Each build 
 `calibration_rows` rows (a ranking needs fewer than the artifact).
 
 Mixed precision (`mixed`: auto_mixed variant -> its budget, for the variants of recipe `auto_mixed` built on this
-one): groups go to the higher precision in the order of their `kept` gain per multiply-accumulate; the choice is
+one): groups go to the higher precision in the order of their `kept` gain per multiply-accumulate (those without a
+gain last, cheapest first); the choice is
 the shortest such prefix whose loss against fp32 on the whole evaluation set is within the budget, found from the
 subset's answer (`choose_higher_groups`). Writes
 `assignment-<auto_mixed variant>.json` (the groups at the higher precision and the full settings they make, which
@@ -129,10 +130,10 @@ def choose_higher_groups(groups: list[LayerGroup], gains: dict[str, float], budg
                          subset_loss: Callable[[list[LayerGroup]], float],
                          full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
     """The groups to put at the higher precision: the shortest prefix, of the groups ordered by `gains` (metric points
-    a group regains there alone) per MAC and then the rest by MACs, whose loss on the whole set is within `budget`. The subset guides (the
-    shortest prefix within budget there, measured step by step); the whole set decides: no group first (a loss
-    near the budget can fall either side on a subset), then the subset's prefix, then a bisection below it or
-    single steps beyond it. Returns the groups and every measured step."""
+    a group regains there alone) per MAC and then the rest by MACs, whose loss on the whole set is within `budget`.
+    The subset guides (the shortest prefix within budget there, measured step by step); the whole set decides: no
+    group first (a loss near the budget can fall either side on a subset), then the subset's prefix, then a
+    bisection below it or single steps beyond it. Returns the groups and every measured step."""
     # Groups that regained nothing alone come last, cheapest first: together they may still matter (on the HTP,
     # MiniLM's 12 groups with a gain at 16 bit left 1.19 points lost), and all of them is the base, within budget.
     order = sorted(groups, key=lambda g: (0, -gains[g.name] / g.macs) if gains.get(g.name, 0.0) > 0 else (1, g.macs))
