@@ -6,6 +6,7 @@ import contextlib
 import errno
 import gc
 import importlib
+import logging
 import os
 import re
 import signal
@@ -131,30 +132,38 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def _stop_like_ctrl_c_on_sigterm() -> Iterator[None]:
-    """SIGTERM (`kill PID`, a service manager's stop) ends a run as a Ctrl-C does. A terminal's Ctrl-C reaches
-    every process of the run's group; a SIGTERM reaches this one only, so it is passed on to the processes
-    this run started in its own session (benchmark workers: the run's Prefect server has a session of its
-    own and is stopped by `services.run_api`), and the main thread unwinds through the same cleanup."""
+def _interrupts_end_the_run_quietly() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (`kill PID`, a service manager's stop) end a run with one line. A terminal's Ctrl-C
+    reaches every process of the run's group; a SIGTERM reaches this one only, so it is passed on to the
+    processes this run started in its own session (benchmark workers, a recipe's process pool: the run's Prefect
+    server has a session of its own and is stopped by `services.run_api`), and the main thread unwinds through
+    the same cleanup. Logging stops first: the flow thread would otherwise log each stopped child's failure
+    (`BrokenProcessPool`, a worker's exit code) with its traceback before the process exits."""
 
     def stop(signum: int, frame: Any) -> None:
         import psutil
 
-        session = os.getsid(0)
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getsid(child.pid) == session:
-                    child.terminate()
+        logging.disable(logging.CRITICAL)
+        if signum == signal.SIGTERM:
+            session = os.getsid(0)
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getsid(child.pid) == session:
+                        child.terminate()
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, stop)
+    if previous[signal.SIGINT] is signal.default_int_handler:  # a run started with SIGINT ignored keeps ignoring it
+        signal.signal(signal.SIGINT, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _off_main_thread(fn: Callable[[], T]) -> T:
@@ -197,7 +206,7 @@ def run(
         try:
             # The run owns its temp folder and its Prefect server: a Ctrl-C, or a kill, leaves neither behind. The
             # server takes ~7 s to start: the checks and the flow's modules load meanwhile.
-            with _stop_like_ctrl_c_on_sigterm(), run_scratch(root), services.run_api(root) as api_ready:
+            with _interrupts_end_the_run_quietly(), run_scratch(root), services.run_api(root) as api_ready:
                 with contextlib.chdir(root):  # params paths are relative to the project root
                     cfg = load_config(params, overrides)
                     stages.preflight(cfg)  # validated before any stage starts

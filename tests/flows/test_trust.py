@@ -3,6 +3,7 @@ for every bad input. One test per problem found by trying edgeopt as a new user 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -297,6 +298,45 @@ def test_sigterm_mid_benchmark_stops_like_ctrl_c_and_leaves_no_worker(workspace,
     from flows.services import run_server_processes
 
     assert run_server_processes(workspace) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_recipe_runs_in_its_own_process_is_one_line(tmp_path, tiny_bert, monkeypatch):
+    """`kill PID` while AIMET quantizes in its process pool: the stopped pool must not put a `BrokenProcessPool`
+    traceback from the flow thread on screen (seen in a real run) before the interrupt line."""
+    import signal
+
+    import psutil
+
+    pytest.importorskip("aimet_onnx")
+    from conftest import make_workspace, tiny_params
+
+    workspace = make_workspace(tmp_path, tiny_params(tiny_bert, variants=["fp32", "ort_qdq_a16w8", "aimet_qnn_a16w8"]),
+                               monkeypatch)
+    log = tmp_path / "run.log"
+    proc = _edgeopt_run(workspace, log)
+
+    def pool_workers() -> list:
+        with contextlib.suppress(psutil.Error):
+            return [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "multiprocessing" in " ".join(p.cmdline())]
+        return []
+
+    deadline = time.monotonic() + 300
+    while not pool_workers() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = pool_workers()
+    assert workers, "AIMET's process pool did not start in time"
+    time.sleep(1)  # inside AIMET's work, not its start-up
+    proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - stopped < 5
+    output = log.read_text()
+    assert output.count("interrupted:") == 1 and "Traceback" not in output and "BrokenProcessPool" not in output
+    time.sleep(1)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
 @pytest.mark.slow
