@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 from helpers import matches_reference, ort_embed, quantize_variant
 
 from tasks.recipes.ort_qnn import OrtQnnSettings
@@ -17,3 +18,24 @@ def test_ort_qnn_a16w8_uses_16_bit_activations(tmp_path, tiny_fixed, calib, eval
     assert onnx.TensorProto.UINT16 in zp_types
     assert payload["quantize_linear_nodes"] > 20
     assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.995)
+
+
+def _l2norm_output_scale(model_path) -> float:
+    """The scale of the QuantizeLinear on the (one) L2 LpNormalization output of a QDQ model."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(model_path).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    (norm,) = [n for n in graph.node if n.op_type == "LpNormalization"]
+    (quantize,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == norm.output[0]]
+    return float(inits[quantize.input[1]])
+
+
+def test_unit_norm_output_range_sets_the_l2norm_output_to_its_exact_bound(tmp_path, tiny_fixed, calib):
+    """On: the L2-normalized embedding is quantized over [-1, 1] (uint16 scale 2/65535), not its calibrated range;
+    off: over the calibrated range, which a unit vector's components never fill (a smaller scale)."""
+    exact, _ = quantize_variant(tmp_path, tiny_fixed, calib, "unit_on", OrtQnnSettings(unit_norm_output_range=True))
+    calibrated, _ = quantize_variant(tmp_path, tiny_fixed, calib, "unit_off",
+                                     OrtQnnSettings(unit_norm_output_range=False))
+    assert _l2norm_output_scale(exact / "model.onnx") == pytest.approx(2 / 65535, rel=1e-6)
+    assert _l2norm_output_scale(calibrated / "model.onnx") < 0.9 * 2 / 65535
