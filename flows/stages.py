@@ -206,11 +206,10 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
             raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
     for eval_set in cfg.evaluation.sets:
         check_columns(eval_set)
-    if cfg.fetch_model.source != "hub":  # a hub model's config is only known after the download
-        limit = FAMILIES.get(cfg.family.name).folder_max_shape(fetch_stage.resolve_source(cfg.fetch_model))
-        too_long = [s for s in cfg.seq_lens if limit is not None and s > limit]
-        if too_long:
-            raise ConfigError(f"seq_lens: {too_long} exceed what the model takes ({limit}); lower them")
+    limit = FAMILIES.get(cfg.family.name).folder_max_shape(fetch_stage.config_folder(cfg.fetch_model))
+    too_long = [s for s in cfg.seq_lens if limit is not None and s > limit]
+    if too_long:
+        raise ConfigError(f"seq_lens: {too_long} exceed what the model takes ({limit}); lower them")
 
 
 def model_label(cfg: EdgeoptConfig) -> str:

@@ -26,6 +26,7 @@ from tasks.families.base import FamilySettings
 TOOLS = ("transformers",)
 _WEIGHTS_SAFE = "model.safetensors"
 _WEIGHTS_PICKLE = "pytorch_model.bin"
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]  # what a hub snapshot downloads: no pickled weights
 
 
 class FetchModelParams(StrictParams):
@@ -55,7 +56,15 @@ def resolve_source(params: FetchModelParams) -> Path:
         if not folder.is_dir():
             raise InputError(f"fetch_model.path: {folder} does not exist or is not a folder")
         return folder
-    return _hub_snapshot(params.hub_id, params.revision)
+    return _hub_snapshot(params.hub_id, params.revision, _HUB_FILES)
+
+
+def config_folder(params: FetchModelParams) -> Path:
+    """A folder holding the model's config.json, fetched without its weights for `source: hub` (kilobytes), so that
+    what depends on the config (the lengths the model takes) is checked before any download of weights."""
+    if params.source == "hub":
+        return _hub_snapshot(params.hub_id, params.revision, ["config.json"])
+    return resolve_source(params)
 
 
 def _package_model_dir(package: str) -> Path:
@@ -73,13 +82,13 @@ def _package_model_dir(package: str) -> Path:
     raise InputError(f"fetch_model.package: {package!r} ships no Hugging Face model folder (config.json + weights)")
 
 
-def _hub_snapshot(hub_id: str, revision: str) -> Path:
+def _hub_snapshot(hub_id: str, revision: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(
-            snapshot_download(hub_id, revision=revision, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"])
+            snapshot_download(hub_id, revision=revision, allow_patterns=patterns)
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise InputError(

@@ -108,6 +108,28 @@ def test_a_length_beyond_the_model_stops_before_any_stage(workspace):
     assert not (workspace / "artifacts").exists()  # calibration data untouched
 
 
+def test_a_hub_model_too_short_for_seq_lens_stops_before_its_weights_download(workspace, tiny_bert, monkeypatch):
+    """`source: hub`: preflight fetches config.json alone (kilobytes) to check the lengths, so a model that takes
+    64 positions refuses seq_lens 256 before its weights are downloaded or any stage runs."""
+    import huggingface_hub
+
+    downloads = []
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        downloads.append(allow_patterns)
+        return str(tiny_bert)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["seq_lens"] = [16, 256]
+    params["fetch_model"] = {**params["fetch_model"], "source": "hub", "hub_id": "someone/tiny-bert", "revision": "abc123"}
+    write_params(workspace, params)
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1 and "seq_lens: [256] exceed what the model takes (64)" in result.output
+    assert downloads == [["config.json"]]
+    assert not (workspace / "artifacts").exists()
+
+
 # 4. No path escapes.
 
 
