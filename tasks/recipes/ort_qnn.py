@@ -11,7 +11,16 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tasks.recipes._ort import NpzReader, chunk, excluded_nodes, onnx_quant_counts, preprocess, qtype
+from tasks.core.errors import InputError
+from tasks.recipes._ort import (
+    NpzReader,
+    chunk,
+    lowered_node_overrides,
+    node_names,
+    onnx_quant_counts,
+    preprocess,
+    qtype,
+)
 from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
 from tasks.transforms.quant_rewrites import activation_matmuls, softmax_floor_ranges, unit_norm_outputs, unshare_biases
 from tasks.transforms.surgery import qnn_preprocess
@@ -67,10 +76,19 @@ class OrtQnnSettings(RecipeSettings):
     )
     activations_8bit: list[str] = Field(
         [],
-        description="node names or patterns (`*/intermediate/dense/*`) of the pre-processed graph whose activations "
-        "are quantized to uint8 while the rest keep activation_type (uint16): per-layer mixed precision. ORT's "
-        "mixed-precision fixer (get_qnn_qdq_config, add_qtype_converts) inserts the 16<->8-bit conversions QNN needs",
+        description="node names or patterns (`*/intermediate/dense/*`) of the pre-processed graph that run at uint8 "
+        "activations while the rest keep activation_type (uint16): per-layer mixed precision. Conversions (ORT "
+        "TensorQuantOverrides `convert`) sit on the edges into and out of the named nodes only; ORT's own fixer "
+        "would lower whole tensors, with their producers and other readers",
     )
+    smooth_layernorm_alpha: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="SmoothQuant-style migration of LayerNorm-output outlier channels into the next MatMul weights "
+        "(exact in float; as in ort_static), for layers whose inputs activations_8bit lowers to 8 bits; null = off",
+    )
+    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
     qnn_preprocess: bool = Field(
         True,
         description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs; "
@@ -85,7 +103,7 @@ class OrtQnnSettings(RecipeSettings):
         return self
 
 
-def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path, tmp: Path) -> None:
+def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, context: RecipeContext, out: Path, tmp: Path) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
@@ -96,6 +114,13 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
         model = tmp / "qnn_preprocessed.onnx"
         onnx.save(fused, str(model))
     pre, excluded_by_name = preprocess(model, tmp, s)
+    if s.smooth_layernorm_alpha is not None:
+        if context.hints is None:
+            raise InputError("quantize.variants (ort_qnn): smooth_layernorm_alpha needs a transformer model family; "
+                             "remove it")
+        smoothed = tmp / "smoothed.onnx"
+        if context.hints.smooth_outliers(pre, smoothed, feeds, s.smooth_layernorm_alpha, s.smooth_rows):
+            pre = smoothed
     proto = onnx.load(str(pre))
     if unshare_biases(proto.graph):
         onnx.save(proto, str(pre))
@@ -108,12 +133,6 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
                 transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
                 axis = 0 if transposed else 1  # the output channels
                 overrides[node.input[1]] = [{"quant_type": qtype("int8"), "symmetric": True, "axis": axis}]
-    # Per-layer 8-bit activations: the inputs of the named nodes (their outputs follow through ORT's fixer).
-    by_name = {n.name: n for n in graph.node}
-    for name in excluded_nodes(graph, list(s.activations_8bit), "quantize.variants (ort_qnn) activations_8bit"):
-        for tensor in by_name[name].input:
-            if tensor and tensor not in weights:
-                overrides.setdefault(tensor, [{}])[0]["quant_type"] = qtype("uint8")
     excluded = excluded_by_name + (activation_matmuls(graph) if s.float_activation_matmuls else [])
     config = get_qnn_qdq_config(
         str(pre),
@@ -125,12 +144,16 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, chunk_limit: int, out: Path,
         init_overrides=overrides or None,
         activation_symmetric=s.activation_symmetric,
         weight_symmetric=s.weight_symmetric,
-        stride=chunk(rows(feeds), chunk_limit),
+        stride=chunk(rows(feeds), context.calibration_chunk),
         op_types_to_quantize=s.op_types,
         nodes_to_exclude=excluded or None,
     )
+    tensor_overrides = config.extra_options["TensorQuantOverrides"]
+    lowered = set(node_names(graph, list(s.activations_8bit), "activations_8bit", "quantize.variants (ort_qnn)"))
+    if lowered:  # per-layer 8-bit activations, converted on the edges into and out of the named nodes
+        for name, entry in lowered_node_overrides(proto, lowered, qtype("uint8"), qtype(s.activation_type)).items():
+            tensor_overrides.setdefault(name, [{}])[0].update(entry)
     if s.unit_norm_output_range:
-        tensor_overrides = config.extra_options["TensorQuantOverrides"]
         for name in unit_norm_outputs(graph):
             tensor_overrides.setdefault(name, [{}])[0].update(rmin=np.float32(-1.0), rmax=np.float32(1.0))
     # The recipe's `quantize(config)` cannot reuse a calibration; quantize_static with its settings can.
@@ -174,7 +197,7 @@ class OrtQnnRecipe:
         refuse_huge_mask_fill(model)
 
     def apply(self, model: Path, feeds, settings: OrtQnnSettings, context: RecipeContext, out: Path, tmp: Path) -> dict:
-        _ort_qnn(model, feeds, settings, context.calibration_chunk, out, tmp)
+        _ort_qnn(model, feeds, settings, context, out, tmp)
         return {"calibration_rows": rows(feeds)}
 
     def counts(self, artifact: Path) -> dict:
