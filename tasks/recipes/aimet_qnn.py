@@ -49,6 +49,14 @@ class AimetQnnSettings(RecipeSettings):
         "htp_v75", description="AIMET's runtime config for the HTP generation (Snapdragon 8 Gen 3: v75, X Elite: v73)"
     )
     calibration_rows: int | None = Field(None, ge=1, description="first N rows of the npz; null = all")
+    softmax_input_floor: float | None = Field(
+        -20.0,
+        lt=0,
+        description="the lower end of every Softmax input's encoding (scores + mask), not its calibrated minimum: "
+        "the -1e4 mask fill otherwise sets the 8-bit step to ~40 logits, every real score falls in one step and "
+        "attention turns uniform (MiniLM a8w8: the HTP simulator then disagrees with the CPU EP, cosine 0.65); "
+        "weight lost < e^floor; null = off",
+    )
     qnn_preprocess: bool = Field(
         True, description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs)"
     )
@@ -114,6 +122,10 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
         config_file=s.htp_config,
         path=str(tmp / "aimet"),
     )
+    if s.softmax_input_floor is not None:
+        for node in proto.graph.node:
+            if node.op_type == "Softmax" and node.input[0] in sim.qc_quantize_op_dict:
+                sim.qc_quantize_op_dict[node.input[0]].set_fixed_encoding_range((s.softmax_input_floor, None))
     calibration = _batches(feeds)
     # Both freeze the weight encodings they choose; compute_encodings then calibrates the activations. Both
     # also start from initialised weight encodings, which AIMET would otherwise make on a random input (token

@@ -52,6 +52,26 @@ def test_a8w8_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
     assert matches_reference(quantized, reference, 0.95)
 
 
+def _softmax_input_scales(path) -> list[float]:
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    return [float(inits[producers[n.input[0]].input[1]]) for n in graph.node if n.op_type == "Softmax"]
+
+
+def test_the_softmax_input_encoding_starts_at_the_floor_not_the_mask_fill(tmp_path, tiny_fixed, calib):
+    """At 8 bits the -1e4 mask fill would set the Softmax input step to ~40 logits (every real score in one step);
+    with the floor (-20) the step spans the scores. Off, the calibrated minimum rules."""
+    floored, _ = quantize_variant(tmp_path, tiny_fixed, calib, "floored", AimetQnnSettings(activation_bits=8))
+    raw, _ = quantize_variant(tmp_path, tiny_fixed, calib, "raw",
+                              AimetQnnSettings(activation_bits=8, softmax_input_floor=None))
+    assert len(_softmax_input_scales(floored / "model.onnx")) == 2  # one per layer of the tiny BERT
+    assert max(_softmax_input_scales(floored / "model.onnx")) < 1.0
+    assert min(_softmax_input_scales(raw / "model.onnx")) > 1e4 / 256
+
+
 def _integer_weights(path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
