@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.core.errors import StageError
+from tasks.core.errors import InputError, StageError
 from tasks.recipes._ort import onnx_quant_counts, ort_preprocess
 from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
 from tasks.transforms.quant_rewrites import int32_biases, linear_layers_as_gemm, unshare_biases
@@ -57,6 +57,16 @@ class AimetQnnSettings(RecipeSettings):
         "attention turns uniform (MiniLM a8w8: the HTP simulator then disagrees with the CPU EP, cosine 0.65); "
         "weight lost < e^floor; null = off",
     )
+    residual_bits: Literal[8, 16] | None = Field(
+        None,
+        description="bits of each LayerNorm input (residual sum) and the branch added into it, where BERT's outlier "
+        "channels live (as ort_static's residual_type); null = activation_bits",
+    )
+    smooth_layernorm_alpha: float | None = Field(
+        None, gt=0, lt=1, description="LayerNorm-output outliers moved into the next weights first (as ort_static); "
+        "null = off",
+    )
+    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
     qnn_preprocess: bool = Field(
         True, description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs)"
     )
@@ -86,6 +96,27 @@ def quiet_aimet() -> None:
         logging.getLogger(area.value).setLevel(logging.WARNING)
 
 
+def _softmax_input_maxima(proto, calibration: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Each Softmax input's largest value over the calibration rows, in float. AIMET's own encoding maximum is no
+    substitute: snapped to a grid whose step the -1e4 mask fill sets (~40 logits at 8 bits), it can be 0."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    names = [n.input[0] for n in proto.graph.node if n.op_type == "Softmax"]
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    highs = dict.fromkeys(names, -np.inf)
+    for row in calibration:
+        for name, value in zip(names, session.run(names, row), strict=True):
+            highs[name] = max(highs[name], float(value.max()))
+    return highs
+
+
 def prepare_for_htp(model: Path, tmp: Path, *, fuse_gelu: bool = True):
     """The graph AIMET quantizes for the HTP (a ModelProto): what the `qnn_htp` backend needs of a QDQ
     model, done before the quantizers are placed so that the encodings name its tensors."""
@@ -108,7 +139,8 @@ def prepare_for_htp(model: Path, tmp: Path, *, fuse_gelu: bool = True):
     return proto
 
 
-def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, out: Path, tmp: Path) -> dict:
+def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, residual: list[str], out: Path,
+               tmp: Path) -> dict:
     import onnx
     from aimet_onnx.quantsim import QuantizationSimModel
 
@@ -122,11 +154,14 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, o
         config_file=s.htp_config,
         path=str(tmp / "aimet"),
     )
-    if s.softmax_input_floor is not None:
-        for node in proto.graph.node:
-            if node.op_type == "Softmax" and node.input[0] in sim.qc_quantize_op_dict:
-                sim.qc_quantize_op_dict[node.input[0]].set_fixed_encoding_range((s.softmax_input_floor, None))
+    for name in residual:
+        if name in sim.qc_quantize_op_dict:
+            sim.qc_quantize_op_dict[name].set_bitwidth(s.residual_bits)
     calibration = _batches(feeds)
+    if s.softmax_input_floor is not None:
+        for name, high in _softmax_input_maxima(proto, calibration).items():
+            if name in sim.qc_quantize_op_dict:
+                sim.qc_quantize_op_dict[name].set_fixed_encoding_range((s.softmax_input_floor, high))
     # Both freeze the weight encodings they choose; compute_encodings then calibrates the activations. Both
     # also start from initialised weight encodings, which AIMET would otherwise make on a random input (token
     # ids beyond a token-type table: an ORT Gather error), so the rows calibrate everything once first.
@@ -179,8 +214,22 @@ class AimetQnnRecipe:
     def apply(self, model: Path, feeds, settings: AimetQnnSettings, context: RecipeContext, out: Path, tmp: Path) -> dict:
         # A process of its own: AIMET registers its custom ops in ONNX Runtime's process-wide schema registry,
         # and ORT then stamps their domains into every model it saves afterwards (other variants' artifacts).
+        residual: list[str] = []
+        if settings.smooth_layernorm_alpha is not None or settings.residual_bits not in (None, settings.activation_bits):
+            if context.hints is None:
+                raise InputError("quantize.variants (aimet_qnn): smooth_layernorm_alpha and residual_bits need a "
+                                 "transformer model family; remove them")
+            if settings.smooth_layernorm_alpha is not None:
+                smoothed = tmp / "smoothed.onnx"
+                if context.hints.smooth_outliers(model, smoothed, feeds, settings.smooth_layernorm_alpha,
+                                                 settings.smooth_rows):
+                    model = smoothed
+            if settings.residual_bits not in (None, settings.activation_bits):
+                (tmp / "residual").mkdir()  # the names of the graph AIMET will quantize, prepared here alike
+                residual = context.hints.residual_tensors(prepare_for_htp(model, tmp / "residual",
+                                                                          fuse_gelu=settings.qnn_preprocess).graph)
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(_aimet_qnn, model, feeds, settings, out, tmp).result()
+            return pool.submit(_aimet_qnn, model, feeds, settings, residual, out, tmp).result()
 
     def counts(self, artifact: Path) -> dict:
         return onnx_quant_counts(artifact)

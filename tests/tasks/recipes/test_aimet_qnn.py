@@ -52,24 +52,60 @@ def test_a8w8_uses_8_bit_activations(tmp_path, tiny_fixed, calib, eval_feeds):
     assert matches_reference(quantized, reference, 0.95)
 
 
-def _softmax_input_scales(path) -> list[float]:
+def _softmax_input_ranges(path) -> list[tuple[float, float]]:
+    """(lowest, highest) value each Softmax input's 8-bit encoding represents."""
     from onnx import numpy_helper
 
     graph = onnx.load(path).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    return [float(inits[producers[n.input[0]].input[1]]) for n in graph.node if n.op_type == "Softmax"]
+    ranges = []
+    for node in (n for n in graph.node if n.op_type == "Softmax"):
+        dq = producers[node.input[0]]
+        scale, zero_point = float(inits[dq.input[1]]), int(inits[dq.input[2]])
+        ranges.append((-zero_point * scale, (255 - zero_point) * scale))
+    return ranges
 
 
-def test_the_softmax_input_encoding_starts_at_the_floor_not_the_mask_fill(tmp_path, tiny_fixed, calib):
+def test_the_softmax_input_encoding_spans_the_floor_to_the_largest_score(tmp_path, tiny_fixed, calib):
     """At 8 bits the -1e4 mask fill would set the Softmax input step to ~40 logits (every real score in one step);
-    with the floor (-20) the step spans the scores. Off, the calibrated minimum rules."""
-    floored, _ = quantize_variant(tmp_path, tiny_fixed, calib, "floored", AimetQnnSettings(activation_bits=8))
-    raw, _ = quantize_variant(tmp_path, tiny_fixed, calib, "raw",
-                              AimetQnnSettings(activation_bits=8, softmax_input_floor=None))
-    assert len(_softmax_input_scales(floored / "model.onnx")) == 2  # one per layer of the tiny BERT
-    assert max(_softmax_input_scales(floored / "model.onnx")) < 1.0
-    assert min(_softmax_input_scales(raw / "model.onnx")) > 1e4 / 256
+    with the floor (-20) the encoding spans [-20, the largest calibrated score]. AIMET's own maximum, snapped to
+    the coarse grid, was 0 in a MiniLM layer: every positive score clipped. Off, the calibrated minimum rules."""
+    from onnx import numpy_helper
+
+    model = onnx.load(tiny_fixed)  # sharper attention: the tiny random BERT's scores all sit within one 8-bit step
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "MatMul" and "query" in n.name):
+        weight = inits[node.input[1]]
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 40, weight.name))
+    sharp = tmp_path / "sharp.onnx"
+    onnx.save(model, sharp)
+    floored, _ = quantize_variant(tmp_path, sharp, calib, "floored", AimetQnnSettings(activation_bits=8))
+    raw, _ = quantize_variant(tmp_path, sharp, calib, "raw", AimetQnnSettings(activation_bits=8, softmax_input_floor=None))
+    ranges = _softmax_input_ranges(floored / "model.onnx")
+    assert len(ranges) == 2  # one per layer of the tiny BERT
+    assert all(low == pytest.approx(-20, abs=0.5) and 1 < high < 20 for low, high in ranges), ranges
+    assert all(low < -9000 for low, _ in _softmax_input_ranges(raw / "model.onnx"))
+
+
+def test_residual_bits_keep_the_layernorm_inputs_at_16_in_an_8_bit_graph(tmp_path, tiny_fixed, calib, eval_feeds):
+    """BERT's outlier channels live in the residual sums: residual_bits 16 quantizes each LayerNorm input (and the
+    branch added into it) at 16 bits, everything else at 8; smoothing first leaves the float model unchanged."""
+    settings = AimetQnnSettings(activation_bits=8, residual_bits=16, smooth_layernorm_alpha=0.85)
+    out, _ = quantize_variant(tmp_path, tiny_fixed, calib, "residual16", settings)
+    graph = onnx.load(out / "model.onnx").graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def bits(node) -> int:
+        dq = producers[node.input[0]]
+        return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[dq.input[2]].data_type]
+
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    residual = [n for n in norms if "embeddings" not in n.name]  # the embeddings' LayerNorm sums no residual
+    assert len(residual) == 4 and {bits(n) for n in residual} == {16}
+    assert onnx.TensorProto.UINT8 in _zero_point_types(onnx.load(out / "model.onnx"))
+    assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.95)
 
 
 def _integer_weights(path) -> dict[str, np.ndarray]:
