@@ -123,8 +123,9 @@ def self_scored(tiny_fixed, tiny_bert, tmp_path_factory) -> SentencePairsSet:
     return SentencePairsSet(name="own", path=path)
 
 
+@pytest.mark.parametrize("rank_by", ["metric", "cosine"])
 def test_auto_mixed_keeps_the_breaking_group_float_and_writes_what_to_paste(tiny_fixed, calib, tiny_bert, tmp_path,
-                                                                             self_scored, one_thread):
+                                                                             self_scored, one_thread, rank_by):
     import yaml
     from pydantic import TypeAdapter
 
@@ -133,7 +134,7 @@ def test_auto_mixed_keeps_the_breaking_group_float_and_writes_what_to_paste(tiny
     settings = OrtStaticSettings(**A8W8, tensor_overrides={f"{SABOTAGED}/MatMul/gemm_input": {"rmin": -1e-3, "rmax": 1e-3}})
     out = tmp_path / "out"
     payload = run(model=tiny_fixed, calibration=calib, model_dir=tiny_bert, model_name="dense", variant="v", seq_len=16,
-                  params=SensitivityParams(items=40, calibration_rows=12, threads=1, probes=["kept"]),
+                  params=SensitivityParams(items=40, calibration_rows=12, threads=1, probes=["kept"], rank_by=rank_by),
                   quantize_params=QuantizeParams(variants={"v": settings}), family=SENTENCE_ENCODER,
                   eval_set=self_scored, out_dir=out, key="k", mixed={"v_mixed": 0.01})
     assignment = payload["assignments"]["v_mixed"]
