@@ -93,7 +93,8 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
             assert declared == {"models", "seq_lens", "targets", "compile.jobs", "report", "family",
                                 "sensitivity.models", "sensitivity.variants"}
         elif call.stage == "sensitivity":  # its own settings, not the lists of what else is probed
-            own = {f"sensitivity.{k}" for k in ("seq_len", "axes", "probes", "items", "seed", "calibration_rows", "threads")}
+            own = {f"sensitivity.{k}" for k in ("seq_len", "axes", "probes", "items", "seed", "calibration_rows",
+                                                "rank_by", "threads")}
             assert declared == {*own, "seq_lens", f"quantize.variants.{call.args['variant']}",
                                 "quantize.calibration_chunk", "evaluation", "family"}
         elif call.stage == "compile":
