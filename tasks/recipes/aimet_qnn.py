@@ -26,7 +26,15 @@ from pydantic import Field
 
 from tasks.core.errors import InputError, StageError
 from tasks.recipes._ort import onnx_quant_counts, ort_preprocess
-from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
+from tasks.recipes.base import (
+    ONNX_ARTIFACT,
+    LayerNormSmoothing,
+    RecipeContext,
+    RecipeSettings,
+    refuse_huge_mask_fill,
+    rows,
+    smoothed,
+)
 from tasks.transforms.quant_rewrites import int32_biases, linear_layers_as_gemm, unshare_biases
 from tasks.transforms.surgery import qnn_preprocess
 
@@ -35,7 +43,7 @@ ENCODING_VERSION = "1.0.0"
 HtpConfig = Literal["htp_v68", "htp_v69", "htp_v73", "htp_v75", "htp_v79", "htp_v81"]
 
 
-class AimetQnnSettings(RecipeSettings):
+class AimetQnnSettings(LayerNormSmoothing, RecipeSettings):
     """AIMET QuantSim with the HTP runtime config: integer weights per channel, activations at
     `activation_bits`, calibrated with `quant_scheme`."""
 
@@ -62,11 +70,6 @@ class AimetQnnSettings(RecipeSettings):
         description="bits of each LayerNorm input (residual sum) and the branch added into it, where BERT's outlier "
         "channels live (as ort_static's residual_type); null = activation_bits",
     )
-    smooth_layernorm_alpha: float | None = Field(
-        None, gt=0, lt=1, description="LayerNorm-output outliers moved into the next weights first (as ort_static); "
-        "null = off",
-    )
-    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
     qnn_preprocess: bool = Field(
         True, description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs)"
     )
@@ -214,20 +217,15 @@ class AimetQnnRecipe:
     def apply(self, model: Path, feeds, settings: AimetQnnSettings, context: RecipeContext, out: Path, tmp: Path) -> dict:
         # A process of its own: AIMET registers its custom ops in ONNX Runtime's process-wide schema registry,
         # and ORT then stamps their domains into every model it saves afterwards (other variants' artifacts).
+        model = smoothed(model, feeds, settings, context, tmp)  # before AIMET sees the model
         residual: list[str] = []
-        if settings.smooth_layernorm_alpha is not None or settings.residual_bits not in (None, settings.activation_bits):
+        if settings.residual_bits not in (None, settings.activation_bits):
             if context.hints is None:
-                raise InputError("quantize.variants (aimet_qnn): smooth_layernorm_alpha and residual_bits need a "
-                                 "transformer model family; remove them")
-            if settings.smooth_layernorm_alpha is not None:
-                smoothed = tmp / "smoothed.onnx"
-                if context.hints.smooth_outliers(model, smoothed, feeds, settings.smooth_layernorm_alpha,
-                                                 settings.smooth_rows):
-                    model = smoothed
-            if settings.residual_bits not in (None, settings.activation_bits):
-                (tmp / "residual").mkdir()  # the names of the graph AIMET will quantize, prepared here alike
-                residual = context.hints.residual_tensors(prepare_for_htp(model, tmp / "residual",
-                                                                          fuse_gelu=settings.qnn_preprocess).graph)
+                raise InputError("quantize.variants (aimet_qnn): residual_bits needs a transformer model family; "
+                                 "remove it")
+            (tmp / "residual").mkdir()  # the names of the graph AIMET will quantize, prepared here alike
+            residual = context.hints.residual_tensors(prepare_for_htp(model, tmp / "residual",
+                                                                      fuse_gelu=settings.qnn_preprocess).graph)
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
             return pool.submit(_aimet_qnn, model, feeds, settings, residual, out, tmp).result()
 

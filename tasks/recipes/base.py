@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pydantic import Field
+
 from tasks.core.errors import InputError
 from tasks.core.feeds import build_feeds
 from tasks.core.onnx_graph import input_specs
@@ -34,6 +36,17 @@ class RecipeSettings(StrictParams):
         """Files from outside the pipeline this variant reads for one pipeline model and length, by role (keyed
         into its quantize stage like an input and handed to the recipe as `RecipeContext.imports`). Most read none."""
         return {}
+
+
+class LayerNormSmoothing(StrictParams):
+    """SmoothQuant-style migration of LayerNorm-output outlier channels into the next MatMul weights (exact in
+    float), for recipes that quantize a transformer's LayerNorm outputs (`smoothed`)."""
+
+    smooth_layernorm_alpha: float | None = Field(
+        None, gt=0, lt=1, description="share of each LayerNorm-output outlier moved into the next MatMul weights "
+        "(exact in float); null = off",
+    )
+    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
 
 
 @dataclass(frozen=True)
@@ -115,3 +128,15 @@ def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, n
         return build_feeds(Path(model), arrays)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc
+
+
+def smoothed(model: Path, feeds, settings: LayerNormSmoothing, context: RecipeContext, tmp: Path) -> Path:
+    """The model with LayerNorm outliers smoothed when the settings ask for it (and the family can), else itself."""
+    if settings.smooth_layernorm_alpha is None:
+        return model
+    if context.hints is None:
+        raise InputError(f"quantize.variants ({settings.method}): smooth_layernorm_alpha needs a transformer model "
+                         "family; remove it")
+    out = tmp / "smoothed.onnx"
+    return out if context.hints.smooth_outliers(model, out, feeds, settings.smooth_layernorm_alpha,
+                                                settings.smooth_rows) else model

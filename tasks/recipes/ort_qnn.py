@@ -11,7 +11,6 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tasks.core.errors import InputError
 from tasks.recipes._ort import (
     NpzReader,
     chunk,
@@ -21,14 +20,22 @@ from tasks.recipes._ort import (
     preprocess,
     qtype,
 )
-from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
+from tasks.recipes.base import (
+    ONNX_ARTIFACT,
+    LayerNormSmoothing,
+    RecipeContext,
+    RecipeSettings,
+    refuse_huge_mask_fill,
+    rows,
+    smoothed,
+)
 from tasks.transforms.quant_rewrites import activation_matmuls, softmax_floor_ranges, unit_norm_outputs, unshare_biases
 from tasks.transforms.surgery import qnn_preprocess
 
 CalibrateMethod = Literal["MinMax", "Entropy", "Percentile"]
 
 
-class OrtQnnSettings(RecipeSettings):
+class OrtQnnSettings(LayerNormSmoothing, RecipeSettings):
     """ONNX Runtime's QDQ recipe for the QNN execution provider (16-bit activations by default), with
     three changes measured on MiniLM against the HTP simulator (docs/quantization.md, "ort_qdq_a16w8"): per-channel int8
     MatMul weights, a floor under the Softmax inputs, and attention's activation x activation MatMuls
@@ -81,14 +88,6 @@ class OrtQnnSettings(RecipeSettings):
         "TensorQuantOverrides `convert`) sit on the edges into and out of the named nodes only; ORT's own fixer "
         "would lower whole tensors, with their producers and other readers",
     )
-    smooth_layernorm_alpha: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description="SmoothQuant-style migration of LayerNorm-output outlier channels into the next MatMul weights "
-        "(exact in float; as in ort_static), for layers whose inputs activations_8bit lowers to 8 bits; null = off",
-    )
-    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
     qnn_preprocess: bool = Field(
         True,
         description="run ORT's qnn_preprocess_model first (fuses the Erf GELU into Gelu, which the HTP runs; "
@@ -114,13 +113,7 @@ def _ort_qnn(model: Path, feeds, s: OrtQnnSettings, context: RecipeContext, out:
         model = tmp / "qnn_preprocessed.onnx"
         onnx.save(fused, str(model))
     pre, excluded_by_name = preprocess(model, tmp, s)
-    if s.smooth_layernorm_alpha is not None:
-        if context.hints is None:
-            raise InputError("quantize.variants (ort_qnn): smooth_layernorm_alpha needs a transformer model family; "
-                             "remove it")
-        smoothed = tmp / "smoothed.onnx"
-        if context.hints.smooth_outliers(pre, smoothed, feeds, s.smooth_layernorm_alpha, s.smooth_rows):
-            pre = smoothed
+    pre = smoothed(pre, feeds, s, context, tmp)  # before the 8-bit layers' ranges are calibrated
     proto = onnx.load(str(pre))
     if unshare_biases(proto.graph):
         onnx.save(proto, str(pre))

@@ -15,13 +15,21 @@ from pydantic import Field
 
 from tasks.core.errors import InputError
 from tasks.recipes._ort import NpzReader, chunk, is16, onnx_quant_counts, preprocess, qtype, tensor_overrides
-from tasks.recipes.base import ONNX_ARTIFACT, RecipeContext, RecipeSettings, refuse_huge_mask_fill, rows
+from tasks.recipes.base import (
+    ONNX_ARTIFACT,
+    LayerNormSmoothing,
+    RecipeContext,
+    RecipeSettings,
+    refuse_huge_mask_fill,
+    rows,
+    smoothed,
+)
 from tasks.transforms.quant_rewrites import activation_matmuls, linear_layers_as_gemm, softmax_floor_ranges
 
 CalibrateMethod = Literal["MinMax", "Entropy", "Percentile"]
 
 
-class OrtStaticSettings(RecipeSettings):
+class OrtStaticSettings(LayerNormSmoothing, RecipeSettings):
     """Static QDQ quantization with ONNX Runtime (activations and weights both quantized)."""
 
     method: Literal["ort_static"] = "ort_static"
@@ -47,14 +55,6 @@ class OrtStaticSettings(RecipeSettings):
         description="type for each LayerNormalization input (residual sum) and the sub-layer output added "
         "into it, where BERT's outlier channels live; null = activation_type",
     )
-    smooth_layernorm_alpha: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description="SmoothQuant-style migration of LayerNorm-output outlier channels into the next "
-        "MatMul weights (exact in float; alpha = share of the outlier moved); null = off",
-    )
-    smooth_rows: int = Field(64, ge=1, description="calibration rows used to measure LayerNorm outputs")
     gemm_linear_layers: bool = Field(
         False,
         description="rewrite each MatMul(x, W) + Add(bias) as Reshape -> Gemm -> Reshape before quantizing, so "
@@ -109,11 +109,7 @@ def _ort_static(model: Path, feeds, s: OrtStaticSettings, context: RecipeContext
         if linear_layers_as_gemm(model, gemm):
             model = gemm
     pre, excluded_by_name = preprocess(model, tmp, s)
-    if s.smooth_layernorm_alpha is not None:
-        smoothed = tmp / "smoothed.onnx"
-        if _hints(context, "smooth_layernorm_alpha").smooth_outliers(pre, smoothed, feeds, s.smooth_layernorm_alpha,
-                                                                       s.smooth_rows):
-            pre = smoothed
+    pre = smoothed(pre, feeds, s, context, tmp)
     graph = onnx.load(str(pre), load_external_data=False).graph
     absent = sorted(set(s.float_output_op_types) - {n.op_type for n in graph.node})
     if absent:
