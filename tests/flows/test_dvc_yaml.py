@@ -121,3 +121,9 @@ def test_a_stale_dvc_yaml_is_refused(tmp_path, cfg):
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text().replace("tasks/core/feeds.py\n", "", 1))
     with pytest.raises(Exception, match="out of date with params.yaml or the code's imports; run `edgeopt dvc-yaml`"):
         dvc_yaml.check(cfg, tmp_path)
+
+
+def test_the_committed_params_set_every_key_dvc_yaml_reads(cfg):
+    """A settings field added without its params.yaml line passes validation (pydantic fills the default) and
+    fails `edgeopt run`'s DVC check (sensitivity.rank_by did, in the slow pipeline test)."""
+    dvc_yaml.check(cfg, REPO)
