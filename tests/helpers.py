@@ -52,6 +52,19 @@ def matches_reference(candidate: np.ndarray, reference: np.ndarray, min_cos: flo
     return bool(len(c) > 1 and own.min() >= min_cos and (own > others).all())
 
 
+def qdq_bits(graph, tensor: str, side: str = "in") -> int:
+    """Activation bits of a QDQ graph at `tensor`: the zero point type of the DequantizeLinear producing it (side
+    "in", what its readers get) or of the QuantizeLinear reading it (side "out", what its producer writes)."""
+    import onnx
+
+    inits = {i.name: i for i in graph.initializer}
+    if side == "in":
+        (qdq,) = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == tensor]
+    else:
+        (qdq,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+    return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[qdq.input[2]].data_type]
+
+
 def run_outputs(model: Path, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """The model's first output for each row of `arrays`, fed as the model declares (build_feeds)."""
     import onnxruntime as ort

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.core.errors import InputError, StageError
+from tasks.core.errors import StageError
 from tasks.recipes._ort import onnx_quant_counts, ort_preprocess
 from tasks.recipes.base import (
     ONNX_ARTIFACT,
@@ -34,6 +34,7 @@ from tasks.recipes.base import (
     refuse_huge_mask_fill,
     rows,
     smoothed,
+    transformer_hints,
 )
 from tasks.transforms.quant_rewrites import int32_biases, linear_layers_as_gemm, unshare_biases
 from tasks.transforms.surgery import qnn_preprocess
@@ -142,8 +143,7 @@ def prepare_for_htp(model: Path, tmp: Path, *, fuse_gelu: bool = True):
     return proto
 
 
-def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, residual: list[str], out: Path,
-               tmp: Path) -> dict:
+def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, hints, out: Path, tmp: Path) -> dict:
     import onnx
     from aimet_onnx.quantsim import QuantizationSimModel
 
@@ -157,6 +157,8 @@ def _aimet_qnn(model: Path, feeds: dict[str, np.ndarray], s: AimetQnnSettings, r
         config_file=s.htp_config,
         path=str(tmp / "aimet"),
     )
+    # `hints` is given when residual_bits differ from activation_bits (checked before this process started).
+    residual = hints.residual_tensors(proto.graph) if hints is not None else []
     for name in residual:
         if name in sim.qc_quantize_op_dict:
             sim.qc_quantize_op_dict[name].set_bitwidth(s.residual_bits)
@@ -218,16 +220,10 @@ class AimetQnnRecipe:
         # A process of its own: AIMET registers its custom ops in ONNX Runtime's process-wide schema registry,
         # and ORT then stamps their domains into every model it saves afterwards (other variants' artifacts).
         model = smoothed(model, feeds, settings, context, tmp)  # before AIMET sees the model
-        residual: list[str] = []
-        if settings.residual_bits not in (None, settings.activation_bits):
-            if context.hints is None:
-                raise InputError("quantize.variants (aimet_qnn): residual_bits needs a transformer model family; "
-                                 "remove it")
-            (tmp / "residual").mkdir()  # the names of the graph AIMET will quantize, prepared here alike
-            residual = context.hints.residual_tensors(prepare_for_htp(model, tmp / "residual",
-                                                                      fuse_gelu=settings.qnn_preprocess).graph)
+        residual = settings.residual_bits not in (None, settings.activation_bits)
+        hints = transformer_hints(context, settings.method, "residual_bits") if residual else None
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(_aimet_qnn, model, feeds, settings, residual, out, tmp).result()
+            return pool.submit(_aimet_qnn, model, feeds, settings, hints, out, tmp).result()
 
     def counts(self, artifact: Path) -> dict:
         return onnx_quant_counts(artifact)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
 from pydantic import Field
 
 from tasks.core.errors import InputError
@@ -130,13 +129,17 @@ def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, n
         raise InputError(f"{path}: {exc}") from exc
 
 
+def transformer_hints(context: RecipeContext, method: str, setting: str):
+    """The family's QuantizationHints, which a transformer-only `setting` needs; InputError when it has none."""
+    if context.hints is None:
+        raise InputError(f"quantize.variants ({method}): {setting} needs a transformer model family; remove it")
+    return context.hints
+
+
 def smoothed(model: Path, feeds, settings: LayerNormSmoothing, context: RecipeContext, tmp: Path) -> Path:
     """The model with LayerNorm outliers smoothed when the settings ask for it (and the family can), else itself."""
     if settings.smooth_layernorm_alpha is None:
         return model
-    if context.hints is None:
-        raise InputError(f"quantize.variants ({settings.method}): smooth_layernorm_alpha needs a transformer model "
-                         "family; remove it")
+    hints = transformer_hints(context, settings.method, "smooth_layernorm_alpha")
     out = tmp / "smoothed.onnx"
-    return out if context.hints.smooth_outliers(model, out, feeds, settings.smooth_layernorm_alpha,
-                                                settings.smooth_rows) else model
+    return out if hints.smooth_outliers(model, out, feeds, settings.smooth_layernorm_alpha, settings.smooth_rows) else model

@@ -23,6 +23,7 @@ from tasks.recipes.base import (
     refuse_huge_mask_fill,
     rows,
     smoothed,
+    transformer_hints,
 )
 from tasks.transforms.quant_rewrites import activation_matmuls, linear_layers_as_gemm, softmax_floor_ranges
 
@@ -79,17 +80,11 @@ class OrtStaticSettings(LayerNormSmoothing, RecipeSettings):
     )
 
 
-def _hints(context: RecipeContext, setting: str):
-    if context.hints is None:
-        raise InputError(f"quantize.variants (ort_static): {setting} needs a transformer model family; remove it")
-    return context.hints
-
-
 def _structural_overrides(graph, s: OrtStaticSettings, ranges, context: RecipeContext) -> dict[str, list[dict]]:
     """TensorQuantOverrides from the settings: explicit ones, residual stream type, Softmax floor."""
     overrides = tensor_overrides(s.tensor_overrides, graph)
     if s.residual_type and s.residual_type != s.activation_type:
-        for name in _hints(context, "residual_type").residual_tensors(graph):
+        for name in transformer_hints(context, s.method, "residual_type").residual_tensors(graph):
             overrides.setdefault(name, [{}])[0].setdefault("quant_type", qtype(s.residual_type))
     if s.softmax_input_floor is not None:
         for name, (low, high) in softmax_floor_ranges(graph, ranges, s.softmax_input_floor).items():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import matches_reference, ort_embed, quantize_variant
+from helpers import matches_reference, ort_embed, qdq_bits, quantize_variant
 
 from tasks.recipes.aimet_qnn import ENCODINGS, AimetQnnSettings
 from tasks.recipes.ort_qnn import OrtQnnSettings
@@ -94,16 +94,9 @@ def test_residual_bits_keep_the_layernorm_inputs_at_16_in_an_8_bit_graph(tmp_pat
     settings = AimetQnnSettings(activation_bits=8, residual_bits=16, smooth_layernorm_alpha=0.85)
     out, _ = quantize_variant(tmp_path, tiny_fixed, calib, "residual16", settings)
     graph = onnx.load(out / "model.onnx").graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def bits(node) -> int:
-        dq = producers[node.input[0]]
-        return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[dq.input[2]].data_type]
-
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     residual = [n for n in norms if "embeddings" not in n.name]  # the embeddings' LayerNorm sums no residual
-    assert len(residual) == 4 and {bits(n) for n in residual} == {16}
+    assert len(residual) == 4 and {qdq_bits(graph, n.input[0]) for n in residual} == {16}
     assert onnx.TensorProto.UINT8 in _zero_point_types(onnx.load(out / "model.onnx"))
     assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.95)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from helpers import matches_reference, ort_embed, quantize_variant
+from helpers import matches_reference, ort_embed, qdq_bits, quantize_variant
 
 from tasks.recipes.ort_qnn import OrtQnnSettings
 
@@ -41,17 +41,6 @@ def test_unit_norm_output_range_sets_the_l2norm_output_to_its_exact_bound(tmp_pa
     assert _l2norm_output_scale(calibrated / "model.onnx") < 0.9 * 2 / 65535
 
 
-def _zero_point_bits(graph, tensor: str, op_type: str, side: str) -> int:
-    """Bits of the Q/DQ next to `tensor`: the DequantizeLinear producing it (side "in") or the QuantizeLinear
-    reading it (side "out")."""
-    inits = {i.name: i for i in graph.initializer}
-    if side == "in":
-        (qdq,) = [n for n in graph.node if n.op_type == op_type and n.output[0] == tensor]
-    else:
-        (qdq,) = [n for n in graph.node if n.op_type == op_type and n.input[0] == tensor]
-    return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[qdq.input[2]].data_type]
-
-
 def test_lowering_projections_to_8_bit_leaves_the_layernorm_and_residual_sum_at_16(tmp_path, tiny_fixed, calib,
                                                                                      eval_feeds):
     """Only the named nodes run at 8 bits: the LayerNorm feeding Q/K/V keeps 16-bit input (the residual sum, where
@@ -63,13 +52,13 @@ def test_lowering_projections_to_8_bit_leaves_the_layernorm_and_residual_sum_at_
     producers = {o: n for n in graph.node for o in n.output}
     projections = [n for n in graph.node if n.op_type == "MatMul" and any(p in n.name for p in ("query", "key", "value"))]
     assert len(projections) == 6  # 2 layers x Q, K, V
-    assert {_zero_point_bits(graph, n.input[0], "DequantizeLinear", "in") for n in projections} == {8}
+    assert {qdq_bits(graph, n.input[0]) for n in projections} == {8}
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     assert norms
     for norm in norms:
         assert producers[norm.input[0]].op_type == "DequantizeLinear"
-        assert _zero_point_bits(graph, norm.input[0], "DequantizeLinear", "in") == 16, norm.name
-        assert _zero_point_bits(graph, norm.output[0], "QuantizeLinear", "out") == 16, norm.name
+        assert qdq_bits(graph, norm.input[0]) == 16, norm.name
+        assert qdq_bits(graph, norm.output[0], "out") == 16, norm.name
     assert matches_reference(ort_embed(out / "model.onnx", eval_feeds), ort_embed(tiny_fixed, eval_feeds), 0.99)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SENTENCE_ENCODER
+from helpers import qdq_bits
 from pydantic import ValidationError
 
 from tasks.backends.qnn_htp import QNN_SOCS, QnnHtpCompileParams
@@ -98,18 +99,12 @@ def test_ffn_layers_at_8_bit_in_a_16_bit_graph_compile_with_zero_fallback(tiny_b
     qdq = models.make_tiny_qdq(tiny_bert, tmp_path / "qdq", OrtQnnSettings(activations_8bit=ffn))
     graph = onnx.load(str(qdq)).graph
     inits, producers = {i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output}
-
-    def activation_bits(node) -> int:  # the zero point type of the DequantizeLinear feeding its activation input
-        dq = producers[node.input[0]]
-        assert dq.op_type == "DequantizeLinear"
-        return {onnx.TensorProto.UINT8: 8, onnx.TensorProto.UINT16: 16}[inits[dq.input[2]].data_type]
-
     linear = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in producers  # weights come dequantized
               and producers[n.input[1]].input[0] in inits]
-    bits = {n.name: activation_bits(n) for n in linear}
+    bits = {n.name: qdq_bits(graph, n.input[0]) for n in linear}  # the activation each reads
     assert {name: b for name, b in bits.items() if "/dense/" in name} and all(
         b == (8 if "/dense/" in name else 16) for name, b in bits.items()), bits
-    # ORT's mixed-precision fixer converted between the two where they meet; the HTP runs all of it.
+    # Conversions sit where 8- and 16-bit layers meet; the HTP runs all of it.
     payload = run(qdq, "qnn_htp", "snapdragon_8_gen_3", CompileCheckParams(threads=1), QnnHtpCompileParams(),
                   SENTENCE_ENCODER, tmp_path / "compile", key="k", model_dir=tiny_bert)
     assert payload["cpu_fallback_nodes"] == 0 and payload["verify_min_cosine"] >= 0.999
