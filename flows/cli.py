@@ -287,8 +287,8 @@ def stage(
     name: Annotated[str, typer.Argument(help="a stage name in dvc.yaml, e.g. quantize")],
     seq_len: Annotated[int | None, typer.Option(help="for per-length stages")] = None,
     model: Annotated[str, typer.Option(help="for per-model stages: an entry of `models`")] = "dense",
-    variant: Annotated[str | None, typer.Option(help="for quantize, sensitivity and benchmark")] = None,
-    device: Annotated[str | None, typer.Option(help="for benchmark and compile: a device")] = None,
+    variant: Annotated[str | None, typer.Option(help="for quantize, sensitivity, benchmark and bundle")] = None,
+    device: Annotated[str | None, typer.Option(help="for benchmark, bundle and compile: a device")] = None,
     target: Annotated[str | None, typer.Option(help="for compile: a job's target (e.g. a QNN SoC)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -312,6 +312,7 @@ def stage(
             "quantize": ("variant", "seq_len"),
             "sensitivity": ("variant",),
             "benchmark": ("variant", "device", "seq_len"),
+            "bundle": ("variant", "device"),
             "compile": ("variant", "device", "target", "seq_len"),
         }.get(name, ())
         given = {"seq_len": seq_len, "variant": variant, "device": device, "target": target}
@@ -328,6 +329,7 @@ def stage(
             "quantize": lambda: stages.quantize(cfg, model, variant, seq_len),
             "benchmark": lambda: stages.benchmark(cfg, model, *_target(cfg, variant, device), seq_len),
             "compile": lambda: stages.compile_device(cfg, model, *_job(cfg, variant, device, target), seq_len),
+            "bundle": lambda: stages.bundle(cfg, model, *_target(cfg, variant, device)),
             "latency_curve": lambda: stages.latency_curve(cfg, model),
             "sensitivity": lambda: stages.sensitivity(cfg, model, variant),
             "report": lambda: stages.report(cfg),

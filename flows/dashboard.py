@@ -36,6 +36,7 @@ PLOT_CACHE = Path(".edgeopt") / "plots"
 INDEX = "index.html"
 MARKDOWN = "report.md"
 DEVICE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+BUNDLES = "bundles.csv"
 SIM_NOTE = "simulated: QNN HTP simulator time on x86-64, not device latency"
 QUICK_NOTE = "quick mode: few timed runs and an evaluation subset, for tests only; do not compare or deploy from these"
 
@@ -54,7 +55,7 @@ def load_metrics(metrics_dir: Path) -> dict:
         if not path.is_file():
             raise InputError(f"{path}: not found; run `edgeopt run` (or `dvc repro`) to write {metrics_dir}/")
         found[name] = json.loads(path.read_text(encoding="utf-8")) if name.endswith(".json") else _read_csv(path)
-    for name in ("prune_search.csv", SENSITIVITY_TABLE):  # absent in metrics written before these stages existed
+    for name in ("prune_search.csv", SENSITIVITY_TABLE, BUNDLES):  # absent in metrics written before these stages existed
         path = metrics_dir / name
         found[name] = _read_csv(path) if path.is_file() else pd.DataFrame()
     mixed = metrics_dir / AUTO_MIXED
@@ -329,6 +330,61 @@ def plot_sensitivity(sensitivity: pd.DataFrame) -> str:
     return _svg(fig, "sensitivity")
 
 
+def plot_bundles(bundles: pd.DataFrame) -> str:
+    """Per device and compile target: mean latency over the user's inputs of every timed bundle row, static
+    lengths and buckets side by side (hatched: outside the accuracy budget or truncating too many inputs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = bundles[~bundles["simulated"].astype(bool)].dropna(subset=["latency_mix_mean_ms"])
+    groups = list(timed.groupby(["device", "target"], sort=False))
+    height = max(2.4, 0.26 * max(len(g) for _, g in groups) + 1.2)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9.6, height * len(groups)), squeeze=False)
+    colors = {"static": "#8c8c8c", "buckets": "#4c72b0"}
+    for ax, ((device, target), rows) in zip(axes[:, 0], groups):
+        rows = rows.sort_values("latency_mix_mean_ms")
+        labels = [f"{r.model}/{r.variant} {r.policy} {r.shapes}" for r in rows.itertuples()]
+        ax.barh(range(len(rows)), rows["latency_mix_mean_ms"], color=[colors[p] for p in rows["policy"]],
+                hatch=None, edgecolor="white")
+        for i, r in enumerate(rows.itertuples()):
+            if not r.within_budget:
+                ax.barh(i, r.latency_mix_mean_ms, color="none", hatch="///", edgecolor="#c44e52", linewidth=0)
+            ax.text(r.latency_mix_mean_ms, i, f" {r.latency_mix_mean_ms:.2f} ms, {r.truncated_inputs} cut", va="center",
+                    fontsize=7)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("mean latency over your inputs (ms)")
+        ax.set_title(f"{device} / {target}: grey static length, blue buckets; hatched: outside the budget", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.margins(x=0.25)
+    fig.tight_layout()
+    return _svg(fig, "bundles")
+
+
+def bundle_table(bundles: pd.DataFrame) -> pd.DataFrame:
+    order = bundles.sort_values(["device", "target", "latency_mix_mean_ms"])
+    return pd.DataFrame({
+        "device": order["device"], "target": order["target"], "deploy": order["model"] + "/" + order["variant"],
+        "shapes": order["policy"] + " " + order["shapes"],
+        "mean ms": [f"{_fmt(v)}{' (sim: not timed)' if s else ''}"
+                    for v, s in zip(order["latency_mix_mean_ms"], order["simulated"].astype(bool))],
+        "p99 ms": order["latency_mix_p99_ms"].map(_fmt),
+        "inputs cut": [f"{t}/{n}" for t, n in zip(order["truncated_inputs"], order["mix_inputs"])],
+        "metric": order["metric_value"].map(_fmt), "in budget": order["within_budget"].map({True: "yes", False: "no"}),
+        "artifacts": order["contexts"], "MB": order["size_mb"].map(lambda v: _fmt(v, ".1f")),
+    })
+
+
+def shape_choice_table(summary: dict) -> pd.DataFrame:
+    rows = [{"device": key.split("/", 1)[0], "target": key.split("/", 1)[1], "deploy": f"{c['model']}/{c['variant']}",
+             "shapes": f"{c['policy']} {c['shapes']}", "mean ms": f"{c['latency_mix_mean_ms']:.2f}",
+             "p99 ms": f"{c['latency_mix_p99_ms']:.2f}", "why": c["reason"]}
+            for key, c in sorted(summary.get("shape_choice", {}).items())]
+    return pd.DataFrame(rows)
+
+
 def prune_search_table(searched: pd.DataFrame) -> pd.DataFrame:
     """One row per model and level tried: the shares removed, weights kept, and the drop on each set@length."""
     rows = []
@@ -556,6 +612,12 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
     if len(probed):
         plots["sensitivity.svg"] = drawn("sensitivity.svg", plot_sensitivity, probed, cache=plot_cache)
     sensitivity = sensitivity_table(probed) if len(probed) else pd.DataFrame()
+    bundled = metrics[BUNDLES]
+    timed_bundles = bundled[~bundled["simulated"].astype(bool)].dropna(subset=["latency_mix_mean_ms"]) \
+        if len(bundled) else bundled
+    if len(timed_bundles):
+        plots["bundles.svg"] = drawn("bundles.svg", plot_bundles, bundled, cache=plot_cache)
+    bundles, shapes = (bundle_table(bundled), shape_choice_table(summary)) if len(bundled) else (pd.DataFrame(),) * 2
     assignments = metrics[AUTO_MIXED]
     mixed = mixed_table(assignments) if assignments else pd.DataFrame()
     recs, placement, results, tools = (recommendations(bench, summary), placement_table(compiled),
@@ -583,6 +645,12 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
          f"<p>The smallest measured sequence length that keeps {coverage:.0%} of your inputs whole ({lengths}), "
          "and the fastest artifact within the accuracy budget at it.</p>" + _html_table(recs, wide=True)
          if coverage is not None else _html_table(recs, wide=True)),
+        *([("Latency on your inputs: static length vs buckets",
+            "<p>Each row's artifacts deployed one way, timed on a seeded sample of your inputs (each run at the "
+            "shape that deployment would use, interleaved in one process); the recommendation keeps "
+            f"{coverage or 0:.0%} of the inputs whole within the accuracy budget.</p>" + _html_table(shapes, wide=True)
+            + (f"<div class='plot'>{plots['bundles.svg']}</div>" if "bundles.svg" in plots else "")
+            + _html_table(bundles))] if len(bundles) else []),
         ("Latency vs accuracy", f"<div class='plot'>{plots['pareto.svg']}</div>"),
         ("Latency vs sequence length", f"<div class='plot'>{plots['seq_len.svg']}</div>" + _html_table(
             choice.assign(truncated_share=(100 * choice["truncated_share"]).round(2)).drop(columns=["covered_share"])
@@ -618,6 +686,9 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         md += [f"> **QUICK MODE**: {QUICK_NOTE}", ""]
     md += [f"> {n}" for n in notes] + ([""] if notes else [])
     md += ["## Recommended artifact per device", "", recs.to_markdown(index=False) if len(recs) else "none", "",
+           *(["## Latency on your inputs: static length vs buckets", "", shapes.to_markdown(index=False), "",
+              *(["![latency on your inputs](bundles.svg)", ""] if "bundles.svg" in plots else []),
+              bundles.to_markdown(index=False, disable_numparse=True), ""] if len(bundles) else []),
            "## Latency vs accuracy", "", "![latency vs accuracy](pareto.svg)", "",
            "## Latency vs sequence length", "", "![latency vs sequence length](seq_len.svg)", "",
            choice.to_markdown(index=False, floatfmt=".4g") if len(choice) else "", "",

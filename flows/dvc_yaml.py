@@ -25,6 +25,7 @@ from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import STAMP, write_json_atomic
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
+from tasks.stages.bundle import MixTiming
 from tasks.stages.sensitivity import SensitivityParams
 
 DVC_YAML = Path("dvc.yaml")
@@ -145,6 +146,18 @@ def document(cfg: EdgeoptConfig) -> dict:
             "params": ["benchmark", "evaluation", "family"],
             "outs": ["artifacts/benchmark/${item.model}/${item.target.variant}-${item.target.device}-${item.seq_len}"],
         },
+        "bundle": {
+            "matrix": {"model": "${models}", "target": "${targets}"},
+            "cmd": "edgeopt stage bundle --model ${item.model} --variant ${item.target.variant} "
+                   "--device ${item.target.device}",
+            # Its artifacts at every bucket length (DVC cannot pick the lengths per device: all of them).
+            "deps": ["artifacts/quantize/${item.model}", "artifacts/compile/${item.model}", "artifacts/reference", fetched,
+                     Path(cfg.report.seq_len_choice.text.path).as_posix(), *eval_files,
+                     *_code("bundle", families, backends)],
+            "params": ["bundle", "seq_lens", "report.seq_len_choice.text",
+                       *(f"benchmark.{k}" for k in MixTiming.model_fields), "evaluation", "family"],
+            "outs": ["artifacts/bundle/${item.model}/${item.target.variant}-${item.target.device}"],
+        },
         "latency_curve": {
             "foreach": "${models}",
             "do": {
@@ -158,7 +171,7 @@ def document(cfg: EdgeoptConfig) -> dict:
         },
         "report": {
             "cmd": "edgeopt stage report",
-            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/latency_curve", "artifacts/prune",
+            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/bundle", "artifacts/latency_curve", "artifacts/prune",
                      *(["artifacts/sensitivity"] if cfg.sensitivity.variants else []), fetched,
                      Path(cfg.report.seq_len_choice.text.path).as_posix(), *_code("report", families)],
             "params": ["models", "seq_lens", "targets", "compile.jobs", "report", "family",

@@ -37,6 +37,7 @@ from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.recipes.auto_mixed import ASSIGNMENT
 from tasks.stages import benchmark as benchmark_stage
+from tasks.stages import bundle as bundle_stage
 from tasks.stages import calibration_data as calibration_stage
 from tasks.stages import compile as compile_stage
 from tasks.stages import export_onnx as export_stage
@@ -59,6 +60,7 @@ STAGE_MODULES = {
     "quantize": quantize_stage,
     "compile": compile_stage,
     "benchmark": benchmark_stage,
+    "bundle": bundle_stage,
     "latency_curve": latency_curve_stage,
     "sensitivity": sensitivity_stage,
     "report": report_stage,
@@ -419,6 +421,42 @@ def benchmark_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     ]
 
 
+def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Catalog = MAIN) -> StageCall:
+    shapes = cfg.bucket_shapes(target.device)
+    compiled = {}
+    for shape in shapes:
+        for job_target, folder in compiled_for(cfg, model, target, shape, out).items():
+            compiled.setdefault(job_target, {})[shape] = folder
+    sources = {shape: variant_artifact(cfg, model, target.variant, shape, out) for shape in shapes}
+    text = cfg.report.seq_len_choice.text
+    return StageCall(
+        stage="bundle",
+        name=catalog.dvc_stage_name("bundle", model=model, target=f"target{index}"),
+        fn=bundle_stage.run,
+        base=out.base,
+        out_dir=out.bundle_dir(model, target.variant, target.device),
+        inputs={
+            "model_dir": catalog.model_folder(out.fetch_model_dir()),
+            "text": out.rebase(Path(text.path)),
+            "reference_outputs": out.reference_dir(shapes[-1]) / reference_stage.OUTPUTS,
+        },
+        watch={**eval_files(cfg), **{f"source_{s}": out.quantize_dir(model, target.variant, s) for s in shapes},
+               **{f"compiled_{t}_{s}": d for t, by_shape in compiled.items() for s, d in by_shape.items()}},
+        params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}}), "text_source": text,
+                "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),
+                "evaluation_params": cfg.evaluation, "family": cfg.family},
+        args={"sources": sources, "compiled": compiled, "model": model, "variant": target.variant,
+              "device": target.device, "eval_limit": cfg.benchmark.quick_eval_items if cfg.benchmark.quick else None},
+        code=stage_code("bundle", family_module(cfg), BACKENDS.module_of(target.device),
+                        BACKENDS.module_of(bundle_stage.CPU_EP_DEVICE)),
+        tools=bundle_stage.TOOLS,
+    )
+
+
+def bundle_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
+    return [bundle(cfg, m, i, t, out) for m in cfg.models for i, t in enumerate(cfg.targets)]
+
+
 def compile_device(cfg: EdgeoptConfig, model: str, index: int, job: CompileJob, seq_len: int, out: Catalog = MAIN) -> StageCall:
     name = catalog.dvc_stage_name("compile", model=model, job=f"job{index}", seq_len=seq_len)
     return StageCall(
@@ -531,6 +569,7 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     dirs = [c.out_dir for c in benchmark_calls(cfg, out)]
     compiled = [c.out_dir for c in compile_calls(cfg, out)]
     curves = [c.out_dir for c in latency_curve_calls(cfg, out)]
+    bundles = [c.out_dir for c in bundle_calls(cfg, out)]
     sensitive = [c.out_dir for c in sensitivity_calls(cfg, out)]
     pruned = [out.prune_dir(model) for model in cfg.models]
     return StageCall(
@@ -548,11 +587,12 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
             **{f"benchmark_{i}": d for i, d in enumerate(dirs)},
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
             **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
+            **{f"bundle_{i}": d for i, d in enumerate(bundles)},
             **{f"sensitivity_{i}": d for i, d in enumerate(sensitive)},
             **{f"prune_{i}": d / STAMP for i, d in enumerate(pruned)},
         },
         params={"params": cfg.report, "family": cfg.family},
-        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "prune_dirs": pruned,
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "bundle_dirs": bundles, "prune_dirs": pruned,
               "sensitivity_dirs": sensitive},
         code=stage_code("report", family_module(cfg)),
         tools=report_stage.TOOLS,
@@ -582,4 +622,5 @@ def mixed_quantize_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageC
 def all_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
     return [*prepare_calls(cfg, out), *sensitivity_calls(cfg, out), *mixed_quantize_calls(cfg, out),
-            *compile_calls(cfg, out), *benchmark_calls(cfg, out), *latency_curve_calls(cfg, out), report(cfg, out)]
+            *compile_calls(cfg, out), *benchmark_calls(cfg, out), *bundle_calls(cfg, out), *latency_curve_calls(cfg, out),
+            report(cfg, out)]

@@ -23,6 +23,7 @@ from tasks.core.params import StrictParams
 from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, family_settings
 from tasks.stages.benchmark import BenchmarkParams
+from tasks.stages.bundle import BundleParams
 from tasks.stages.calibration_data import CalibrationDataParams
 from tasks.stages.compile import CompileCheckParams
 from tasks.stages.export_onnx import ExportOnnxParams
@@ -126,6 +127,7 @@ class EdgeoptConfig(StrictParams):
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     compile: CompileParams = Field(default_factory=CompileParams)
     benchmark: BenchmarkParams = BenchmarkParams()
+    bundle: BundleParams = BundleParams()
     latency_curve: LatencyCurveParams = LatencyCurveParams()
     sensitivity: SensitivityParams = SensitivityParams()
     report: ReportParams = ReportParams()
@@ -228,6 +230,24 @@ class EdgeoptConfig(StrictParams):
         if missing:
             raise ValueError(f"targets use variant(s) {missing} that are not in variants {self.variants}; add them there")
         return self
+
+    @model_validator(mode="after")
+    def _buckets(self) -> EdgeoptConfig:
+        for device, shapes in self.bundle.buckets.items():
+            where = f"bundle.buckets.{device}"
+            if device not in {t.device for t in self.targets}:
+                raise ValueError(f"{where}: no target runs on {device}; name a device of targets")
+            outside = sorted(set(shapes) - set(self.seq_lens))
+            if not shapes or outside:
+                raise ValueError(f"{where}: {outside or shapes} must be lengths of seq_lens {self.seq_lens} (each "
+                                 "bucket is built like a length); add them to seq_lens")
+            if len(set(shapes)) != len(shapes):
+                raise ValueError(f"{where}: a length is listed twice")
+        return self
+
+    def bucket_shapes(self, device: str) -> list[int]:
+        """The lengths a device's bundles route to (ascending)."""
+        return sorted(self.bundle.buckets.get(device, self.seq_lens))
 
     @model_validator(mode="after")
     def _sensitivity(self) -> EdgeoptConfig:

@@ -96,15 +96,16 @@ def measure(request: dict) -> dict:
     }
 
 
-def launch_worker(request: dict, timeout_s: float) -> dict:
-    """Run `measure(request)` in a fresh interpreter; raise BenchmarkError with its last line on failure."""
+def launch_worker(request: dict, timeout_s: float, module: str = "tasks.backends.worker") -> dict:
+    """Run `module`'s main on `request` in a fresh interpreter (default: `measure`); raise BenchmarkError with
+    its last line on failure."""
 
     request_path = Path(request["result"]).with_name(Path(request["result"]).stem + "-request.json")
     request_path.write_text(json.dumps(request), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "tasks.backends.worker", str(request_path)],
+            [sys.executable, "-m", module, str(request_path)],
             stdout=subprocess.PIPE,
             stderr=None if sys.stderr.isatty() else subprocess.PIPE,
             text=True,

@@ -77,6 +77,10 @@ class Catalog:
     def benchmark_dir(self, model: str, variant: str, device: str, seq_len: int) -> Path:
         return self.artifacts / "benchmark" / model / f"{variant}-{device}-{seq_len}"
 
+    def bundle_dir(self, model: str, variant: str, device: str) -> Path:
+        """A target's deployable bundles (one folder per compile target) and their input-mix timings."""
+        return self.artifacts / "bundle" / model / f"{variant}-{device}"
+
     def latency_curve_dir(self, model: str) -> Path:
         """Latency at the extra lengths asked for in latency_curve, for the seq-len choice."""
         return self.artifacts / "latency_curve" / model

@@ -310,3 +310,48 @@ SENSITIVITY_ROWS = pa.DataFrameSchema(
     ordered=True,
     name="sensitivity_rows",
 )
+
+# Bundle rows (stage bundle, then the report): a target's artifacts deployed with one shape policy, timed on
+# a sample of the user's inputs. `buckets` rows carry their own accuracy (routed as deployed); `static` rows get
+# the benchmark's at their length in the report. Simulated rows have no latency.
+BUNDLE_KEY = ["model", "variant", "device", "target", "policy", "shapes"]
+BUNDLE_ROWS = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "variant": pa.Column(str),
+        "device": pa.Column(str),
+        "target": pa.Column(str),
+        "policy": pa.Column(str, pa.Check.isin(["buckets", "static"])),
+        "shapes": pa.Column(str, pa.Check.str_matches(r"^\d+(/\d+)*$")),
+        "contexts": pa.Column(int, pa.Check.ge(1)),
+        "size_mb": pa.Column(float, pa.Check.gt(0)),
+        "mix_inputs": pa.Column(int, pa.Check.ge(1)),
+        "truncated_inputs": pa.Column(int, pa.Check.ge(0)),
+        "bucket_counts": pa.Column(str),
+        "latency_mix_mean_ms": pa.Column(float, pa.Check.gt(0), nullable=True),
+        "latency_mix_p50_ms": pa.Column(float, pa.Check.gt(0), nullable=True),
+        "latency_mix_p99_ms": pa.Column(float, pa.Check.gt(0), nullable=True),
+        "metric_name": pa.Column(str, nullable=True),
+        "metric_value": pa.Column(float, nullable=True),
+        "cosine_to_fp32_mean": pa.Column(float, pa.Check.in_range(-1.0001, 1.0001), nullable=True),
+        "accuracy_source": pa.Column(str, nullable=True),
+        "eval_truncated_inputs": pa.Column(float, pa.Check.ge(0), nullable=True),
+        "threads": pa.Column(int, pa.Check.ge(1)),
+        "simulated": pa.Column(bool),
+        "cpu_model": pa.Column(str),
+        "cpu_flags": pa.Column(str, nullable=True),
+        "engine_version": pa.Column(str),
+        "tool_versions": pa.Column(str),
+    },
+    checks=[pa.Check(lambda df: ~df.duplicated(BUNDLE_KEY), error="one row per bundle and shape policy")],
+    strict=True,
+    coerce=True,
+    name="bundle_rows",
+)
+# The report adds each row's verdict: drop against the dense fp32 with the same policy and shapes (buckets) or
+# the benchmark row at its length (static), and the share of the user's inputs kept whole.
+BUNDLE_REPORT_ROWS = BUNDLE_ROWS.add_columns({
+    "metric_drop": pa.Column(float, nullable=True),
+    "within_budget": pa.Column(bool),
+    "covered_share": pa.Column(float, pa.Check.in_range(0, 1)),
+})

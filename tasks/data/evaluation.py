@@ -130,6 +130,40 @@ class EvalData:
 # --------------------------------------------------------------------------- checks before a run
 
 
+class Scorer:
+    """Every evaluation set's inputs as one feed block, and each set's metric from the block's outputs."""
+
+    def __init__(self, sets: list[EvalData], reference: np.ndarray, reference_path: Path,
+                 eval_sets: list[EvalSet]):
+        self.sets, self.reference, self.reference_path = sets, reference, reference_path
+        self.stsb = [s.reader == "stsb" and s.metric == "spearman" for s in eval_sets]
+        self.inputs = [text for data in sets for text in data.inputs]
+        self.offsets = np.cumsum([0, *(len(d.inputs) for d in sets)])
+
+    def evaluations(self, outputs: np.ndarray, source: str) -> list[dict]:
+        return [
+            {"eval_set": data.name, "metric_name": data.metric_name, "metric_value": data.score(outputs[a:b]),
+             "higher_is_better": data.higher_is_better, "items": data.items, "total_items": data.total_items,
+             "accuracy_source": source}
+            for data, a, b in zip(self.sets, self.offsets[:-1], self.offsets[1:])
+        ]
+
+    def columns(self, outputs: np.ndarray, evaluations: list[dict]) -> dict:
+        """The row's accuracy columns: the first set's metric and the cosine to the fp32 reference."""
+        first = evaluations[0]
+        n = min(len(self.reference), len(outputs))  # both are prefixes of the first set's inputs
+        if self.reference.shape[1:] != outputs.shape[1:]:
+            raise InputError(
+                f"{self.reference_path}: output shape {self.reference.shape[1:]} differs from this model's "
+                f"{outputs.shape[1:]}"
+            )
+        cos = row_cosines(outputs[:n].reshape(n, -1), self.reference[:n].reshape(n, -1))
+        return {"eval_set": first["eval_set"], "metric_name": first["metric_name"],
+                "metric_value": first["metric_value"], "higher_is_better": first["higher_is_better"],
+                "eval_items": first["items"], "eval_total_items": first["total_items"], "stsb_spearman": first["metric_value"] if self.stsb[0] else None,
+                "cosine_to_fp32_mean": float(cos.mean()), "cosine_to_fp32_min": float(cos.min())}
+
+
 def check_columns(eval_set: EvalSet) -> None:
     """Read only the header (or first line) of each file: a missing column is one line before any stage."""
     for field_name, path in eval_set.files().items():

@@ -74,6 +74,9 @@ class ModelFamily(Protocol):
 
     def load_preprocessor(self, model_dir: Path) -> Any: ...
 
+    def save_preprocessor(self, preprocessor: Any, folder: Path) -> None:
+        """Write what `load_preprocessor(folder)` reads back (a deployable bundle carries it)."""
+
     def load(self, model_dir: Path, settings: FamilySettings, attn_implementation: str = "eager") -> LoadedModel: ...
 
     def max_shape(self, loaded: LoadedModel) -> int | None:

@@ -84,6 +84,9 @@ class HfTextFamily:
         except (OSError, ValueError) as exc:
             raise InputError(f"{model_dir}: cannot load the tokenizer ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
 
+    def save_preprocessor(self, tokenizer, folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+
     def load(self, model_dir: Path, settings: FamilySettings, attn_implementation: str = "eager") -> LoadedModel:
         """Tokenizer and model of an HF folder; a folder the prune stage wrote (with `prune.json`) has
         per-layer shapes HF configs cannot express, so `encoder_pruning.load_pruned` rebuilds it."""

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from tasks.backends import get_backend
 from tasks.backends.measure import TimingParams, WorkerPool, model_files, model_sha256, timing_columns
-from tasks.core.errors import BackendUnavailableError, BenchmarkError, StageError
+from tasks.core.errors import BackendUnavailableError, StageError
 from tasks.core.fingerprint import atomic_output_dir, read_stamp, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
 from tasks.core.onnx_graph import row_cosines
@@ -125,40 +125,6 @@ def compiled_jobs(compiled: dict[str, Path]) -> tuple[list[_Job], list[dict]]:
     return jobs, skipped
 
 
-class _Scorer:
-    """Every evaluation set's inputs as one feed block, and each set's metric from the block's outputs."""
-
-    def __init__(self, sets: list[evaluation.EvalData], reference: np.ndarray, reference_path: Path,
-                 eval_sets: list[evaluation.EvalSet]):
-        self.sets, self.reference, self.reference_path = sets, reference, reference_path
-        self.stsb = [s.reader == "stsb" and s.metric == "spearman" for s in eval_sets]
-        self.inputs = [text for data in sets for text in data.inputs]
-        self.offsets = np.cumsum([0, *(len(d.inputs) for d in sets)])
-
-    def evaluations(self, outputs: np.ndarray, source: str) -> list[dict]:
-        return [
-            {"eval_set": data.name, "metric_name": data.metric_name, "metric_value": data.score(outputs[a:b]),
-             "higher_is_better": data.higher_is_better, "items": data.items, "total_items": data.total_items,
-             "accuracy_source": source}
-            for data, a, b in zip(self.sets, self.offsets[:-1], self.offsets[1:])
-        ]
-
-    def columns(self, outputs: np.ndarray, evaluations: list[dict]) -> dict:
-        """The row's accuracy columns: the first set's metric and the cosine to the fp32 reference."""
-        first = evaluations[0]
-        n = min(len(self.reference), len(outputs))  # both are prefixes of the first set's inputs
-        if self.reference.shape[1:] != outputs.shape[1:]:
-            raise BenchmarkError(
-                f"{self.reference_path}: output shape {self.reference.shape[1:]} differs from this model's "
-                f"{outputs.shape[1:]}"
-            )
-        cos = row_cosines(outputs[:n].reshape(n, -1), self.reference[:n].reshape(n, -1))
-        return {"eval_set": first["eval_set"], "metric_name": first["metric_name"],
-                "metric_value": first["metric_value"], "higher_is_better": first["higher_is_better"],
-                "eval_items": first["items"], "eval_total_items": first["total_items"], "stsb_spearman": first["metric_value"] if self.stsb[0] else None,
-                "cosine_to_fp32_mean": float(cos.mean()), "cosine_to_fp32_min": float(cos.min())}
-
-
 def run(
     *,
     artifact: Path,
@@ -185,7 +151,7 @@ def run(
     how = plan(params, seq_len)
     classes = impl.class_names(Path(model_dir))
     sets = [evaluation.load(s, classes, limit=how.eval_limit) for s in evaluation_params.sets]
-    scorer = _Scorer(sets, np.load(reference_outputs), Path(reference_outputs), evaluation_params.sets)
+    scorer = evaluation.Scorer(sets, np.load(reference_outputs), Path(reference_outputs), evaluation_params.sets)
     preprocessor = impl.load_preprocessor(Path(model_dir))
     feeds = impl.samples(preprocessor, scorer.inputs, seq_len)
 

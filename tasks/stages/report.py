@@ -50,6 +50,8 @@ from tasks.core.fingerprint import atomic_output_dir, read_stamp, write_json_ato
 from tasks.core.params import StrictParams
 from tasks.core.schemas import (
     BENCHMARK_ROWS,
+    BUNDLE_REPORT_ROWS,
+    BUNDLE_ROWS,
     COMPILE_ROWS,
     EVALUATION_ROWS,
     PRUNE_SEARCH,
@@ -324,6 +326,70 @@ def judge_budget(table: pd.DataFrame, judged: pd.DataFrame) -> pd.DataFrame:
     return REPORT_ROWS.validate(merged[list(REPORT_ROWS.columns)])
 
 
+def collect_bundles(bundle_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The bundle rows and every evaluation set's metric of each buckets row."""
+    stamps = _stamps(bundle_dirs, "bundle")
+    rows = [row for stamp in stamps for row in stamp["rows"]]
+    try:
+        table = BUNDLE_ROWS.validate(pd.DataFrame(rows, columns=list(BUNDLE_ROWS.columns)))
+    except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        raise StageError(f"bundle rows fail the schema: {describe(exc)}") from exc
+    scores = pd.DataFrame([s for stamp in stamps for s in stamp.get("evaluations", [])],
+                          columns=["model", "variant", "device", "target", "policy", *EVALUATION_COLUMNS])
+    return table, scores
+
+
+def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFrame, budget: float) -> pd.DataFrame:
+    """Each bundle row's verdict. Buckets rows: on every evaluation set, at most `budget` points worse than the
+    dense fp32 bundle on ORT CPU with the same buckets (routed alike). Static rows: the benchmark row's verdict
+    at that length. `covered_share`: the user's inputs the row keeps whole."""
+    routed_rows = bundles[bundles["policy"] == "buckets"]
+    shapes = routed_rows.set_index(["model", "variant", "device", "target", "policy"])["shapes"]
+    scores = scores.join(shapes, on=["model", "variant", "device", "target", "policy"])
+    base = scores[(scores["model"] == DENSE) & (scores["variant"] == "fp32") & (scores["device"] == "ort_cpu")]
+    fp32 = base.drop_duplicates(["shapes", "eval_set"]).set_index(["shapes", "eval_set"])["metric_value"]
+    sign = np.where(scores["higher_is_better"].astype(bool), 1.0, -1.0)
+    scores = scores.assign(drop=sign * (fp32.reindex(pd.MultiIndex.from_frame(scores[["shapes", "eval_set"]])).to_numpy()
+                                        - scores["metric_value"].to_numpy()))
+    key = ["model", "variant", "device", "target", "policy", "shapes"]
+    routed = scores.groupby(key).agg(metric_drop=("drop", "first"), within_budget=("drop", lambda d: bool((d <= budget).all())))
+    static = table.assign(policy="static", shapes=table["seq_len"].astype(int).astype(str)).set_index(key)[
+        ["metric_drop", "within_budget", "metric_name", "metric_value", "cosine_to_fp32_mean", "accuracy_source"]]
+    judged = bundles.join(routed, on=key)
+    for column in static.columns:  # static rows: the benchmark's accuracy at their length
+        from_static = static[column].reindex(pd.MultiIndex.from_frame(judged[key])).to_numpy()
+        judged[column] = np.where(judged["policy"] == "static", from_static, judged.get(column))
+    judged["within_budget"] = judged["within_budget"].fillna(False).astype(bool)
+    judged["covered_share"] = 1 - judged["truncated_inputs"] / judged["mix_inputs"]
+    return BUNDLE_REPORT_ROWS.validate(judged[list(BUNDLE_REPORT_ROWS.columns)])
+
+
+def choose_shapes(bundles: pd.DataFrame, coverage: float) -> dict:
+    """Per device and compile target: the bundle row fastest on the user's inputs among those within budget that
+    keep `coverage` of them whole, against the fastest such static row, with the reason in one line."""
+    choices = {}
+    timed = bundles[~bundles["simulated"] & bundles["within_budget"] & (bundles["covered_share"] >= coverage)]
+    for (device, target), group in timed.groupby(["device", "target"]):
+        ranked = group.sort_values("latency_mix_mean_ms")
+        best, static = ranked.iloc[0], ranked[ranked["policy"] == "static"]
+        pick = {"policy": best["policy"], "shapes": best["shapes"], "model": best["model"], "variant": best["variant"],
+                "latency_mix_mean_ms": float(best["latency_mix_mean_ms"]),
+                "latency_mix_p99_ms": float(best["latency_mix_p99_ms"])}
+        if best["policy"] == "static" or static.empty:
+            pick["reason"] = (f"static {best['shapes']}: fastest on your inputs within budget, keeping "
+                              f"{best['covered_share']:.1%} of them whole")
+        else:
+            other = static.iloc[0]
+            speedup = float(other["latency_mix_mean_ms"]) / float(best["latency_mix_mean_ms"])
+            pick["reason"] = (f"buckets {best['shapes']}: {speedup:.2f}x faster on your inputs than static "
+                              f"{other['shapes']} ({other['model']} {other['variant']}); "
+                              f"+{int(best['contexts']) - 1} artifacts, +{best['size_mb'] - other['size_mb']:.0f} MB")
+            pick["vs_static"] = {"shapes": other["shapes"], "model": other["model"], "variant": other["variant"],
+                                 "latency_mix_mean_ms": float(other["latency_mix_mean_ms"]), "speedup": speedup}
+        choices[f"{device}/{target}"] = pick
+    return choices
+
+
 def best_within_budget(table: pd.DataFrame) -> dict:
     """Fastest row within budget for each (device, seq_len), over every model: what to deploy there.
     Rows timed on a simulator are left out: simulator time says nothing about which is faster."""
@@ -352,6 +418,7 @@ def run(
     text: Path,
     compile_dirs: list[Path] = (),
     curve_dirs: list[Path] = (),
+    bundle_dirs: list[Path] = (),
     prune_dirs: list[Path] = (),
     sensitivity_dirs: list[Path] = (),
 ) -> dict:
@@ -363,6 +430,8 @@ def run(
     judged = judge(scores, params.accuracy_budget)
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
+    bundles = judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget)
+    shape_choice = choose_shapes(bundles, params.seq_len_choice.coverage)
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
     sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})
@@ -382,21 +451,24 @@ def run(
         judged.to_csv(scratch / "evaluation.csv", index=False, float_format="%.6g")
         compiled.to_csv(scratch / "compile.csv", index=False, float_format="%.6g")
         curve.to_csv(scratch / "latency_curve.csv", index=False, float_format="%.6g")
+        bundles.to_csv(scratch / "bundles.csv", index=False, float_format="%.6g")
         choice_table.to_csv(scratch / "seq_len_choice.csv", index=False, float_format="%.6g")
         searched.to_csv(scratch / "prune_search.csv", index=False, float_format="%.6g")
         sensitivity.to_csv(scratch / SENSITIVITY_TABLE, index=False, float_format="%.6g")
         write_json_atomic(scratch / AUTO_MIXED, assignments)
         write_json_atomic(scratch / "summary.json", {**summary, "best_within_budget": best, "seq_len_choice": seq_len,
-                                                     "prune_search": prune_verdicts})
+                                                     "shape_choice": shape_choice, "prune_search": prune_verdicts})
         write_json_atomic(scratch / "input_lengths.json", stats)
         write_stamp(scratch, key, {"rows": len(table), "evaluation_rows": len(judged), "compile_rows": len(compiled),
-                                   "curve_rows": len(curve), "sensitivity_rows": len(sensitivity)})
+                                   "curve_rows": len(curve), "bundle_rows": len(bundles), "sensitivity_rows": len(sensitivity)})
     return {
         # Through JSON so missing values are None (the Prefect result is stored as JSON).
         "rows": json.loads(table.to_json(orient="records")),
         "evaluation_rows": json.loads(judged.to_json(orient="records")),
         "compile_rows": json.loads(compiled.to_json(orient="records")),
         "curve_rows": json.loads(curve.to_json(orient="records")),
+        "bundle_rows": json.loads(bundles.to_json(orient="records")),
+        "shape_choice": shape_choice,
         "sensitivity_rows": len(sensitivity),
         "summary": summary,
         "best_within_budget": best,

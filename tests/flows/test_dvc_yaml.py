@@ -111,6 +111,9 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
                                 "report.accuracy_budget", "seq_lens"}
         elif call.stage == "quantize":
             assert declared == {f"quantize.variants.{call.args['variant']}", "quantize.calibration_chunk", "family"}
+        elif call.stage == "bundle":  # its buckets are lengths of seq_lens; it times the report's text sample
+            assert declared == {"bundle", "seq_lens", "report.seq_len_choice.text", "benchmark.threads",
+                                "benchmark.warmup_runs", "benchmark.worker_timeout_s", "evaluation", "family"}
         elif call.stage in ("benchmark", "reference"):
             assert declared == {call.stage, "evaluation", "family"}
         else:

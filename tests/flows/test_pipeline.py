@@ -41,6 +41,7 @@ ALL_STAGES = {
     "compile@dense-job0-32",
     "benchmark@dense-target0-16",
     "benchmark@dense-target0-32",
+    "bundle@dense-target0",
     "latency_curve@dense",
     "report",
 }

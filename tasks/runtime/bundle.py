@@ -1,0 +1,133 @@
+"""A deployable bundle: one static-shape artifact per bucket, the preprocessor, and a manifest that routes.
+
+Static shapes are an NPU constraint: an artifact built for 128 tokens makes a 12-token sentence pay for 128.
+A bundle holds the same variant built at several lengths (buckets); each input goes to the smallest bucket
+that holds it whole, and an input longer than the largest bucket is truncated to it (counted, and warned
+about once per call). The benchmark's input-mix latency runs through this class, so what it measures is
+what a deployment embedding it gets:
+
+    bundle = Bundle.load("artifacts/bundle/dense/ort_qdq_a8w8-ort_cpu/host", threads=2)
+    embeddings = bundle.run(["a sentence", "another one"])   # [2, dim], each at its own bucket
+
+Folder layout: `manifest.json` (`Manifest`), `preprocessor/` (e.g. the tokenizer) and one folder per bucket
+(`seq<L>/`, the artifact's files as the pipeline made them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from tasks.backends import get_backend
+from tasks.backends.worker import takes_cache_dir
+from tasks.core.errors import InputError
+from tasks.core.params import StrictParams
+from tasks.families import FAMILIES
+
+MANIFEST = "manifest.json"
+PREPROCESSOR = "preprocessor"
+log = logging.getLogger(__name__)
+
+
+class Bucket(StrictParams):
+    shape: int = Field(ge=1, description="the static length (tokens for text) the artifact takes")
+    artifact: str = Field(description="the artifact's file, relative to the bundle folder")
+
+
+class Manifest(StrictParams):
+    """What a bundle holds and how inputs are routed; written as `manifest.json`."""
+
+    family: str = Field(description="the model family (tasks.families) that prepares raw samples")
+    device: str = Field(description="the backend (tasks.backends) that runs the artifacts")
+    target: str = Field(description="the compile target (e.g. a Snapdragon SoC), or host")
+    buckets: list[Bucket] = Field(min_length=1, description="ascending by shape")
+    routing: str = "smallest bucket that holds the input whole; longer inputs truncated to the largest"
+
+    @field_validator("buckets")
+    @classmethod
+    def _ascending(cls, v: list[Bucket]) -> list[Bucket]:
+        shapes = [b.shape for b in v]
+        if shapes != sorted(set(shapes)):
+            raise ValueError(f"bucket shapes must be distinct and ascending, got {shapes}")
+        return v
+
+    @property
+    def shapes(self) -> list[int]:
+        return [b.shape for b in self.buckets]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where each input goes: its size along the shape axis, its bucket, and whether it is cut."""
+
+    lengths: np.ndarray
+    shapes: np.ndarray
+    truncated: np.ndarray
+
+    def counts(self) -> dict[int, int]:
+        return {int(k): int(v) for k, v in sorted(Counter(self.shapes.tolist()).items())}
+
+
+def route(lengths: np.ndarray, shapes: list[int]) -> Routes:
+    """Each input's bucket: the smallest shape >= its length, else the largest (the input is truncated)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ordered = np.asarray(sorted(shapes), dtype=np.int64)
+    at = np.searchsorted(ordered, lengths, side="left")
+    truncated = at >= len(ordered)
+    return Routes(lengths, ordered[np.minimum(at, len(ordered) - 1)], truncated)
+
+
+class Bundle:
+    """A loaded bundle: the preprocessor and one ready session per bucket."""
+
+    def __init__(self, folder: Path, manifest: Manifest, preprocessor, models: dict[int, object]):
+        self.folder, self.manifest, self.preprocessor, self.models = folder, manifest, preprocessor, models
+        self.family = FAMILIES.get(manifest.family)
+
+    @classmethod
+    def load(cls, folder: Path | str, threads: int, cache_dir: Path | None = None) -> Bundle:
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        backend = get_backend(manifest.device)
+        options = {"cache_dir": cache_dir} if cache_dir is not None and takes_cache_dir(backend) else {}
+        models = {b.shape: backend.load(folder / b.artifact, threads, **options) for b in manifest.buckets}
+        preprocessor = FAMILIES.get(manifest.family).load_preprocessor(folder / PREPROCESSOR)
+        return cls(folder, manifest, preprocessor, models)
+
+    def routes(self, samples: list) -> Routes:
+        return route(self.family.input_lengths(self.preprocessor, samples), self.manifest.shapes)
+
+    def feeds(self, samples: list, shape: int) -> dict[str, np.ndarray]:
+        """Every sample prepared at `shape` (padded, or truncated when longer)."""
+        return self.family.samples(self.preprocessor, samples, shape)
+
+    def run(self, samples: list) -> np.ndarray:
+        """One output row per sample, each run at its bucket; warns once when inputs were truncated."""
+        routes = self.routes(samples)
+        if routes.truncated.any():
+            log.warning("%d of %d inputs are longer than the largest bucket (%d) and were truncated",
+                        int(routes.truncated.sum()), len(samples), self.manifest.shapes[-1])
+        outputs: list[np.ndarray | None] = [None] * len(samples)
+        for shape in sorted(set(routes.shapes.tolist())):
+            rows = np.flatnonzero(routes.shapes == shape)
+            feeds = self.feeds([samples[i] for i in rows], int(shape))
+            for j, i in enumerate(rows):
+                outputs[i] = self.models[int(shape)].run({k: v[j : j + 1] for k, v in feeds.items()})[0]
+        return np.stack(outputs)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: not found; a bundle folder is what the bundle stage writes (artifacts/bundle/...)")
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise InputError(f"{path}: not a bundle manifest ({first[-1].strip() if first else exc})") from None
+

@@ -1,0 +1,95 @@
+"""Input-mix worker: runs a bundle on the user's own inputs in a process of its own (`Bundle`, as deployed).
+
+Request (JSON): bundle (folder), threads, samples (JSON file: a list of raw samples), shapes (what to time:
+`"buckets"` routes each input as the bundle does; an int forces every input to that one bucket, i.e. a
+static-shape deployment of the same artifacts), warmup_runs, timed (false: outputs only), outputs
+(policy -> npy path, optional), cache_dir, label, result (JSON path).
+
+Timing is interleaved: input by input, every policy runs the same input in rotating order, so a slow
+moment of a shared CPU hits all of them alike and their ratio holds. Preparing the inputs (tokenizing)
+is done once before timing and not counted: every policy would pay the same for it.
+
+Result: per policy `latencies_ms` (one per input, in order); the routes (`lengths`, `bucket_shapes`,
+`truncated` per input) and `peak_rss_mb`, `engine_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from tasks.backends import get_backend
+from tasks.backends.worker import peak_rss_mb
+from tasks.runtime.bundle import Bundle
+
+BUCKETS = "buckets"
+
+
+def measure(request: dict) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cache_dir = Path(request["cache_dir"]) if request.get("cache_dir") else None
+    bundle = Bundle.load(request["bundle"], int(request["threads"]), cache_dir=cache_dir)
+    samples = json.loads(Path(request["samples"]).read_text(encoding="utf-8"))
+    policies = [p if p == BUCKETS else int(p) for p in request["shapes"]]
+    routes = bundle.routes(samples)
+    needed = sorted({int(s) for s in routes.shapes} | {p for p in policies if p != BUCKETS})
+    unknown = [s for s in needed if s not in bundle.models]
+    if unknown:
+        raise ValueError(f"{request['bundle']}: no bucket of shape {unknown}; it has {bundle.manifest.shapes}")
+    prepared = {shape: bundle.feeds(samples, shape) for shape in needed}
+
+    def feed(shape: int, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i : i + 1] for k, v in prepared[shape].items()}
+
+    def shape_of(policy, i: int) -> int:
+        return int(routes.shapes[i]) if policy == BUCKETS else policy
+
+    timed = bool(request.get("timed", True))
+    warmup = int(request.get("warmup_runs", 0)) if timed else 0
+    latencies = {str(p): [] for p in policies}
+    outputs = {str(p): [] for p in policies}
+    label = request.get("label") or Path(request["bundle"]).name
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        for shape in needed:
+            for _ in range(warmup):
+                bundle.models[shape].run(feed(shape, 0))
+        task = progress.add_task(f"{label}: {len(samples)} inputs x {len(policies)} shape policies",
+                                 total=len(samples))
+        for i in range(len(samples)):
+            for k in range(len(policies)):
+                policy = policies[(i + k) % len(policies)]  # rotate who goes first
+                shape = shape_of(policy, i)
+                t0 = time.perf_counter()
+                out = bundle.models[shape].run(feed(shape, i))
+                latencies[str(policy)].append((time.perf_counter() - t0) * 1e3)
+                outputs[str(policy)].append(out[0])
+            progress.advance(task)
+    for policy, path in (request.get("outputs") or {}).items():
+        np.save(path, np.stack(outputs[policy]).astype(np.float32))
+    return {
+        "latencies_ms": latencies if timed else {},
+        "lengths": routes.lengths.tolist(),
+        "bucket_shapes": routes.shapes.tolist(),
+        "truncated": routes.truncated.tolist(),
+        "peak_rss_mb": peak_rss_mb(),
+        "engine_version": metadata.version(get_backend(bundle.manifest.device).engine_package),
+    }
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    result = measure(request)
+    Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,238 @@
+"""Stage bundle: one target's artifacts at several lengths as a deployable bundle, timed on the user's inputs.
+
+One stage instance per (model, target). Static shapes make every input pay for the artifact's length; a
+bundle (`tasks.runtime.bundle`) holds the target's artifact at each bucket length (`bundle.buckets` for
+its device, else every `seq_lens`) and routes each input to the smallest bucket that holds it. For each
+compile target of the (variant, device) (or `host`: the quantize output), this stage:
+- writes the bundle folder `<out>/<target>/` (manifest, preprocessor, one folder per bucket);
+- times it on a seeded sample of the user's inputs (`bundle.mix_samples` of `report.seq_len_choice.text`)
+  in a process of its own, through the same `Bundle` class a deployment embeds, interleaved with the
+  same artifacts used statically (every input at one bucket length): rows with `policy` buckets or
+  static, `latency_mix_mean_ms` / `latency_mix_p99_ms`, and how many inputs each truncates;
+- runs every evaluation set through the bundle (routed as deployed) for the buckets row's accuracy; the
+  static rows' accuracy is the benchmark's at that length (the report joins it).
+On a simulator (QNN HTP on x86-64) the bundle holds the compiled contexts, but nothing is timed (simulator
+time is not device latency) and the accuracy comes from the same QDQ graphs on the ONNX Runtime CPU EP,
+routed the same way (`accuracy_source` cpu_ep_same_graph).
+
+Reads: the quantize outputs at each bucket length, the compile outputs of this target, the model folder
+(its preprocessor), the mix text, the evaluation sets and the reference outputs at the largest bucket.
+Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` and `<out>/stage.json` (`rows`: rows of
+`metrics/bundles.csv`; `evaluations`: every set's metric of each buckets row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from tasks.backends import get_backend
+from tasks.backends.measure import model_files
+from tasks.backends.worker import launch_worker
+from tasks.core.errors import BackendUnavailableError, InputError, StageError
+from tasks.core.fingerprint import atomic_output_dir, read_stamp, tool_versions, write_stamp
+from tasks.core.machine import host_cpu
+from tasks.core.params import StrictParams
+from tasks.data import evaluation
+from tasks.data.evaluation import EvaluationParams
+from tasks.data.text import TextSource, read_source
+from tasks.families import FAMILIES
+from tasks.families.base import FamilySettings
+from tasks.runtime import mix_worker
+from tasks.runtime.bundle import MANIFEST, PREPROCESSOR, Bucket, Manifest
+
+TOOLS = ("onnxruntime", "openvino", "transformers", "numpy")
+HOST = "host"
+CPU_EP_DEVICE = "ort_cpu"
+
+
+class BundleParams(StrictParams):
+    buckets: dict[str, list[int]] = Field(
+        {}, description="device -> the seq_lens its bundles route to; a device not named: every seq_len"
+    )
+    mix_samples: int = Field(300, ge=10, description="inputs sampled from report.seq_len_choice.text for the mix")
+    seed: int = 0
+
+
+class MixTiming(StrictParams):
+    """The benchmark's settings a mix timing uses (one timed run per input and shape policy)."""
+
+    threads: int = Field(ge=1)
+    warmup_runs: int = Field(ge=1)
+    worker_timeout_s: float = Field(gt=0)
+
+
+def mix_sample(source: TextSource, path: Path, count: int, seed: int) -> list[str]:
+    """A seeded sample of the distinct non-blank inputs of `path` (all of them when there are fewer)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: the inputs to time bundles on were not found; fix report.seq_len_choice.text.path")
+    texts = list(dict.fromkeys(t.strip() for t in read_source(source, Path(path)) if t.strip()))
+    if not texts:
+        raise InputError(f"{path}: no text to time bundles on; fix report.seq_len_choice.text")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(texts), size=min(count, len(texts)), replace=False)
+    return [texts[i] for i in sorted(picked)]
+
+
+def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, dict[int, Path]], list[dict]]:
+    """Compile target -> shape -> compiled artifact, for targets compiled at every bucket; the others skipped."""
+    ready, skipped = {}, []
+    for target, folders in compiled.items():
+        artifacts = {}
+        for shape, folder in folders.items():
+            stamp = read_stamp(folder)
+            if not stamp or "status" not in stamp:
+                raise StageError(f"{folder}: no finished compile (stage.json missing); run its compile stage first")
+            if stamp["status"] != "compiled":
+                skipped.append({"target": target, "seq_len": shape, "status": stamp["status"]})
+                break
+            artifacts[shape] = Path(folder) / stamp["artifact"]
+        else:
+            ready[target] = artifacts
+    return ready, skipped
+
+
+def _place(files: list[Path], folder: Path) -> None:
+    """Hard links where the filesystem allows (a bundle repeats artifacts the pipeline already keeps)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copy2(f, folder / f.name)
+
+
+def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: str, family: str,
+                 preprocessor) -> float:
+    """A bundle folder for `artifacts` (shape -> artifact); returns the artifacts' size in MB."""
+    buckets, size = [], 0.0
+    for shape, artifact in sorted(artifacts.items()):
+        files = model_files(Path(artifact))
+        _place(files, folder / f"seq{shape}")
+        size += sum(f.stat().st_size for f in files) / 1e6
+        buckets.append(Bucket(shape=shape, artifact=f"seq{shape}/{Path(artifact).name}"))
+    FAMILIES.get(family).save_preprocessor(preprocessor, folder / PREPROCESSOR)
+    manifest = Manifest(family=family, device=device, target=target, buckets=buckets)
+    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return size
+
+
+class _Runner:
+    """Starts mix workers for one stage in its scratch folder."""
+
+    def __init__(self, tmp: Path, timing: MixTiming):
+        self.tmp, self.timing, self.count = tmp, timing, 0
+
+    def run(self, bundle: Path, samples: list, shapes: list, *, timed: bool, outputs: dict[str, Path] | None = None,
+            label: str) -> dict:
+        self.count += 1
+        samples_path = self.tmp / f"samples{self.count}.json"
+        samples_path.write_text(json.dumps(samples), encoding="utf-8")
+        return launch_worker(
+            {"bundle": str(bundle.resolve()), "threads": self.timing.threads, "samples": str(samples_path),
+             "shapes": shapes, "warmup_runs": self.timing.warmup_runs, "timed": timed,
+             "outputs": {k: str(v) for k, v in (outputs or {}).items()},
+             "cache_dir": str(self.tmp / f"engine-cache-{self.count}"), "label": label,
+             "result": str(self.tmp / f"result{self.count}.json")},
+            self.timing.worker_timeout_s, module=mix_worker.__name__,
+        )
+
+
+def _latency(latencies: list[float]) -> dict:
+    lat = np.asarray(latencies)
+    return {"latency_mix_mean_ms": float(lat.mean()), "latency_mix_p50_ms": float(np.percentile(lat, 50)),
+            "latency_mix_p99_ms": float(np.percentile(lat, 99))}
+
+
+def run(
+    *,
+    sources: dict[int, Path],
+    compiled: dict[str, dict[int, Path]],
+    model_dir: Path,
+    text: Path,
+    reference_outputs: Path,
+    model: str,
+    variant: str,
+    device: str,
+    params: BundleParams,
+    text_source: TextSource,
+    timing: MixTiming,
+    evaluation_params: EvaluationParams,
+    family: FamilySettings,
+    out_dir: Path,
+    key: str,
+    eval_limit: int | None = None,
+) -> dict:
+    """Bundle `sources` (shape -> quantize output), or each compile target's artifacts in `compiled`
+    (target -> shape -> compile folder) when this (variant, device) has compile jobs; time and score them."""
+    backend = get_backend(device)
+    simulated = bool(getattr(backend, "simulated", False))
+    impl = FAMILIES.get(family.name)
+    preprocessor = impl.load_preprocessor(Path(model_dir))
+    shapes = sorted(sources)
+    if compiled:
+        bundles, skipped = compiled_artifacts(compiled)
+    else:
+        bundles, skipped = {HOST: dict(sources)}, []
+    if bundles and not simulated:
+        reason = backend.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"device {device}: {reason}")
+    samples = mix_sample(text_source, Path(text), params.mix_samples, params.seed)
+    sets = [evaluation.load(s, impl.class_names(Path(model_dir)), limit=eval_limit) for s in evaluation_params.sets]
+    scorer = evaluation.Scorer(sets, np.load(reference_outputs), Path(reference_outputs), evaluation_params.sets)
+    cpu_model, cpu_flags = host_cpu()
+    common = {"model": model, "variant": variant, "device": device, "threads": timing.threads,
+              "simulated": simulated, "cpu_model": cpu_model, "cpu_flags": cpu_flags, "mix_inputs": len(samples)}
+    rows, evaluations = [], []
+    with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-bundle-") as tmp_name:
+        tmp = Path(tmp_name)
+        runner = _Runner(tmp, timing)
+        cpu_bundle = None
+        if simulated and bundles:  # accuracy from the same QDQ graphs on the CPU EP, routed the same way
+            cpu_bundle = tmp / "cpu_ep"
+            write_bundle(cpu_bundle, sources, CPU_EP_DEVICE, HOST, family.name, preprocessor)
+        for target, artifacts in bundles.items():
+            folder = scratch / target
+            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor)
+            label = f"{model} {variant} {device} {target}"
+            if simulated:
+                mix = runner.run(cpu_bundle, samples, [mix_worker.BUCKETS], timed=False, label=f"{label} routes")
+                latencies = {}
+            else:
+                mix = runner.run(folder, samples, [mix_worker.BUCKETS, *shapes], timed=True,
+                                 label=f"{label} on your inputs")
+                latencies = mix["latencies_ms"]
+            lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
+            counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
+            base = {**common, "target": target, "engine_version": mix["engine_version"],
+                    "tool_versions": "; ".join(f"{k} {v}" for k, v in sorted(tool_versions(TOOLS).items()))}
+            out_path = scratch / f"outputs-{target}.npy"
+            scored = runner.run(cpu_bundle if simulated else folder, scorer.inputs, [mix_worker.BUCKETS], timed=False,
+                                outputs={mix_worker.BUCKETS: out_path}, label=f"{label} evaluation sets")
+            outputs = np.load(out_path)
+            source = "cpu_ep_same_graph" if simulated else "artifact"
+            scores = scorer.evaluations(outputs, source)
+            evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
+                                "policy": "buckets", **s} for s in scores)
+            rows.append({**base, "policy": "buckets", "shapes": "/".join(map(str, shapes)), "contexts": len(shapes),
+                         "size_mb": size, "truncated_inputs": int(truncated.sum()), "bucket_counts": json.dumps(counts),
+                         "eval_truncated_inputs": int(np.sum(scored["truncated"])),
+                         **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
+                         **scorer.columns(outputs, scores), "accuracy_source": source})
+            for shape in shapes:
+                files = model_files(folder / f"seq{shape}" / Path(artifacts[shape]).name)
+                rows.append({**base, "policy": "static", "shapes": str(shape), "contexts": 1,
+                             "size_mb": sum(f.stat().st_size for f in files) / 1e6,
+                             "truncated_inputs": int((lengths > shape).sum()),
+                             "bucket_counts": json.dumps({str(shape): len(samples)}),
+                             **(_latency(latencies[str(shape)]) if latencies else {})})
+        payload = {"rows": rows, "evaluations": evaluations, "skipped": skipped, "shapes": shapes}
+        write_stamp(scratch, key, payload)
+    return payload

@@ -1,0 +1,103 @@
+"""Bundles on a tiny BERT: the router sends each input to the smallest bucket that holds it, truncates (and
+counts) longer ones, and the stage times the user's inputs through the same Bundle a deployment loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SENTENCE_ENCODER, STSB_TEST
+
+from tasks.core.errors import InputError
+from tasks.core.schemas import BUNDLE_ROWS
+from tasks.data.evaluation import EvaluationParams, SentencePairsSet
+from tasks.data.text import TextSource
+from tasks.families import FAMILIES
+from tasks.runtime.bundle import Bundle, read_manifest, route
+from tasks.stages.bundle import BundleParams, MixTiming
+from tasks.stages.bundle import run as bundle_run
+from tasks.stages.reference import ReferenceParams
+from tasks.stages.reference import run as reference_run
+
+STSB = SentencePairsSet(name="stsb", reader="stsb", path=STSB_TEST, max_items=20)
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)  # > 32 tokens
+
+
+def test_route_picks_the_smallest_bucket_holding_each_input_and_truncates_beyond_the_largest():
+    routes = route(np.array([3, 8, 9, 16, 17, 32, 33, 400]), [32, 8, 16])
+    assert routes.shapes.tolist() == [8, 8, 16, 16, 32, 32, 32, 32]
+    assert routes.truncated.tolist() == [False] * 6 + [True, True]
+    assert routes.counts() == {8: 2, 16: 2, 32: 4}
+
+
+@pytest.fixture(scope="module")
+def reference32(tiny_onnx32, tiny_bert, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference32")
+    reference_run(model=tiny_onnx32, model_dir=tiny_bert, eval_set=STSB, seq_len=32, params=ReferenceParams(samples=40),
+                  family=SENTENCE_ENCODER, out_dir=out, key="r")
+    return out / "outputs.npy"
+
+
+@pytest.fixture(scope="module")
+def bundled(tiny_onnx, tiny_onnx32, tiny_bert, reference32, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bundle")
+    texts = ["a dog", "two men are playing chess in the park", "a woman slices an onion", LONG,
+             "the cat sat on the mat while the rain fell"]
+    inputs = tmp / "inputs.csv"
+    pd.DataFrame({"text": texts}).to_csv(inputs, index=False)
+    out = tmp / "out"
+    payload = bundle_run(
+        sources={16: tiny_onnx, 32: tiny_onnx32}, compiled={}, model_dir=tiny_bert, text=inputs,
+        reference_outputs=reference32, model="dense", variant="fp32", device="ort_cpu",
+        params=BundleParams(mix_samples=10), text_source=TextSource(path=inputs, format="csv", column="text"),
+        timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=out, key="k",
+    )
+    lengths = FAMILIES.get("sentence_encoder").input_lengths(
+        FAMILIES.get("sentence_encoder").load_preprocessor(tiny_bert), texts)
+    return payload, out, texts, lengths
+
+
+def test_the_stage_times_every_shape_policy_on_the_users_inputs(bundled):
+    payload, out, texts, lengths = bundled
+    rows = {(r["policy"], r["shapes"]): r for r in payload["rows"]}
+    assert set(rows) == {("buckets", "16/32"), ("static", "16"), ("static", "32")}
+    BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
+    buckets = rows["buckets", "16/32"]
+    assert lengths.max() > 32 and (lengths <= 16).any() and ((lengths > 16) & (lengths <= 32)).any()
+    assert json.loads(buckets["bucket_counts"]) == {"16": int((lengths <= 16).sum()), "32": int((lengths > 16).sum())}
+    assert buckets["truncated_inputs"] == int((lengths > 32).sum()) == 1
+    assert rows["static", "16"]["truncated_inputs"] == int((lengths > 16).sum())
+    assert buckets["mix_inputs"] == len(texts) and buckets["contexts"] == 2
+    for row in rows.values():
+        assert 0 < row["latency_mix_p50_ms"] <= row["latency_mix_p99_ms"] and row["cpu_model"]
+    assert buckets["size_mb"] == pytest.approx(rows["static", "16"]["size_mb"] + rows["static", "32"]["size_mb"])
+    # Routed as deployed: the fp32 buckets score what the 32-token artifact scores (padding is masked out).
+    assert buckets["accuracy_source"] == "artifact" and buckets["eval_items"] == 20
+    assert [e["eval_set"] for e in payload["evaluations"]] == ["stsb"]
+    assert (out / "host" / "manifest.json").is_file() and (out / "outputs-host.npy").is_file()
+
+
+def test_the_bundle_a_deployment_loads_routes_like_the_stage_and_warns_on_truncation(bundled, caplog):
+    _, out, texts, lengths = bundled
+    manifest = read_manifest(out / "host")
+    assert manifest.shapes == [16, 32] and manifest.device == "ort_cpu"
+    bundle = Bundle.load(out / "host", threads=1)
+    routes = bundle.routes(texts)
+    assert routes.shapes.tolist() == [16 if n <= 16 else 32 for n in lengths]
+    with caplog.at_level(logging.WARNING, logger="tasks.runtime.bundle"):
+        outputs = bundle.run(texts)
+    assert outputs.shape[0] == len(texts)
+    assert [r.message for r in caplog.records] == ["1 of 5 inputs are longer than the largest bucket (32) and were truncated"]
+    # The short input ran on the 16-token artifact: the same numbers as that artifact fed directly.
+    direct = bundle.models[16].run(bundle.feeds(texts[:1], 16))
+    np.testing.assert_array_equal(outputs[0], direct[0])
+
+
+def test_a_folder_without_a_manifest_is_one_clear_line(tmp_path):
+    with pytest.raises(InputError, match="manifest.json: not found"):
+        Bundle.load(tmp_path, threads=1)
