@@ -374,6 +374,7 @@ def bundle_table(bundles: pd.DataFrame) -> pd.DataFrame:
         "inputs cut": [f"{t}/{n}" for t, n in zip(order["truncated_inputs"], order["mix_inputs"])],
         "metric": order["metric_value"].map(_fmt), "in budget": order["within_budget"].map({True: "yes", False: "no"}),
         "artifacts": order["contexts"], "MB": order["size_mb"].map(lambda v: _fmt(v, ".1f")),
+        "compile s": order["compile_s"].map(lambda v: _fmt(v, ".0f")) if "compile_s" in order else "",
     })
 
 

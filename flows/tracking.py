@@ -432,7 +432,7 @@ def log_pipeline(
         # what the run resolved, secrets masked
         (files / "params.yaml").write_text(yaml.safe_dump(redact_mapping(cfg.model_dump(mode="json")), sort_keys=False))
         for name in ("benchmark.csv", "evaluation.csv", "compile.csv", "summary.json", "latency_curve.csv",
-                     "seq_len_choice.csv", "input_lengths.json", "prune_search.csv"):
+                     "seq_len_choice.csv", "input_lengths.json", "prune_search.csv", "bundles.csv"):
             if (report_dir / name).is_file():
                 shutil.copyfile(report_dir / name, files / name)
         if report_files:  # the HTML/Markdown report of this run

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from tasks.backends.base import DeviceCompileParams
-from tasks.core.errors import StageError
+from tasks.core.errors import BackendUnavailableError, StageError
 from tasks.core.feeds import build_feeds
 from tasks.core.fingerprint import write_json_atomic
 
@@ -80,6 +80,22 @@ class OrtCpuCompileParams(DeviceCompileParams):
         return {"graph_optimization_level": self.graph_optimization_level, "threads": threads}
 
 
+_GLOBAL_POOL: dict[str, int] = {}
+
+
+def _global_thread_pool(threads: int) -> None:
+    """Create ONNX Runtime's process-wide thread pool once. From then on ORT refuses any session of this process
+    that keeps a pool of its own, so every later `load` here shares it too."""
+    import onnxruntime as ort
+
+    if "threads" not in _GLOBAL_POOL:
+        ort.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(threads, 1)
+        _GLOBAL_POOL["threads"] = threads
+    elif _GLOBAL_POOL["threads"] != threads:
+        raise BackendUnavailableError(
+            f"ort_cpu: this process shares a {_GLOBAL_POOL['threads']}-thread pool; cannot share one of {threads}")
+
+
 class OrtCpuBackend:
     name = "ort_cpu"
     engine_package = "onnxruntime"
@@ -97,12 +113,19 @@ class OrtCpuBackend:
             return "onnxruntime has no CPUExecutionProvider"
         return None
 
-    def load(self, artifact: Path, threads: int) -> _OrtModel:
+    def load(self, artifact: Path, threads: int, shared_threads: bool = False) -> _OrtModel:
+        """A session on `threads` intra-op threads of its own, or (`shared_threads`) of the process-wide pool every
+        shared session uses: several sessions in one process (a bundle's buckets) must not each keep a pool
+        spinning after its runs."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        if shared_threads or _GLOBAL_POOL:
+            _global_thread_pool(threads)
+            options.use_per_session_threads = False
+        else:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])

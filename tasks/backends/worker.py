@@ -41,9 +41,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def takes_cache_dir(backend) -> bool:
-    """Whether the backend has an engine cache (its `load` accepts `cache_dir`)."""
-    return "cache_dir" in inspect.signature(backend.load).parameters
+def load_options(backend, **options) -> dict:
+    """The optional `load` arguments this backend takes, of those given (not None): `cache_dir` for an engine
+    cache (OpenVINO's CACHE_DIR), `shared_threads` for engines whose sessions can share one thread pool."""
+    accepted = inspect.signature(backend.load).parameters
+    return {k: v for k, v in options.items() if v is not None and k in accepted}
 
 
 def measure(request: dict) -> dict:
@@ -55,12 +57,10 @@ def measure(request: dict) -> dict:
         feeds = {name: npz[name] for name in npz.files}
     rows = next(iter(feeds.values())).shape[0]
     first = {name: arr[:1] for name, arr in feeds.items()}
-    load_options = {}
-    if request.get("cache_dir") and takes_cache_dir(backend):
-        load_options["cache_dir"] = Path(request["cache_dir"])
+    extra = load_options(backend, cache_dir=Path(request["cache_dir"]) if request.get("cache_dir") else None)
 
     start = time.perf_counter()
-    model = backend.load(Path(request["artifact"]), int(request["threads"]), **load_options)
+    model = backend.load(Path(request["artifact"]), int(request["threads"]), **extra)
     model.run(first)
     start_ms = (time.perf_counter() - start) * 1e3
 

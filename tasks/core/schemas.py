@@ -354,4 +354,5 @@ BUNDLE_REPORT_ROWS = BUNDLE_ROWS.add_columns({
     "metric_drop": pa.Column(float, nullable=True),
     "within_budget": pa.Column(bool),
     "covered_share": pa.Column(float, pa.Check.in_range(0, 1)),
+    "compile_s": pa.Column(float, pa.Check.ge(0), nullable=True),
 })

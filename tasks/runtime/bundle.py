@@ -9,6 +9,10 @@ what a deployment embedding it gets:
     bundle = Bundle.load("artifacts/bundle/dense/ort_qdq_a8w8-ort_cpu/host", threads=2)
     embeddings = bundle.run(["a sentence", "another one"])   # [2, dim], each at its own bucket
 
+On ONNX Runtime the buckets' sessions share one process-wide thread pool (separate pools spin after each run
+and starve each other: 4-5x slower on 2 cores); ORT then requires every other session of the process to set
+`use_per_session_threads = False`.
+
 Folder layout: `manifest.json` (`Manifest`), `preprocessor/` (e.g. the tokenizer) and one folder per bucket
 (`seq<L>/`, the artifact's files as the pipeline made them).
 """
@@ -24,7 +28,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tasks.backends import get_backend
-from tasks.backends.worker import takes_cache_dir
+from tasks.backends.worker import load_options
 from tasks.core.errors import InputError
 from tasks.core.params import StrictParams
 from tasks.families import FAMILIES
@@ -94,7 +98,10 @@ class Bundle:
         folder = Path(folder)
         manifest = read_manifest(folder)
         backend = get_backend(manifest.device)
-        options = {"cache_dir": cache_dir} if cache_dir is not None and takes_cache_dir(backend) else {}
+        # Several sessions in one process: engines with per-session thread pools share one (ONNX Runtime's per-session
+        # pools spin after each run and starve the next bucket's: 4-5x slower on 2 cores). ORT then refuses sessions of
+        # this process made elsewhere with a pool of their own (use_per_session_threads must be False for them).
+        options = load_options(backend, cache_dir=cache_dir, shared_threads=True)
         models = {b.shape: backend.load(folder / b.artifact, threads, **options) for b in manifest.buckets}
         preprocessor = FAMILIES.get(manifest.family).load_preprocessor(folder / PREPROCESSOR)
         return cls(folder, manifest, preprocessor, models)

@@ -180,6 +180,9 @@ class ReportParams(StrictParams):
         0.5, ge=0, description="max metric points below the dense fp32 (same seq_len) on every evaluation set"
     )
     seq_len_choice: SeqLenChoiceParams = SeqLenChoiceParams()
+    max_bundle_mb: float | None = Field(
+        None, gt=0, description="recommend no bundle (buckets) larger than this; null = no cap"
+    )
 
 
 # The compile job that built a benchmarked artifact, if any: its placement and compile time.
@@ -361,14 +364,21 @@ def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFra
         judged[column] = np.where(judged["policy"] == "static", from_static, judged.get(column))
     judged["within_budget"] = judged["within_budget"].fillna(False).astype(bool)
     judged["covered_share"] = 1 - judged["truncated_inputs"] / judged["mix_inputs"]
+    # What its buckets cost to build: the compile jobs of its lengths (none for quantize outputs run as they are).
+    built = table.set_index(ROW_KEY)["compile_s"]
+    judged["compile_s"] = [
+        built.reindex([(r.model, r.variant, r.device, r.target, int(s)) for s in r.shapes.split("/")]).sum(min_count=1)
+        for r in judged.itertuples()]
     return BUNDLE_REPORT_ROWS.validate(judged[list(BUNDLE_REPORT_ROWS.columns)])
 
 
-def choose_shapes(bundles: pd.DataFrame, coverage: float) -> dict:
+def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None = None) -> dict:
     """Per device and compile target: the bundle row fastest on the user's inputs among those within budget that
-    keep `coverage` of them whole, against the fastest such static row, with the reason in one line."""
+    keep `coverage` of them whole (and no larger than `max_mb`), against the fastest such static row, with the
+    reason in one line."""
     choices = {}
-    timed = bundles[~bundles["simulated"] & bundles["within_budget"] & (bundles["covered_share"] >= coverage)]
+    timed = bundles[~bundles["simulated"] & bundles["within_budget"] & (bundles["covered_share"] >= coverage)
+                    & ((bundles["size_mb"] <= max_mb) if max_mb else True)]
     for (device, target), group in timed.groupby(["device", "target"]):
         ranked = group.sort_values("latency_mix_mean_ms")
         best, static = ranked.iloc[0], ranked[ranked["policy"] == "static"]
@@ -431,7 +441,7 @@ def run(
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
     bundles = judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget)
-    shape_choice = choose_shapes(bundles, params.seq_len_choice.coverage)
+    shape_choice = choose_shapes(bundles, params.seq_len_choice.coverage, params.max_bundle_mb)
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
     sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})

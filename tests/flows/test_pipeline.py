@@ -87,6 +87,15 @@ def test_flow_runs_everything_then_nothing_and_dvc_agrees(workspace):
     assert choice["seq_len"] == 32 and "measure longer lengths" in choice["reason"]
     page = first["report_files"][0]
     assert page.endswith("index.html") and "<svg" in open(page).read()
+    # The fp32 target as a bundle of both lengths, and each length deployed alone, timed on the same inputs.
+    bundles = pd.read_csv(workspace / "metrics" / "bundles.csv").set_index(["policy", "shapes"])
+    assert sorted(bundles.index) == [("buckets", "16/32"), ("static", "16"), ("static", "32")]
+    assert (bundles["latency_mix_mean_ms"] > 0).all() and (bundles["mix_inputs"] == 300).all()
+    routed = bundles.loc[("buckets", "16/32")]
+    assert routed["within_budget"] and routed["metric_drop"] == 0  # the dense fp32 bundle is its own baseline
+    assert routed["truncated_inputs"] == bundles.loc[("static", "32"), "truncated_inputs"]  # 32 is its largest
+    assert bundles.loc[("static", "16"), "truncated_inputs"] > routed["truncated_inputs"]
+    assert "Latency on your inputs" in open(page).read()
 
     compiled = COMPILE_ROWS.validate(pd.read_csv(workspace / "metrics" / "compile.csv"))
     assert list(compiled["status"]) == ["compiled", "compiled"] and compiled["simulated"].all()

@@ -4,7 +4,8 @@ counts) longer ones, and the stage times the user's inputs through the same Bund
 from __future__ import annotations
 
 import json
-import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,36 @@ def test_the_stage_times_every_shape_policy_on_the_users_inputs(bundled):
     assert (out / "host" / "manifest.json").is_file() and (out / "outputs-host.npy").is_file()
 
 
-def test_the_bundle_a_deployment_loads_routes_like_the_stage_and_warns_on_truncation(bundled, caplog):
+DEPLOYMENT = """
+import json, logging, sys
+import numpy as np
+from tasks.runtime.bundle import Bundle
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+texts = json.loads(sys.argv[2])
+bundle = Bundle.load(sys.argv[1], threads=1)
+outputs = bundle.run(texts)
+direct = bundle.models[16].run(bundle.feeds(texts[:1], 16))
+print(json.dumps({"shapes": bundle.routes(texts).shapes.tolist(), "rows": len(outputs),
+                  "same_as_direct": bool(np.array_equal(outputs[0], direct[0])),
+                  "own_pools": [m.session.get_session_options().use_per_session_threads for m in bundle.models.values()]}))
+"""
+
+
+def test_the_bundle_a_deployment_loads_routes_like_the_stage_and_warns_on_truncation(bundled):
+    """In a process of its own, as a deployment runs it (the ORT sessions then share one thread pool, which
+    ORT makes process-wide)."""
     _, out, texts, lengths = bundled
     manifest = read_manifest(out / "host")
     assert manifest.shapes == [16, 32] and manifest.device == "ort_cpu"
-    bundle = Bundle.load(out / "host", threads=1)
-    routes = bundle.routes(texts)
-    assert routes.shapes.tolist() == [16 if n <= 16 else 32 for n in lengths]
-    with caplog.at_level(logging.WARNING, logger="tasks.runtime.bundle"):
-        outputs = bundle.run(texts)
-    assert outputs.shape[0] == len(texts)
-    assert [r.message for r in caplog.records] == ["1 of 5 inputs are longer than the largest bucket (32) and were truncated"]
+    proc = subprocess.run([sys.executable, "-c", DEPLOYMENT, str(out / "host"), json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [16 if n <= 16 else 32 for n in lengths] and result["rows"] == len(texts)
+    assert "1 of 5 inputs are longer than the largest bucket (32) and were truncated" in proc.stderr
     # The short input ran on the 16-token artifact: the same numbers as that artifact fed directly.
-    direct = bundle.models[16].run(bundle.feeds(texts[:1], 16))
-    np.testing.assert_array_equal(outputs[0], direct[0])
+    assert result["same_as_direct"]
+    assert result["own_pools"] == [False, False]  # one pool for both buckets' sessions
 
 
 def test_a_folder_without_a_manifest_is_one_clear_line(tmp_path):

@@ -35,6 +35,24 @@ def test_openvino_cpu_blob_is_compiled_verified_and_reported(tiny_onnx, tiny_ber
     assert row["status"].iloc[0] == "compiled" and row["compile_s"].iloc[0] > 0
 
 
+def test_a_cpu_target_names_its_own_precision_and_a_wrong_one_is_one_line(tiny_onnx, tiny_bert, tmp_path):
+    """host_bf16 compiles the same IR with INFERENCE_PRECISION_HINT bf16 (a second benchmarked target beside
+    host's f32); the plugin runs it in bf16 where the CPU has avx512_bf16 or AMX, and says so."""
+    from tasks.backends.openvino_cpu import BACKEND
+    from tasks.core.errors import ConfigError
+    from tasks.core.machine import host_cpu
+
+    out = tmp_path / "bf16"
+    payload = run(tiny_onnx, "openvino_cpu", "host_bf16", CompileCheckParams(threads=1), OpenVinoCpuCompileParams(),
+                  SENTENCE_ENCODER, out, key="k", model_dir=tiny_bert, record=_record("cpu"))
+    assert payload["status"] == "compiled" and payload["options"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    flags = (host_cpu()[1] or "").split()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert BACKEND.load(out / "model.blob", threads=1).precision == "bf16"
+    with pytest.raises(ConfigError, match="unknown target 'host_int3'; use host"):
+        OpenVinoCpuCompileParams().check_target("host_int3")
+
+
 def test_openvino_npu_without_a_driver_is_a_skip_with_a_ready_bundle(tiny_onnx, tiny_bert, tmp_path):
     from tasks.backends.openvino_npu import BACKEND
 

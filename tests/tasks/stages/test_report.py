@@ -225,3 +225,57 @@ def test_the_pruning_search_walk_becomes_a_table_and_a_verdict(tmp_path, tiny_be
     assert table["chosen"].all() and table["level_within_budget"].all() and set(table["model"]) == {"pruned"}
     verdict = json.loads((tmp_path / "out" / "summary.json").read_text())["prune_search"]
     assert verdict == {"pruned": {"met_budget": True, "chosen": level, "levels_tried": 1}}
+
+
+def _bundle_row(variant, policy, shapes, mean_ms, truncated=0, metric=None, **extra):
+    return {"model": "dense", "variant": variant, "device": "ort_cpu", "target": "host", "policy": policy,
+            "shapes": shapes, "contexts": len(shapes.split("/")), "size_mb": 20.0 * len(shapes.split("/")),
+            "mix_inputs": 200, "truncated_inputs": truncated, "bucket_counts": "{}", "latency_mix_mean_ms": mean_ms,
+            "latency_mix_p50_ms": mean_ms, "latency_mix_p99_ms": 2 * mean_ms, "metric_name": "spearman",
+            "metric_value": metric, "cosine_to_fp32_mean": 1.0, "accuracy_source": "artifact",
+            "eval_truncated_inputs": 0, "threads": 2, "simulated": False, "cpu_model": "AMD EPYC",
+            "cpu_flags": "avx2", "engine_version": "1.31.1", "tool_versions": "onnxruntime 1.31.1", **extra}
+
+
+def _bundle_dir(tmp_path, name, buckets_metric, *rows):
+    folder = tmp_path / name
+    folder.mkdir()
+    routed = next(r for r in rows if r["policy"] == "buckets")
+    evaluations = [{k: routed[k] for k in ("model", "variant", "device", "target", "policy")} | {
+        "eval_set": "stsb", "metric_name": "spearman", "metric_value": buckets_metric, "higher_is_better": True,
+        "items": 1379, "total_items": 1379, "accuracy_source": "artifact"}]
+    (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "rows": list(rows),
+                                                   "evaluations": evaluations, "skipped": []}))
+    return folder
+
+
+def test_buckets_win_when_faster_on_the_users_inputs_within_budget(tmp_path, tiny_bert, inputs_txt):
+    """Static 16 is fastest but cuts 30 % of the inputs; static 128 keeps them and costs 8 ms; the int8 bundle
+    routes them for 3 ms and is within budget; a broken bundle (-5 points) is faster still and never chosen."""
+    bench = [_bench_dir(tmp_path, "a", _row(), _row(seq_len=16, metric_value=60.0)),
+             _bench_dir(tmp_path, "b", _row(variant="int8", metric_value=81.8),
+                        _row(variant="int8", seq_len=16, metric_value=59.0))]
+    bundles = [
+        _bundle_dir(tmp_path, "fp32", 82.0, _bundle_row("fp32", "buckets", "16/128", 5.0, metric=82.0),
+                    _bundle_row("fp32", "static", "16", 2.0, truncated=60), _bundle_row("fp32", "static", "128", 12.0)),
+        _bundle_dir(tmp_path, "int8", 81.9, _bundle_row("int8", "buckets", "16/128", 3.0, metric=81.9),
+                    _bundle_row("int8", "static", "16", 1.5, truncated=60), _bundle_row("int8", "static", "128", 8.0)),
+        _bundle_dir(tmp_path, "broken", 77.0, _bundle_row("broken", "buckets", "16/128", 1.0, metric=77.0)),
+    ]
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles)
+    table = pd.read_csv(tmp_path / "metrics" / "bundles.csv").set_index(["variant", "policy", "shapes"])
+    assert table.loc[("int8", "buckets", "16/128"), "metric_drop"] == pytest.approx(0.1)  # vs the fp32 bundle
+    assert not table.loc[("broken", "buckets", "16/128"), "within_budget"]
+    # Static rows take the benchmark's verdict at their length; coverage counts the inputs they cut.
+    assert table.loc[("int8", "static", "128"), "metric_value"] == pytest.approx(81.8)
+    assert table.loc[("int8", "static", "16"), "covered_share"] == pytest.approx(0.7)
+    choice = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
+    assert (choice["policy"], choice["variant"], choice["shapes"]) == ("buckets", "int8", "16/128")
+    assert choice["vs_static"]["shapes"] == "128" and choice["vs_static"]["speedup"] == pytest.approx(8 / 3)
+    assert "2.67x faster on your inputs than static 128" in choice["reason"] and "+1 artifacts" in choice["reason"]
+    # A cap on bundle size leaves the static length.
+    _report(bench, params.model_copy(update={"max_bundle_mb": 30.0}), tmp_path / "capped", inputs_txt, tiny_bert,
+            bundle_dirs=bundles)
+    capped = json.loads((tmp_path / "capped" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
+    assert (capped["policy"], capped["shapes"], capped["variant"]) == ("static", "128", "int8")
