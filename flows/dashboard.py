@@ -367,7 +367,7 @@ def bundle_table(bundles: pd.DataFrame) -> pd.DataFrame:
     order = bundles.sort_values(["device", "target", "latency_mix_mean_ms"])
     return pd.DataFrame({
         "device": order["device"], "target": order["target"], "deploy": order["model"] + "/" + order["variant"],
-        "shapes": order["policy"] + " " + order["shapes"],
+        "shapes": order["policy"] + " " + order["shapes"].astype(str),  # one length alone reads back as a number
         "mean ms": [f"{_fmt(v)}{' (sim: not timed)' if s else ''}"
                     for v, s in zip(order["latency_mix_mean_ms"], order["simulated"].astype(bool))],
         "p99 ms": order["latency_mix_p99_ms"].map(_fmt),

@@ -17,7 +17,7 @@ routed the same way (`accuracy_source` cpu_ep_same_graph).
 
 Reads: the quantize outputs at each bucket length, the compile outputs of this target, the model folder
 (its preprocessor), the mix text, the evaluation sets and the reference outputs at the largest bucket.
-Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` and `<out>/stage.json` (`rows`: rows of
+Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` (simulated: `outputs-cpu_ep.npy`) and `<out>/stage.json` (`rows`: rows of
 `metrics/bundles.csv`; `evaluations`: every set's metric of each buckets row).
 """
 
@@ -194,36 +194,41 @@ def run(
     with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-bundle-") as tmp_name:
         tmp = Path(tmp_name)
         runner = _Runner(tmp, timing)
-        cpu_bundle = None
-        if simulated and bundles:  # accuracy from the same QDQ graphs on the CPU EP, routed the same way
+
+        def routed(folder: Path, out_path: Path, label: str) -> tuple[np.ndarray, int]:
+            """Every evaluation input through the bundle at `folder`: outputs, and how many it truncated."""
+            result = runner.run(folder, scorer.inputs, [mix_worker.BUCKETS], timed=False,
+                                outputs={mix_worker.BUCKETS: out_path}, label=f"{label} evaluation sets")
+            return np.load(out_path), int(np.sum(result["truncated"]))
+
+        if simulated and bundles:  # accuracy from the same QDQ graphs on the CPU EP, routed the same way: once
             cpu_bundle = tmp / "cpu_ep"
             write_bundle(cpu_bundle, sources, CPU_EP_DEVICE, HOST, family.name, preprocessor)
+            label = f"{model} {variant} on the CPU EP"
+            cpu_routes = runner.run(cpu_bundle, samples, [mix_worker.BUCKETS], timed=False, label=f"{label} routes")
+            cpu_scored = routed(cpu_bundle, scratch / "outputs-cpu_ep.npy", label)
         for target, artifacts in bundles.items():
             folder = scratch / target
             size = write_bundle(folder, artifacts, device, target, family.name, preprocessor)
             label = f"{model} {variant} {device} {target}"
             if simulated:
-                mix = runner.run(cpu_bundle, samples, [mix_worker.BUCKETS], timed=False, label=f"{label} routes")
-                latencies = {}
+                mix, latencies, (outputs, eval_cut) = cpu_routes, {}, cpu_scored
             else:
                 mix = runner.run(folder, samples, [mix_worker.BUCKETS, *shapes], timed=True,
                                  label=f"{label} on your inputs")
                 latencies = mix["latencies_ms"]
+                outputs, eval_cut = routed(folder, scratch / f"outputs-{target}.npy", label)
             lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
             counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
             base = {**common, "target": target, "engine_version": mix["engine_version"],
                     "tool_versions": "; ".join(f"{k} {v}" for k, v in sorted(tool_versions(TOOLS).items()))}
-            out_path = scratch / f"outputs-{target}.npy"
-            scored = runner.run(cpu_bundle if simulated else folder, scorer.inputs, [mix_worker.BUCKETS], timed=False,
-                                outputs={mix_worker.BUCKETS: out_path}, label=f"{label} evaluation sets")
-            outputs = np.load(out_path)
             source = "cpu_ep_same_graph" if simulated else "artifact"
             scores = scorer.evaluations(outputs, source)
             evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
                                 "policy": "buckets", **s} for s in scores)
             rows.append({**base, "policy": "buckets", "shapes": "/".join(map(str, shapes)), "contexts": len(shapes),
                          "size_mb": size, "truncated_inputs": int(truncated.sum()), "bucket_counts": json.dumps(counts),
-                         "eval_truncated_inputs": int(np.sum(scored["truncated"])),
+                         "eval_truncated_inputs": eval_cut,
                          **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
                          **scorer.columns(outputs, scores), "accuracy_source": source})
             for shape in shapes:

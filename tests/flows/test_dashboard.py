@@ -93,6 +93,24 @@ def _sensitivity(folder):
     return folder
 
 
+def _bundle(folder, variant, device, buckets_ms, static_ms, metric):
+    """A bundle output: the target at 128 and 512 as buckets (routed; its own accuracy) and each length alone."""
+    common = {"model": "dense", "variant": variant, "device": device, "target": "host", "mix_inputs": 300,
+              "bucket_counts": "{}", "threads": 2, "simulated": False, "cpu_model": "AMD EPYC", "cpu_flags": "avx2 fma",
+              "engine_version": "x", "tool_versions": "onnxruntime 1.31.1"}
+    rows = [{**common, "policy": "buckets", "shapes": "128/512", "contexts": 2, "size_mb": 46.0, "truncated_inputs": 0,
+             "latency_mix_mean_ms": buckets_ms, "latency_mix_p50_ms": buckets_ms, "latency_mix_p99_ms": 3 * buckets_ms,
+             "metric_name": "spearman", "metric_value": metric, "cosine_to_fp32_mean": 0.999,
+             "accuracy_source": "artifact", "eval_truncated_inputs": 0}]
+    rows += [{**common, "policy": "static", "shapes": str(L), "contexts": 1, "size_mb": 23.0,
+              "truncated_inputs": 4 if L == 128 else 0, "latency_mix_mean_ms": ms, "latency_mix_p50_ms": ms,
+              "latency_mix_p99_ms": ms * 1.2} for L, ms in zip((128, 512), static_ms)]
+    scores = [{"model": "dense", "variant": variant, "device": device, "target": "host", "policy": "buckets",
+               "eval_set": "stsb", "metric_name": "spearman", "metric_value": metric, "higher_is_better": True,
+               "items": 1379, "total_items": 1379, "accuracy_source": "artifact"}]
+    return _stage(folder, rows=rows, evaluations=scores)
+
+
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -136,10 +154,12 @@ def report_dir(tmp_path_factory, tiny_bert):
     text.write_text("\n".join([f"short input number {i}." for i in range(300)] + ["word " * 100]) + "\n")
     params = ReportParams(seq_len_choice={"text": TextSource(path=text, format="txt")})
     report_run(bench, params, SENTENCE_ENCODER, tmp / "metrics", key="k", model_dir=tiny_bert, text=text,
-               compile_dirs=compiled, curve_dirs=curve, prune_dirs=pruned, sensitivity_dirs=[_sensitivity(tmp / "s0")])
+               compile_dirs=compiled, curve_dirs=curve, prune_dirs=pruned, sensitivity_dirs=[_sensitivity(tmp / "s0")],
+               bundle_dirs=[_bundle(tmp / "u0", "fp32", "ort_cpu", 24.0, (20.5, 96.0), 82.03),
+                            _bundle(tmp / "u1", "ort_qdq_a8w8", "ort_cpu", 8.0, (7.2, 38.5), 81.7)])
     files = dashboard.write_report(tmp / "metrics", tmp / "reports" / "run1", params.accuracy_budget)
     assert [f.name for f in files] == ["index.html", "report.md", "pareto.svg", "seq_len.svg", "prune_search.svg",
-                                       "sensitivity.svg"]
+                                       "sensitivity.svg", "bundles.svg"]
     return tmp / "reports" / "run1"
 
 
@@ -147,7 +167,7 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     page = (report_dir / "index.html").read_text()
     # Offline: no scripts, stylesheets or images fetched from anywhere (SVG namespaces are not fetches).
     assert not re.search(r"<script|<link|src=|@import|url\((?!#)", page)  # url(#id): clip paths in the SVGs
-    assert page.count("<svg") == 4
+    assert page.count("<svg") == 5
     # 300 of 301 inputs are short: 64 tokens keep 99.7 %, so the latency curve's 64 is recommended.
     assert "64 tokens keep 99.7% of 301 inputs whole" in page
     assert "snapdragon_8_gen_3" in page and "(sim)" in page  # simulated latency is marked
@@ -169,6 +189,9 @@ def test_report_is_self_contained_and_says_what_to_deploy(report_dir):
     assert "## Mixed precision chosen (auto_mixed)" in md and "1 of 3 float, the rest quantized" in md
     assert "4 of 5" in md and "+0.210 on 1379" in md
     assert "    ort_auto_mixed:\n      method: ort_static\n      nodes_to_exclude:\n      - /encoder/layer.0/intermediate/dense/*" in md
+    # Latency on the inputs: static 128 cuts 4 of 300 (98.7 % < the 99 % coverage), so buckets win over static 512.
+    assert "## Latency on your inputs: static length vs buckets" in md and "![latency on your inputs](bundles.svg)" in md
+    assert "buckets 128/512: 4.81x faster on your inputs than static 512 (dense ort_qdq_a8w8)" in md
     # The metric is named for what it is (the evaluation set and its metric), not assumed.
     assert "stsb Spearman x100" in page and "74.00 (-8.03, over budget)" in md
 
@@ -180,8 +203,8 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     shown = render(report_dir / "index.html")
     assert shown.errors == []
     assert all(url.startswith("file://") for url in shown.requests), shown.requests
-    # Every plot (latency vs accuracy, vs length, the pruning search, sensitivity) is laid out at a readable size.
-    assert len(shown.svg_sizes) == 4 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
+    # Every plot (latency vs accuracy, vs length, the pruning search, sensitivity, bundles) is laid out readably.
+    assert len(shown.svg_sizes) == 5 and all(w > 500 and h > 250 for w, h in shown.svg_sizes), shown.svg_sizes
     pixels = matplotlib.image.imread(io.BytesIO(shown.screenshot), format="png")[..., :3]
     (tmp_path / "report.png").write_bytes(shown.screenshot)
     not_white = (pixels < 0.95).any(axis=-1).mean()
@@ -192,7 +215,7 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
 def test_plots_are_drawn_once_per_distinct_data(report_dir, tmp_path, monkeypatch):
     metrics, cache = report_dir.parent.parent / "metrics", tmp_path / "plots"
     first = dashboard.write_report(metrics, tmp_path / "a", 0.5, plot_cache=cache)
-    assert len(list(cache.glob("*.svg"))) == 4
+    assert len(list(cache.glob("*.svg"))) == 5
 
     def no_drawing(*args):
         raise AssertionError("redrawn although the data did not change")

@@ -211,7 +211,8 @@ def test_sensitivity_and_auto_mixed_run_in_the_flow_and_under_dvc(workspace):
     assert chosen["variant"] == "mixed" and chosen["within_budget"] and chosen["eval_items"] == 40  # max_items
     assert {r["variant"] for r in first["rows"]} == {"fp32", "mixed"}
     page = open(first["report_files"][0]).read()
-    assert "Per-layer sensitivity" in page and "Mixed precision chosen" in page and page.count("<svg") == 3
+    # Plots: Pareto, sequence length, sensitivity, latency on your inputs (bundles).
+    assert "Per-layer sensitivity" in page and "Mixed precision chosen" in page and page.count("<svg") == 4
     assert "up to date" in dvc("status")
 
     set_param(workspace, "sensitivity", "items", 24)
@@ -265,7 +266,8 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = True
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     downstream = {"quantize@dense-ort_dynamic_int8-16", "quantize@dense-ort_dynamic_int8-32",
-                  "benchmark@dense-target1-16", "benchmark@dense-target1-32", "latency_curve@dense", "report"}
+                  "benchmark@dense-target1-16", "benchmark@dense-target1-32", "bundle@dense-target1",
+                  "latency_curve@dense", "report"}
     assert executed(pipeline(project_dir=str(workspace))) == downstream
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False
