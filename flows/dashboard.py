@@ -330,9 +330,10 @@ def plot_sensitivity(sensitivity: pd.DataFrame) -> str:
     return _svg(fig, "sensitivity")
 
 
-def plot_bundles(bundles: pd.DataFrame) -> str:
+def plot_bundles(bundles: pd.DataFrame, coverage: float) -> str:
     """Per device and compile target: mean latency over the user's inputs of every timed bundle row, static
-    lengths and buckets side by side (hatched: outside the accuracy budget or truncating too many inputs)."""
+    lengths and buckets side by side (hatched: outside the accuracy budget; faded: keeps fewer than `coverage`
+    of the inputs whole)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +348,10 @@ def plot_bundles(bundles: pd.DataFrame) -> str:
         rows = rows.sort_values("latency_mix_mean_ms")
         labels = [f"{r.model}/{r.variant} {r.policy} {r.shapes}" for r in rows.itertuples()]
         ax.barh(range(len(rows)), rows["latency_mix_mean_ms"], color=[colors[p] for p in rows["policy"]],
-                hatch=None, edgecolor="white")
+                edgecolor="white")
+        for i, r in enumerate(rows.itertuples()):
+            if r.covered_share < coverage:
+                ax.patches[i].set_alpha(0.35)
         for i, r in enumerate(rows.itertuples()):
             if not r.within_budget:
                 ax.barh(i, r.latency_mix_mean_ms, color="none", hatch="///", edgecolor="#c44e52", linewidth=0)
@@ -356,7 +360,8 @@ def plot_bundles(bundles: pd.DataFrame) -> str:
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("mean latency over your inputs (ms)")
-        ax.set_title(f"{device} / {target}: grey static length, blue buckets; hatched: outside the budget", fontsize=9)
+        ax.set_title(f"{device} / {target}: grey one static length, blue buckets; hatched: outside the budget; "
+                     f"faded: keeps < {coverage:.0%} of inputs whole", fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
         ax.margins(x=0.25)
     fig.tight_layout()
@@ -613,11 +618,12 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
     if len(probed):
         plots["sensitivity.svg"] = drawn("sensitivity.svg", plot_sensitivity, probed, cache=plot_cache)
     sensitivity = sensitivity_table(probed) if len(probed) else pd.DataFrame()
+    coverage = summary.get("seq_len_choice", {}).get("coverage")
     bundled = metrics[BUNDLES]
     timed_bundles = bundled[~bundled["simulated"].astype(bool)].dropna(subset=["latency_mix_mean_ms"]) \
         if len(bundled) else bundled
     if len(timed_bundles):
-        plots["bundles.svg"] = drawn("bundles.svg", plot_bundles, bundled, cache=plot_cache)
+        plots["bundles.svg"] = drawn("bundles.svg", plot_bundles, bundled, coverage or 1.0, cache=plot_cache)
     bundles, shapes = (bundle_table(bundled), shape_choice_table(summary)) if len(bundled) else (pd.DataFrame(),) * 2
     assignments = metrics[AUTO_MIXED]
     mixed = mixed_table(assignments) if assignments else pd.DataFrame()
@@ -637,7 +643,6 @@ def build(metrics: dict, run: str, budget: float, links: dict[str, str],
         names = ", ".join(f"{r.model}/{r.variant}/{r.device}/{r.target}/{r.seq_len} ({r.latency_p50_spread_pct:.0f} %)"
                           for r in unstable.itertuples())
         notes.append(f"Latency p50 of these rows varied across repeats by more than the tolerance: {names}.")
-    coverage = summary.get("seq_len_choice", {}).get("coverage")
     lengths = (f"{inputs.get('inputs')} inputs, p50 {inputs.get('p50', 0):.0f} / p99 {inputs.get('p99', 0):.0f} / "
                f"max {inputs.get('max')} tokens" if inputs else "")
 
