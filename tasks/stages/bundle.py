@@ -10,7 +10,8 @@ compile target of the (variant, device) (or `host`: the quantize output), this s
   same artifacts used statically (every input at one bucket length): rows with `policy` buckets or
   static, `latency_mix_mean_ms` / `latency_mix_p99_ms`, and how many inputs each truncates;
 - runs every evaluation set through the bundle (routed as deployed) for the buckets row's accuracy; the
-  static rows' accuracy is the benchmark's at that length (the report joins it).
+  static rows' accuracy is the benchmark's at that length (the report joins it). A target with one bucket
+  length gets its static row only (nothing to route).
 On a simulator (QNN HTP on x86-64) the bundle holds the compiled contexts, but nothing is timed (simulator
 time is not device latency) and the accuracy comes from the same QDQ graphs on the ONNX Runtime CPU EP,
 routed the same way (`accuracy_source` cpu_ep_same_graph).
@@ -201,36 +202,40 @@ def run(
                                 outputs={mix_worker.BUCKETS: out_path}, label=f"{label} evaluation sets")
             return np.load(out_path), int(np.sum(result["truncated"]))
 
+        # One bucket routes nothing: its accuracy is the benchmark's at that length; only its mix latency is new.
+        routing = len(shapes) > 1
         if simulated and bundles:  # accuracy from the same QDQ graphs on the CPU EP, routed the same way: once
             cpu_bundle = tmp / "cpu_ep"
             write_bundle(cpu_bundle, sources, CPU_EP_DEVICE, HOST, family.name, preprocessor)
             label = f"{model} {variant} on the CPU EP"
             cpu_routes = runner.run(cpu_bundle, samples, [mix_worker.BUCKETS], timed=False, label=f"{label} routes")
-            cpu_scored = routed(cpu_bundle, scratch / "outputs-cpu_ep.npy", label)
+            cpu_scored = routed(cpu_bundle, scratch / "outputs-cpu_ep.npy", label) if routing else None
         for target, artifacts in bundles.items():
             folder = scratch / target
             size = write_bundle(folder, artifacts, device, target, family.name, preprocessor)
             label = f"{model} {variant} {device} {target}"
             if simulated:
-                mix, latencies, (outputs, eval_cut) = cpu_routes, {}, cpu_scored
+                mix, latencies, scored = cpu_routes, {}, cpu_scored
             else:
-                mix = runner.run(folder, samples, [mix_worker.BUCKETS, *shapes], timed=True,
+                mix = runner.run(folder, samples, [mix_worker.BUCKETS, *shapes] if routing else shapes, timed=True,
                                  label=f"{label} on your inputs")
                 latencies = mix["latencies_ms"]
-                outputs, eval_cut = routed(folder, scratch / f"outputs-{target}.npy", label)
+                scored = routed(folder, scratch / f"outputs-{target}.npy", label) if routing else None
             lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
-            counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
             base = {**common, "target": target, "engine_version": mix["engine_version"],
                     "tool_versions": "; ".join(f"{k} {v}" for k, v in sorted(tool_versions(TOOLS).items()))}
-            source = "cpu_ep_same_graph" if simulated else "artifact"
-            scores = scorer.evaluations(outputs, source)
-            evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
-                                "policy": "buckets", **s} for s in scores)
-            rows.append({**base, "policy": "buckets", "shapes": "/".join(map(str, shapes)), "contexts": len(shapes),
-                         "size_mb": size, "truncated_inputs": int(truncated.sum()), "bucket_counts": json.dumps(counts),
-                         "eval_truncated_inputs": eval_cut,
-                         **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
-                         **scorer.columns(outputs, scores), "accuracy_source": source})
+            if scored is not None:
+                outputs, eval_cut = scored
+                source = "cpu_ep_same_graph" if simulated else "artifact"
+                scores = scorer.evaluations(outputs, source)
+                evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
+                                    "policy": "buckets", **s} for s in scores)
+                counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
+                rows.append({**base, "policy": "buckets", "shapes": "/".join(map(str, shapes)), "contexts": len(shapes),
+                             "size_mb": size, "truncated_inputs": int(truncated.sum()),
+                             "bucket_counts": json.dumps(counts), "eval_truncated_inputs": eval_cut,
+                             **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
+                             **scorer.columns(outputs, scores), "accuracy_source": source})
             for shape in shapes:
                 files = model_files(folder / f"seq{shape}" / Path(artifacts[shape]).name)
                 rows.append({**base, "policy": "static", "shapes": str(shape), "contexts": 1,

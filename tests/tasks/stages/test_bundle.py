@@ -118,3 +118,19 @@ def test_the_bundle_a_deployment_loads_routes_like_the_stage_and_warns_on_trunca
 def test_a_folder_without_a_manifest_is_one_clear_line(tmp_path):
     with pytest.raises(InputError, match="manifest.json: not found"):
         Bundle.load(tmp_path, threads=1)
+
+
+def test_one_length_is_timed_on_the_inputs_without_a_routing_pass(tiny_onnx, tiny_bert, reference32, tmp_path):
+    """Nothing to route: the static row alone (its accuracy is the benchmark's), and no evaluation pass."""
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("a dog\nthe cat sat on the mat while the rain fell\n" + LONG + "\n")
+    payload = bundle_run(
+        sources={16: tiny_onnx}, compiled={}, model_dir=tiny_bert, text=inputs, reference_outputs=reference32,
+        model="dense", variant="fp32", device="ort_cpu", params=BundleParams(mix_samples=10),
+        text_source=TextSource(path=inputs, format="txt"), timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=tmp_path / "out", key="k",
+    )
+    (row,) = payload["rows"]
+    assert (row["policy"], row["shapes"], row["truncated_inputs"], row["mix_inputs"]) == ("static", "16", 2, 3)
+    assert row["latency_mix_mean_ms"] > 0 and payload["evaluations"] == []
+    assert not (tmp_path / "out" / "outputs-host.npy").exists() and (tmp_path / "out" / "host" / "manifest.json").is_file()

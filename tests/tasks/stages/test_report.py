@@ -279,3 +279,19 @@ def test_buckets_win_when_faster_on_the_users_inputs_within_budget(tmp_path, tin
             bundle_dirs=bundles)
     capped = json.loads((tmp_path / "capped" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
     assert (capped["policy"], capped["shapes"], capped["variant"]) == ("static", "128", "int8")
+
+
+def test_static_only_bundles_take_the_benchmark_accuracy(tmp_path, tiny_bert, inputs_txt):
+    bench = [_bench_dir(tmp_path, "a", _row(seq_len=16, metric_value=60.0))]
+    bundles = [_stage_only(tmp_path / "fp32", _bundle_row("fp32", "static", "16", 2.0, truncated=1))]
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles)
+    (row,) = pd.read_csv(tmp_path / "metrics" / "bundles.csv").to_dict("records")
+    assert (row["policy"], row["metric_value"], row["within_budget"]) == ("static", 60.0, True)
+    assert row["covered_share"] == pytest.approx(199 / 200)
+
+
+def _stage_only(folder, *rows):
+    folder.mkdir()
+    (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "rows": list(rows), "evaluations": []}))
+    return folder
