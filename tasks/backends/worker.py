@@ -122,12 +122,13 @@ def launch_worker(request: dict, timeout_s: float, module: str = "tasks.backends
     return json.loads(Path(request["result"]).read_text(encoding="utf-8"))
 
 
-def main(argv: list[str]) -> int:
+def serve(measure_request, argv: list[str]) -> int:
+    """A worker process's main: `measure_request` on the request file named in `argv`; its result to `result`."""
     request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    result = measure(request)
+    result = measure_request(request)
     Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(measure, sys.argv[1:]))

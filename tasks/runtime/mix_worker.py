@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.backends import get_backend
-from tasks.backends.worker import peak_rss_mb
+from tasks.backends.worker import peak_rss_mb, serve
 from tasks.runtime.bundle import Bundle
 
 BUCKETS = "buckets"
@@ -84,12 +84,5 @@ def measure(request: dict) -> dict:
     }
 
 
-def main(argv: list[str]) -> int:
-    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    result = measure(request)
-    Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(measure, sys.argv[1:]))
