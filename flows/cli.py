@@ -389,7 +389,7 @@ def results(
     project: Annotated[Path, typer.Option(help="project root")] = Path("."),
     run_name: RunOpt = None,
 ) -> None:
-    """Show the last run's metrics/benchmark.csv, metrics/compile.csv and the seq-len choice."""
+    """Show the last run's metrics/benchmark.csv, metrics/compile.csv, the seq-len choice and the shape choice."""
     with _user_errors():
         import json
 
@@ -415,6 +415,10 @@ def results(
         console.print(_compile_table(_records(tables["compile.csv"])))
         if "seq_len_choice" in tables["summary.json"]:
             console.print(_choice_table(tables["summary.json"]["seq_len_choice"]))
+        for key, pick in sorted(tables["summary.json"].get("shape_choice", {}).items()):
+            console.print(f"on your inputs, {key}: {pick['model']}/{pick['variant']} {pick['policy']} {pick['shapes']}, "
+                          f"mean {pick['latency_mix_mean_ms']:.2f} ms (p99 {pick['latency_mix_p99_ms']:.2f}): "
+                          f"{pick['reason']}")
         return
     bench = tables["benchmark.csv"]
     fp32 = bench[(bench["variant"] == "fp32") & (bench["device"] == "ort_cpu") & (bench["model"] == "dense")]
