@@ -150,7 +150,8 @@ def document(cfg: EdgeoptConfig) -> dict:
             "matrix": {"model": "${models}", "target": "${targets}"},
             "cmd": "edgeopt stage bundle --model ${item.model} --variant ${item.target.variant} "
                    "--device ${item.target.device}",
-            # Its artifacts at every bucket length (DVC cannot pick the lengths per device: all of them).
+            # Its artifacts at every bucket length: DVC cannot list one variant's lengths per instance, so the model's
+            # whole quantize folder (DVC reruns the model's other bundles too when one variant changes).
             "deps": ["artifacts/quantize/${item.model}", "artifacts/compile/${item.model}", "artifacts/reference", fetched,
                      Path(cfg.report.seq_len_choice.text.path).as_posix(), *eval_files,
                      *_code("bundle", families, backends)],

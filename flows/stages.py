@@ -440,7 +440,7 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
             "text": out.rebase(Path(text.path)),
             "reference_outputs": out.reference_dir(shapes[-1]) / reference_stage.OUTPUTS,
         },
-        watch={**eval_files(cfg), **{f"source_{s}": out.quantize_dir(model, target.variant, s) for s in shapes},
+        watch={**eval_files(cfg), **{f"source_{s}": path for s, path in sources.items()},
                **{f"compiled_{t}_{s}": d for t, by_shape in compiled.items() for s, d in by_shape.items()}},
         params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}}), "text_source": text,
                 "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),

@@ -272,7 +272,9 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert dvc_ran(dvc("repro")) == downstream
+    # A bundle's DVC deps name its model's quantize folder (DVC cannot list one variant's lengths per instance):
+    # DVC also reruns the model's other bundles (more than the flow, never less).
+    assert dvc_ran(dvc("repro")) == downstream | {"bundle@dense-target0"}
 
 
 def test_missing_output_means_rerun_and_export_is_deterministic(workspace):
