@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.core.errors import StageError
+
 STAMP = "stage.json"
 _CHUNK = 1 << 20
 
@@ -172,6 +174,23 @@ def write_stamp(out_dir: Path, key: str, payload: dict[str, Any]) -> None:
     write_json_atomic(Path(out_dir) / STAMP, {**stamp, "payload_sha256": _payload_sha256(stamp)})
 
 
+def finished_compile(folder: Path) -> dict[str, Any]:
+    """A compile stage's stamp (its `status`, and `artifact` when compiled); StageError when it has not finished."""
+    stamp = read_stamp(folder)
+    if not stamp or "status" not in stamp:
+        raise StageError(f"{folder}: no finished compile (stage.json missing); run its compile stage first")
+    return stamp
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a copy across filesystems), its folder made if needed."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def link_output(source: Path, out_dir: Path) -> dict[str, Any]:
     """A finished output of the same stage call (same key) placed at `out_dir`, file by file as hard links
     (copies across filesystems), atomically; returns its payload as the stage returned it."""
@@ -182,9 +201,5 @@ def link_output(source: Path, out_dir: Path) -> dict[str, Any]:
             if item.is_dir():
                 target.mkdir(exist_ok=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(item, target)
-            except OSError:
-                shutil.copy2(item, target)
+            link_or_copy(item, target)
     return {k: v for k, v in stamp.items() if k not in ("key", "files", "file_hashes", "payload_sha256")}

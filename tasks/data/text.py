@@ -140,6 +140,17 @@ def read_source(source: TextSource, path: Path) -> list[str]:
     return [s for t in texts for s in split_sentences(t)] if source.split_sentences else texts
 
 
+def distinct_texts(source: TextSource, path: Path, what: str, field: str) -> list[str]:
+    """The distinct non-blank texts of `path` (stripped, first occurrence order); InputError naming `what` the
+    text is for and the params `field` to fix when the file is missing or holds none."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: {what} not found; fix {field}.path")
+    texts = list(dict.fromkeys(t.strip() for t in read_source(source, Path(path)) if t.strip()))
+    if not texts:
+        raise InputError(f"{path}: no text for {what}; fix {field}")
+    return texts
+
+
 def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFrame, dict]:
     """All sources read, stripped, de-duplicated (first occurrence wins) and validated."""
     if len(sources) != len(paths):

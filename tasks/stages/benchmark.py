@@ -41,8 +41,8 @@ from pydantic import Field
 
 from tasks.backends import get_backend
 from tasks.backends.measure import TimingParams, WorkerPool, model_files, model_sha256, timing_columns
-from tasks.core.errors import BackendUnavailableError, StageError
-from tasks.core.fingerprint import atomic_output_dir, read_stamp, tool_versions, write_stamp
+from tasks.core.errors import BackendUnavailableError
+from tasks.core.fingerprint import atomic_output_dir, finished_compile, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
 from tasks.core.onnx_graph import row_cosines
 from tasks.data import evaluation
@@ -115,9 +115,7 @@ def compiled_jobs(compiled: dict[str, Path]) -> tuple[list[_Job], list[dict]]:
     """The compiled artifacts of this target's compile jobs, and the jobs the compile stage skipped."""
     jobs, skipped = [], []
     for target, folder in compiled.items():
-        stamp = read_stamp(folder)
-        if not stamp or "status" not in stamp:
-            raise StageError(f"{folder}: no finished compile (stage.json missing); run its compile stage first")
+        stamp = finished_compile(folder)
         if stamp["status"] != "compiled":
             skipped.append({"target": target, "status": stamp["status"]})
             continue

@@ -25,8 +25,6 @@ Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` (simulated: `out
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,13 +34,13 @@ from pydantic import Field
 from tasks.backends import get_backend
 from tasks.backends.measure import model_files
 from tasks.backends.worker import launch_worker
-from tasks.core.errors import BackendUnavailableError, InputError, StageError
-from tasks.core.fingerprint import atomic_output_dir, read_stamp, tool_versions, write_stamp
+from tasks.core.errors import BackendUnavailableError
+from tasks.core.fingerprint import atomic_output_dir, finished_compile, link_or_copy, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
 from tasks.core.params import StrictParams
 from tasks.data import evaluation
 from tasks.data.evaluation import EvaluationParams
-from tasks.data.text import TextSource, read_source
+from tasks.data.text import TextSource, distinct_texts
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 from tasks.runtime import mix_worker
@@ -71,11 +69,7 @@ class MixTiming(StrictParams):
 
 def mix_sample(source: TextSource, path: Path, count: int, seed: int) -> list[str]:
     """A seeded sample of the distinct non-blank inputs of `path` (all of them when there are fewer)."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: the inputs to time bundles on were not found; fix report.seq_len_choice.text.path")
-    texts = list(dict.fromkeys(t.strip() for t in read_source(source, Path(path)) if t.strip()))
-    if not texts:
-        raise InputError(f"{path}: no text to time bundles on; fix report.seq_len_choice.text")
+    texts = distinct_texts(source, Path(path), "the inputs to time bundles on", "report.seq_len_choice.text")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(texts), size=min(count, len(texts)), replace=False)
     return [texts[i] for i in sorted(picked)]
@@ -87,9 +81,7 @@ def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, 
     for target, folders in compiled.items():
         artifacts = {}
         for shape, folder in folders.items():
-            stamp = read_stamp(folder)
-            if not stamp or "status" not in stamp:
-                raise StageError(f"{folder}: no finished compile (stage.json missing); run its compile stage first")
+            stamp = finished_compile(folder)
             if stamp["status"] != "compiled":
                 skipped.append({"target": target, "seq_len": shape, "status": stamp["status"]})
                 break
@@ -99,23 +91,14 @@ def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, 
     return ready, skipped
 
 
-def _place(files: list[Path], folder: Path) -> None:
-    """Hard links where the filesystem allows (a bundle repeats artifacts the pipeline already keeps)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        try:
-            os.link(f, folder / f.name)
-        except OSError:
-            shutil.copy2(f, folder / f.name)
-
-
 def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: str, family: str,
                  preprocessor) -> float:
     """A bundle folder for `artifacts` (shape -> artifact); returns the artifacts' size in MB."""
     buckets, size = [], 0.0
     for shape, artifact in sorted(artifacts.items()):
         files = model_files(Path(artifact))
-        _place(files, folder / f"seq{shape}")
+        for f in files:  # hard links: a bundle repeats artifacts the pipeline already keeps
+            link_or_copy(f, folder / f"seq{shape}" / f.name)
         size += sum(f.stat().st_size for f in files) / 1e6
         buckets.append(Bucket(shape=shape, artifact=f"seq{shape}/{Path(artifact).name}"))
     FAMILIES.get(family).save_preprocessor(preprocessor, folder / PREPROCESSOR)

@@ -45,8 +45,8 @@ import pandera.pandas as pa
 from pydantic import Field
 
 from tasks.core.catalog import AUTO_MIXED, DENSE, SENSITIVITY_TABLE
-from tasks.core.errors import InputError, StageError
-from tasks.core.fingerprint import atomic_output_dir, read_stamp, write_json_atomic, write_stamp
+from tasks.core.errors import StageError
+from tasks.core.fingerprint import atomic_output_dir, finished_compile, read_stamp, write_json_atomic, write_stamp
 from tasks.core.params import StrictParams
 from tasks.core.schemas import (
     BENCHMARK_ROWS,
@@ -61,7 +61,7 @@ from tasks.core.schemas import (
     compile_row,
     describe,
 )
-from tasks.data.text import TextSource, read_source
+from tasks.data.text import TextSource, distinct_texts
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 
@@ -84,12 +84,7 @@ class SeqLenChoiceParams(StrictParams):
 
 def input_lengths(impl, preprocessor, source: TextSource) -> np.ndarray:
     """Tokens per unique non-blank input of `source`, special tokens included (what L must hold)."""
-    path = Path(source.path)
-    if not path.is_file():
-        raise InputError(f"{path}: text for the seq-len choice not found; fix report.seq_len_choice.text.path")
-    texts = list(dict.fromkeys(t.strip() for t in read_source(source, path) if t.strip()))
-    if not texts:
-        raise InputError(f"{path}: no text for the seq-len choice; fix report.seq_len_choice.text")
+    texts = distinct_texts(source, Path(source.path), "text for the seq-len choice", "report.seq_len_choice.text")
     return impl.input_lengths(preprocessor, texts)
 
 
@@ -225,10 +220,7 @@ def collect_rows(benchmark_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame
 def collect_compile_rows(compile_dirs: list[Path]) -> pd.DataFrame:
     rows = []
     for folder in compile_dirs:
-        stamp = read_stamp(folder)
-        if not stamp or "status" not in stamp:
-            raise StageError(f"{folder}: no finished compile (stage.json missing); run its compile stage first")
-        row = compile_row(stamp)
+        row = compile_row(finished_compile(folder))
         if row["artifact"]:
             row["artifact"] = (Path(folder) / row["artifact"]).as_posix()
         rows.append(row)
