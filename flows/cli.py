@@ -631,6 +631,79 @@ def speedup(
     console.print(f"CPU: {rows[0]['cpu_model']} ({rows[0]['cpu_flags']})", highlight=False)
 
 
+@app.command()
+def peers(
+    peers_dir: Annotated[Path, typer.Option("--peers", help="peer exports, one folder with a peer.json each "
+                                                          "(infra/peers/README.md builds them)")] = Path("artifacts/peers"),
+    rounds: Annotated[int, typer.Option(min=1, help="rounds; each runs every engine's process once, order "
+                                                    "reversed every round")] = 2,
+    max_tokens: Annotated[int | None, typer.Option(min=3, help="truncate the peers' inputs here (default: where "
+                                                               "the run's choice truncates)")] = None,
+    out: Annotated[Path, typer.Option(help="folder for peers.csv, peers-rounds.csv, peers.md, peers.svg")] = Path(
+        "reports/peers"),
+    params: ParamsOpt = Path("params.yaml"),
+    run_name: RunOpt = None,
+) -> None:
+    """The run's recommended deployment per CPU engine against other tools' exports of the same model, on the
+    same inputs and threads, interleaved (flows/peers.py)."""
+    with _user_errors():
+        import json
+
+        import numpy as np
+        from rich.progress import Progress
+
+        from flows import peers as peer_compare
+        from flows.locking import run_scratch
+        from tasks.config import load_config
+        from tasks.core import catalog
+        from tasks.core.errors import InputError
+        from tasks.data import evaluation
+        from tasks.families import FAMILIES
+        from tasks.stages import reference as reference_stage
+
+        root = params.resolve().parent
+        cfg = load_config(params)
+        outputs = _outputs(run_name)
+        summary_path = root / outputs.report_dir() / "summary.json"
+        if not summary_path.is_file():
+            raise InputError(f"{summary_path}: not found; run `edgeopt run` first (peers compares its choice)")
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        found = peer_compare.read_peers(root / peers_dir if not peers_dir.is_absolute() else peers_dir)
+        arms, kinds = peer_compare.arms_for(cfg, catalog.Catalog(root / outputs.base), found, summary, max_tokens)
+        model_dir = root / catalog.model_folder(outputs.fetch_model_dir())
+        family = FAMILIES.get(cfg.family.name)
+        sets = [evaluation.load(s, family.class_names(model_dir)) for s in cfg.evaluation.sets]
+        reference = root / outputs.reference_dir(max(cfg.seq_lens)) / reference_stage.OUTPUTS
+        scorer = evaluation.Scorer(sets, np.load(reference), reference, cfg.evaluation.sets)
+        first_bundle = Path(next(iter(arms.values()))[0]["bundle"])
+        with run_scratch(root), Progress(console=err_console, transient=True) as progress:
+            task = progress.add_task(f"{rounds} rounds x {len(arms)} engines", total=rounds * len(arms))
+            rows, produced = peer_compare.compare(
+                arms, first_bundle, cfg.family.name, scorer, threads=cfg.benchmark.threads,
+                warmup=cfg.benchmark.warmup_runs, rounds=rounds, timeout_s=cfg.benchmark.worker_timeout_s,
+                on_round=lambda: progress.advance(task))
+        scores = {label: scorer.evaluations(o, "artifact") for label, o in produced.items()}
+        table = peer_compare.summarise(rows, scores, kinds)
+        metrics = [f"{s['eval_set']}_{s['metric_name']}" for s in next(iter(scores.values()))]
+        folder = root / out if not out.is_absolute() else out
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, frame in (("peers.csv", table), ("peers-rounds.csv", rows)):
+            tmp = folder / f"{name}.tmp"
+            frame.to_csv(tmp, index=False)
+            tmp.replace(folder / name)
+        (folder / "peers.md.tmp").write_text(peer_compare.markdown(table, metrics), encoding="utf-8")
+        (folder / "peers.md.tmp").replace(folder / "peers.md")
+        peer_compare.plot(table, metrics[0], folder / "peers.svg")
+    shown = Table(title=f"Your recommended deployment vs peer exports ({rounds} rounds, {cfg.benchmark.threads} threads)")
+    for column in ("artifact", "device", "mean ms", "p99 ms", *metrics, "vs fastest int8 peer"):
+        shown.add_column(column, justify="left" if column in ("artifact", "device") else "right", overflow="fold")
+    for r in table.sort_values(["device", "latency_mean_ms"]).to_dict("records"):
+        shown.add_row(r["artifact"], r["device"], f"{r['latency_mean_ms']:.2f}", f"{r['latency_p99_ms']:.2f}",
+                      *(f"{r[m]:.2f}" for m in metrics), f"{r['speedup_vs_fastest_int8_peer']:.2f}x")
+    console.print(shown)
+    console.print(f"CPU: {table['cpu_model'].iloc[0]} ({table['cpu_flags'].iloc[0]}); written to {folder}", highlight=False)
+
+
 @app.command("dvc-yaml")
 def dvc_yaml_command(
     params: ParamsOpt = Path("params.yaml"),

@@ -21,6 +21,7 @@ import yaml
 from flows.stages import is_mixed, mixed_assignment, stage_code, variant_imports
 from tasks.backends import BACKENDS
 from tasks.config import EdgeoptConfig, compile_devices, read_params
+from tasks.core import catalog
 from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import STAMP, write_json_atomic
 from tasks.families import FAMILIES
@@ -63,6 +64,13 @@ def document(cfg: EdgeoptConfig) -> dict:
     # auto_mixed variants build what their base's sensitivity stage chose (DVC lists it for every instance).
     mixed = [name for name in cfg.variants if is_mixed(cfg, name)]
     assignments = [mixed_assignment(cfg, "${item.model}", name).as_posix() for name in mixed]
+    # With export_onnx.dynamic the export and surgery folders also hold the free-axis model (DVC lists it for
+    # every instance, as it cannot pick deps per variant).
+    dynamic_export = ([f"artifacts/export_onnx/${{item.model}}/seq${{item.seq_len}}/{catalog.DYNAMIC_ONNX}"]
+                      if cfg.export_onnx.dynamic else [])
+    dynamic_quantize = ([*dynamic_export, f"artifacts/graph_surgery/${{item.model}}/seq${{item.seq_len}}/{catalog.DYNAMIC_ONNX}",
+                         "artifacts/calibration_data/calib_rows_seq${item.seq_len}.npz"]
+                        if cfg.export_onnx.dynamic else [])
     stages = {
         "fetch_model": {
             "cmd": "edgeopt stage fetch_model",
@@ -108,7 +116,7 @@ def document(cfg: EdgeoptConfig) -> dict:
         "graph_surgery": {
             "matrix": {"model": "${models}", "seq_len": "${seq_lens}"},
             "cmd": "edgeopt stage graph_surgery --model ${item.model} --seq-len ${item.seq_len}",
-            "deps": ["artifacts/export_onnx/${item.model}/seq${item.seq_len}/model.onnx",
+            "deps": ["artifacts/export_onnx/${item.model}/seq${item.seq_len}/model.onnx", *dynamic_export,
                      *_code("graph_surgery", families)],
             "params": ["graph_surgery", "family"],
             "outs": ["artifacts/graph_surgery/${item.model}/seq${item.seq_len}"],
@@ -116,10 +124,11 @@ def document(cfg: EdgeoptConfig) -> dict:
         "quantize": {
             "matrix": {"model": "${models}", "variant": "${variants}", "seq_len": "${seq_lens}"},
             "cmd": "edgeopt stage quantize --model ${item.model} --variant ${item.variant} --seq-len ${item.seq_len}",
-            # fp32 links the export; every other variant quantizes the surgery output.
+            # fp32 links the export; every other variant quantizes the surgery output (shape: dynamic ones their
+            # free-axis models, calibrated on one input per row).
             "deps": ["artifacts/export_onnx/${item.model}/seq${item.seq_len}/model.onnx",
                      "artifacts/graph_surgery/${item.model}/seq${item.seq_len}/model.onnx",
-                     "artifacts/calibration_data/calib_seq${item.seq_len}.npz",
+                     "artifacts/calibration_data/calib_seq${item.seq_len}.npz", *dynamic_quantize,
                      *imported, *assignments, *_code("quantize", families, recipes)],
             "params": ["quantize.variants.${item.variant}", "quantize.calibration_chunk", "family"],
             "outs": ["artifacts/quantize/${item.model}/${item.variant}-${item.seq_len}"],

@@ -322,7 +322,9 @@ def graph_surgery(cfg: EdgeoptConfig, model: str, seq_len: int, out: Catalog = M
         fn=surgery_stage.run,
         base=out.base,
         out_dir=out.graph_surgery_dir(model, seq_len),
-        inputs={"model": catalog.onnx_model(out.export_onnx_dir(model, seq_len))},
+        inputs={"model": catalog.onnx_model(out.export_onnx_dir(model, seq_len)),
+                **({"dynamic_model": catalog.onnx_model(out.export_onnx_dir(model, seq_len), dynamic=True)}
+                   if cfg.export_onnx.dynamic else {})},
         params={"params": cfg.graph_surgery, "family": cfg.family},
         code=stage_code("graph_surgery", family_module(cfg)),
         tools=surgery_stage.TOOLS,
@@ -335,8 +337,9 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
     # Only this variant's settings are part of the key: editing one variant reruns only that one.
     params = cfg.quantize.model_copy(update={"variants": {variant: settings}})
     source = out.export_onnx_dir(model, seq_len) if unquantized else out.graph_surgery_dir(model, seq_len)
+    dynamic = settings.shape == "dynamic"  # calibrated on one real input per row, each at its own length
     calibration = (
-        out.calibration_data_dir() / calibration_stage.calib_name(seq_len)
+        out.calibration_data_dir() / calibration_stage.calib_name(seq_len, rows_of_one=dynamic)
         if quantize_stage.needs_calibration(settings)
         else None
     )
@@ -349,7 +352,7 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
         fn=quantize_stage.run,
         base=out.base,
         out_dir=out.quantize_dir(model, variant, seq_len),
-        inputs={"model": catalog.onnx_model(source), "calibration": calibration},
+        inputs={"model": catalog.onnx_model(source, dynamic), "calibration": calibration},
         watch={f"import_{role}": path for role, path in imports.items()},
         params={"params": params, "family": cfg.family},
         args={"variant": variant, **({"imports": imports} if imports else {})},
@@ -422,7 +425,9 @@ def benchmark_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
 
 
 def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Catalog = MAIN) -> StageCall:
-    shapes = cfg.bucket_shapes(target.device)
+    dynamic = cfg.is_dynamic(target.variant)
+    # A dynamic variant's bundle is its one artifact built up to the device's largest bucket length.
+    shapes = cfg.bucket_shapes(target.device)[-1:] if dynamic else cfg.bucket_shapes(target.device)
     compiled = {}
     for shape in shapes:
         for job_target, folder in compiled_for(cfg, model, target, shape, out).items():
@@ -446,7 +451,8 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
                 "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),
                 "evaluation_params": cfg.evaluation, "family": cfg.family},
         args={"sources": sources, "compiled": compiled, "model": model, "variant": target.variant,
-              "device": target.device, "eval_limit": cfg.benchmark.quick_eval_items if cfg.benchmark.quick else None},
+              "device": target.device, "eval_limit": cfg.benchmark.quick_eval_items if cfg.benchmark.quick else None,
+              "dynamic": dynamic},
         code=stage_code("bundle", family_module(cfg), BACKENDS.module_of(target.device),
                         BACKENDS.module_of(bundle_stage.CPU_EP_DEVICE)),
         tools=bundle_stage.TOOLS,

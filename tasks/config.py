@@ -22,6 +22,7 @@ from tasks.core.errors import ConfigError, InputError
 from tasks.core.params import StrictParams
 from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, family_settings
+from tasks.recipes import recipe_for
 from tasks.stages.benchmark import BenchmarkParams
 from tasks.stages.bundle import BundleParams
 from tasks.stages.calibration_data import CalibrationDataParams
@@ -229,6 +230,36 @@ class EdgeoptConfig(StrictParams):
         missing = sorted({t.variant for t in self.targets} - set(self.variants))
         if missing:
             raise ValueError(f"targets use variant(s) {missing} that are not in variants {self.variants}; add them there")
+        return self
+
+    def is_dynamic(self, variant: str) -> bool:
+        """Whether the variant is built with a free shape axis (`shape: dynamic`)."""
+        return self.quantize.variant(variant).shape == "dynamic"
+
+    @model_validator(mode="after")
+    def _dynamic_shapes(self) -> EdgeoptConfig:
+        dynamic = [name for name in self.variants if self.is_dynamic(name)]
+        for name in dynamic:
+            where, settings = f"quantize.variants.{name}", self.quantize.variant(name)
+            if not recipe_for(settings).dynamic_shapes:
+                raise ValueError(f"{where}: method {settings.method} builds static shapes only; remove shape: dynamic")
+            if not self.export_onnx.dynamic:
+                raise ValueError(f"{where}: shape: dynamic is built from the dynamic export; set export_onnx.dynamic: true")
+            if FAMILIES.get(self.family.name).dynamic_axis is None:
+                raise ValueError(f"{where}: family {self.family.name} exports static shapes only; remove shape: dynamic")
+            if self.graph_surgery.float_mask_input and settings.method != "none":
+                raise ValueError(f"{where}: graph_surgery.float_mask_input pins the mask to one length; set it to false "
+                                 "or remove shape: dynamic")
+        for i, t in enumerate(self.targets):
+            if t.variant in dynamic and not BACKENDS.get(t.device).dynamic_shapes:
+                raise ValueError(f"targets[{i}]: {t.device} takes static shapes only; {t.variant} has shape: dynamic")
+        for i, job in enumerate(self.compile.jobs):
+            if job.variant in dynamic:
+                raise ValueError(f"compile.jobs[{i}]: {job.variant} has shape: dynamic (benchmarked from its quantize "
+                                 "output; compiled artifacts take static shapes); remove the job")
+        probed = sorted(set(dynamic) & set(self.sensitivity.variants))
+        if probed:
+            raise ValueError(f"sensitivity.variants: {probed} have shape: dynamic; probes are built at one static length")
         return self
 
     @model_validator(mode="after")

@@ -60,6 +60,18 @@ def tiny_onnx32(tiny_bert, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dynamic(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT exported at 32 tokens with `export_onnx.dynamic`: the folder holding model.onnx (static)
+    and model_dynamic.onnx (any length up to 32)."""
+    from tasks.stages.export_onnx import ExportOnnxParams
+    from tasks.stages.export_onnx import run as export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "dynamic32"
+    export_onnx(tiny_bert, 32, ExportOnnxParams(dynamic=True), SENTENCE_ENCODER, out, key="t")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokens32(tiny_bert) -> dict:
     """Three sentences of different lengths at length 32, every row padded."""
     from tasks.families.sentence_encoder import FAMILY

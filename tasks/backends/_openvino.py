@@ -236,6 +236,7 @@ class OpenVinoModel:
 
 class OpenVinoBackend:
     engine_package = "openvino"
+    dynamic_shapes = False
     compile_params: type[OpenVinoCompileParams] = OpenVinoCompileParams
 
     def __init__(

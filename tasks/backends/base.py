@@ -39,6 +39,8 @@ class Backend(Protocol):
     """The Python distribution whose version is recorded with every benchmark row."""
     compile_params: type[DeviceCompileParams] | None
     """The options of its `compile.<device>` section; None when the device has no compile step."""
+    dynamic_shapes: bool
+    """Whether it runs models with a free shape axis (`shape: dynamic` variants); NPUs take static shapes only."""
 
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the backend, else why not (recorded as a skip)."""

@@ -45,6 +45,7 @@ class OpenVinoCpuCompileParams(OpenVinoCompileParams):
 
 class OpenVinoCpuBackend(OpenVinoBackend):
     compile_params = OpenVinoCpuCompileParams
+    dynamic_shapes = True
 
     def __init__(self, inference_precision: str | None = "f32", cache_dir=None):
         super().__init__("openvino_cpu", "CPU", inference_precision=inference_precision, cache_dir=cache_dir)

@@ -100,6 +100,7 @@ class OrtCpuBackend:
     name = "ort_cpu"
     engine_package = "onnxruntime"
     compile_params = OrtCpuCompileParams
+    dynamic_shapes = True
 
     def accelerator_nodes(self, placement: dict) -> int:
         return 0

@@ -273,6 +273,7 @@ class QnnHtpBackend:
     name = "qnn_htp"
     engine_package = "onnxruntime-qnn"
     compile_params = QnnHtpCompileParams
+    dynamic_shapes = False
     simulated = is_simulator()
 
     def accelerator_nodes(self, placement: dict) -> int:

@@ -100,6 +100,7 @@ def launch_worker(request: dict, timeout_s: float, module: str = "tasks.backends
     """Run `module`'s main on `request` in a fresh interpreter (default: `measure`); raise BenchmarkError with
     its last line on failure."""
 
+    what = request.get("artifact") or request.get("bundle") or request.get("label") or module
     request_path = Path(request["result"]).with_name(Path(request["result"]).stem + "-request.json")
     request_path.write_text(json.dumps(request), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
@@ -114,11 +115,11 @@ def launch_worker(request: dict, timeout_s: float, module: str = "tasks.backends
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchmarkError(
-            f"benchmark worker for {request['artifact']} exceeded benchmark.worker_timeout_s={timeout_s}"
+            f"benchmark worker for {what} exceeded benchmark.worker_timeout_s={timeout_s}"
         ) from exc
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["see the output above"]
-        raise BenchmarkError(f"benchmark worker failed on {request['artifact']} (exit {proc.returncode}): {tail[0]}")
+        raise BenchmarkError(f"benchmark worker failed on {what} (exit {proc.returncode}): {tail[0]}")
     return json.loads(Path(request["result"]).read_text(encoding="utf-8"))
 
 

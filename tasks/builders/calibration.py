@@ -10,6 +10,9 @@ Reads: the fetched model folder (its preprocessor only: the tokenizer) and the t
   the prune stage distils on (~14k sentences for STS-B train + dev).
 - `calib_seq{L}.npz` per sequence length L: int64 arrays `input_ids`, `attention_mask`,
   `token_type_ids` of shape [samples, L], the family's samples (`ModelFamily.samples`).
+- `calib_rows_seq{L}.npz` per L: the first `samples` sentences of the shuffled pool, one per row padded to
+  L (never packed) plus `row_lengths`: what variants with a free shape axis (`shape: dynamic`) calibrate on,
+  each row cut to its own length, as a deployed input runs.
 - `token_lengths.json` / `token_lengths.png`: token-count percentiles and histogram of every
   unique source sentence, with the share of sentences each L would truncate.
 - `stage.json`: counts and the statistics above.
@@ -46,6 +49,7 @@ import pandera.errors
 from pydantic import Field
 
 from tasks.core.errors import InputError, StageError
+from tasks.core.feeds import ROW_LENGTHS
 from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
 from tasks.data.evaluation import EvaluationParams, refuse_evaluated_text
@@ -62,8 +66,10 @@ STATS_PNG = "token_lengths.png"
 PERCENTILES = (50, 90, 95, 99)
 
 
-def calib_name(seq_len: int) -> str:
-    return f"calib_seq{seq_len}.npz"
+def calib_name(seq_len: int, rows_of_one: bool = False) -> str:
+    """The calibration npz at one length: rows as `pack` makes them, or one real input per row (padded to the
+    length, with `row_lengths`) for variants with a free shape axis, which calibrate each input at its own length."""
+    return f"calib_rows_seq{seq_len}.npz" if rows_of_one else f"calib_seq{seq_len}.npz"
 
 
 class CalibrationDataParams(StrictParams):
@@ -156,6 +162,8 @@ class Calibration:
     pool: pd.DataFrame
     sample: pd.DataFrame
     arrays: dict[int, dict[str, np.ndarray]]
+    single: dict[int, dict[str, np.ndarray]]
+    """Per length: one sampled input per row (with ROW_LENGTHS), for dynamic-shape variants."""
     n_tokens: np.ndarray
     stats: dict
     payload: dict
@@ -165,6 +173,9 @@ class Calibration:
         self.pool[["sentence", "source"]].to_csv(folder / TEXT_POOL, index=False, lineterminator="\n")
         for L, arrays in self.arrays.items():
             save_npz(folder / calib_name(L), {n: arrays[n].astype(np.int64) for n in ARRAY_NAMES})
+        for L, arrays in self.single.items():
+            save_npz(folder / calib_name(L, rows_of_one=True),
+                     {n: arrays[n].astype(np.int64) for n in (*ARRAY_NAMES, ROW_LENGTHS)})
         (folder / STATS_JSON).write_text(json.dumps(self.stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _plot(folder / STATS_PNG, self.n_tokens, self.stats, seq_lens)
 
@@ -193,8 +204,11 @@ def make(model_dir: Path, sources: list[Path], seq_lens: list[int], params: Cali
     order = np.random.default_rng(params.seed).permutation(len(pool))
 
     stats = _token_stats(n_tokens, seq_lens)
-    per_len, consumed, arrays_by_len = {}, params.samples, {}
+    per_len, consumed, arrays_by_len, single_by_len = {}, params.samples, {}, {}
+    singles = [sentences[i] for i in order[: params.samples]]
     for L in seq_lens:
+        single_by_len[L] = {**impl.samples(tokenizer, singles, L),
+                            ROW_LENGTHS: np.minimum(n_tokens[order[: params.samples]], L)}
         if params.pack:
             rows, end = _pack_rows(bare, order, L, specials, params.samples)
             texts = [" ".join(sentences[i] for i in row) for row in rows]
@@ -237,4 +251,4 @@ def make(model_dir: Path, sources: list[Path], seq_lens: list[int], params: Cali
         "seq_lens": per_len,
         "token_lengths": {k: v for k, v in stats.items() if k != "histogram"},
     }
-    return Calibration(pool, sample, arrays_by_len, n_tokens, stats, payload)
+    return Calibration(pool, sample, arrays_by_len, single_by_len, n_tokens, stats, payload)

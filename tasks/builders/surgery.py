@@ -15,6 +15,7 @@ from tasks.transforms.surgery import GraphSurgeryParams
 
 TOOLS = ("onnx", "onnxruntime", "numpy")
 MODEL = "model.onnx"
+DYNAMIC_MODEL = "model_dynamic.onnx"  # an export's free-axis model (catalog.DYNAMIC_ONNX), rewritten alike
 
 
 def static_shape(proto, model: Path) -> int:
@@ -26,12 +27,15 @@ def static_shape(proto, model: Path) -> int:
     return int(dims[-1].dim_value)
 
 
-def rewrite(model: Path, params: GraphSurgeryParams, family: FamilySettings, out: Path, tmp: Path) -> dict[str, Any]:
-    """The transformations applied to `model`, saved to `out` and checked against `model`."""
+def rewrite(model: Path, params: GraphSurgeryParams, family: FamilySettings, out: Path, tmp: Path,
+            shape: int | None = None) -> dict[str, Any]:
+    """The transformations applied to `model`, saved to `out` and checked against `model` on samples of `shape`
+    (default: the length the model was exported at; a dynamic export has none and is checked at its static
+    sibling's)."""
     import onnx
 
     proto = load_model(Path(model), check=True, hint="pass the model.onnx written by export_onnx")
-    shape = static_shape(proto, model)
+    shape = static_shape(proto, model) if shape is None else shape
     inputs_before = surgery.input_info(proto.graph)
     proto, report = surgery.apply(proto, params, tmp)
     onnx.save(proto, out)

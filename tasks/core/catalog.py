@@ -25,8 +25,13 @@ def model_folder(fetch_dir: Path) -> Path:
     return fetch_dir / "model"
 
 
-def onnx_model(export_dir: Path) -> Path:
-    return export_dir / "model.onnx"
+DYNAMIC_ONNX = "model_dynamic.onnx"
+"""Beside an export's (and graph surgery's) static model.onnx when `export_onnx.dynamic`: the shape axis free."""
+
+
+def onnx_model(export_dir: Path, dynamic: bool = False) -> Path:
+    """An export or graph-surgery folder's model: the static one, or the one with a free shape axis."""
+    return export_dir / (DYNAMIC_ONNX if dynamic else "model.onnx")
 
 
 def dvc_stage_name(stage: str, **matrix: object) -> str:

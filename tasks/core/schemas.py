@@ -315,14 +315,17 @@ SENSITIVITY_ROWS = pa.DataFrameSchema(
 # a sample of the user's inputs. `buckets` rows carry their own accuracy (routed as deployed); `static` rows get
 # the benchmark's at their length in the report. Simulated rows have no latency.
 BUNDLE_KEY = ["model", "variant", "device", "target", "policy", "shapes"]
+BUCKETS, STATIC, DYNAMIC = "buckets", "static", "dynamic"
+"""A bundle row's shape policy: routed to buckets, every input at one length, or each at its own length."""
+
 BUNDLE_ROWS = pa.DataFrameSchema(
     {
         "model": pa.Column(str),
         "variant": pa.Column(str),
         "device": pa.Column(str),
         "target": pa.Column(str),
-        "policy": pa.Column(str, pa.Check.isin(["buckets", "static"])),
-        "shapes": pa.Column(str, pa.Check.str_matches(r"^\d+(/\d+)*$")),
+        "policy": pa.Column(str, pa.Check.isin([BUCKETS, STATIC, DYNAMIC])),
+        "shapes": pa.Column(str, pa.Check.str_matches(r"^(\d+(/\d+)*|<=\d+)$")),  # lengths, or dynamic up to one
         "contexts": pa.Column(int, pa.Check.ge(1)),
         "size_mb": pa.Column(float, pa.Check.gt(0)),
         "mix_inputs": pa.Column(int, pa.Check.ge(1)),
@@ -356,3 +359,27 @@ BUNDLE_REPORT_ROWS = BUNDLE_ROWS.add_columns({
     "covered_share": pa.Column(float, pa.Check.in_range(0, 1)),
     "compile_s": pa.Column(float, pa.Check.ge(0), nullable=True),
 })
+
+
+PEER_ROWS = pa.DataFrameSchema(
+    {
+        "artifact": pa.Column(str, unique=True),
+        "kind": pa.Column(str, pa.Check.isin(["edgeopt", "peer"])),
+        "tool": pa.Column(str),
+        "int8": pa.Column(bool),
+        "precision": pa.Column(str),
+        "device": pa.Column(str),
+        "latency_mean_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_p50_ms": pa.Column(float, pa.Check.gt(0)),
+        "latency_p99_ms": pa.Column(float, pa.Check.gt(0)),
+        "rounds": pa.Column(int, pa.Check.ge(1)),
+        "threads": pa.Column(int, pa.Check.ge(1)),
+        "engine_version": pa.Column(str),
+        "cpu_model": pa.Column(str),
+        "cpu_flags": pa.Column(str),
+        "speedup_vs_fastest_int8_peer": pa.Column(float, nullable=True),
+        "fastest_int8_peer": pa.Column(str, nullable=True),
+    },
+    strict=False,  # plus one metric column per evaluation set (<set>_<metric>)
+    name="peer comparison rows",
+)

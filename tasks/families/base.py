@@ -61,6 +61,9 @@ class ModelFamily(Protocol):
     """"text" (samples are strings) or "image"."""
     shape_axis: str
     """What `seq_lens` means for this family, for labels (e.g. "sequence length (tokens)")."""
+    dynamic_axis: int | None
+    """The axis of every input that `seq_lens` sizes, freed in a dynamic export (`export_onnx.dynamic`);
+    None: the family exports static shapes only. A row of a dynamic model's feeds is cut to `input_lengths`."""
     output_kind: str
     """"embedding" or "logits": what the exported graph's output is."""
     eval_formats: tuple[str, ...]

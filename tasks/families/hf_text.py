@@ -51,6 +51,7 @@ class HfTextFamily:
 
     modality = "text"
     shape_axis = "sequence length (tokens)"
+    dynamic_axis = 1  # [batch, tokens]: a dynamic export frees the token axis
     auto_class = "AutoModel"
 
     # --------------------------------------------------------------- folders

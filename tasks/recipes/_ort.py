@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.core.errors import InputError
-from tasks.recipes.base import rows
+from tasks.recipes.base import row, rows
 
 
 class NpzReader:
@@ -36,7 +36,7 @@ class NpzReader:
         if self.pos >= self.end:
             return None
         i, self.pos = self.pos, self.pos + 1
-        return {name: arr[i : i + 1] for name, arr in self.feeds.items()}
+        return row(self.feeds, i)
 
     def rewind(self) -> None:
         self.pos = self.start

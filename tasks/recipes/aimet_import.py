@@ -159,6 +159,7 @@ class AimetImportRecipe:
     settings = AimetImportSettings
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = False  # an import names tensors of one static graph
     tools = ("onnx", "onnxruntime", "aimet-onnx")
 
     def needs_calibration(self, settings: AimetImportSettings) -> bool:

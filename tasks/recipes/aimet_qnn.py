@@ -208,6 +208,7 @@ class AimetQnnRecipe:
     settings = AimetQnnSettings
     artifact = ONNX_ARTIFACT
     companions = (ENCODINGS,)
+    dynamic_shapes = False  # for the QNN HTP, which takes static shapes only
     tools = ("onnx", "onnxruntime", "aimet-onnx")
 
     def needs_calibration(self, settings: AimetQnnSettings) -> bool:

@@ -53,6 +53,7 @@ class AutoMixedRecipe:
     settings = AutoMixedSettings
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = False  # built on a sensitivity stage's static-length probes
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: AutoMixedSettings) -> bool:

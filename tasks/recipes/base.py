@@ -10,13 +10,13 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import Field
 
 from tasks.core.errors import InputError
-from tasks.core.feeds import build_feeds
+from tasks.core.feeds import ROW_LENGTHS, build_feeds
 from tasks.core.onnx_graph import input_specs
 from tasks.core.params import StrictParams
 from tasks.transforms.quant_rewrites import huge_float_constants
@@ -30,6 +30,11 @@ class RecipeSettings(StrictParams):
     """Each recipe's settings add `method: Literal["<method>"]` and their options."""
 
     method: str
+    shape: Literal["static", "dynamic"] = Field(
+        "static", description="static: built from the export at each length; dynamic: from the export with a free "
+        "shape axis (export_onnx.dynamic), calibrated on real inputs at their own length, for engines that need "
+        "no static shapes (ONNX Runtime CPU, OpenVINO CPU)",
+    )
 
     def imports(self, model: str, seq_len: int) -> dict[str, Path]:
         """Files from outside the pipeline this variant reads for one pipeline model and length, by role (keyed
@@ -67,6 +72,8 @@ class Recipe(Protocol):
     tools: tuple[str, ...]
     companions: tuple[str, ...]
     """Files the recipe writes beside the artifact that the output keeps (e.g. an encodings JSON)."""
+    dynamic_shapes: bool
+    """Whether it builds `shape: dynamic` variants (calibrating on rows of different lengths, `row`)."""
 
     def needs_calibration(self, settings: RecipeSettings) -> bool: ...
 
@@ -81,8 +88,25 @@ class Recipe(Protocol):
         """How many quantization ops the artifact holds (0 everywhere: nothing was quantized)."""
 
 
+class RaggedFeeds(dict):
+    """Calibration feeds of a model with a free shape axis: [rows, L] arrays padded to L, each row cut to its own
+    length (`lengths`, along `axis`) when taken with `row`."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], lengths: np.ndarray, axis: int):
+        super().__init__(feeds)
+        self.lengths, self.axis = np.asarray(lengths, dtype=np.int64), axis
+
+
 def rows(feeds: dict[str, np.ndarray]) -> int:
     return len(next(iter(feeds.values())))
+
+
+def row(feeds: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Row `i` of the feeds as a batch of one (ragged feeds: cut to that row's length)."""
+    if isinstance(feeds, RaggedFeeds):
+        cut = (slice(i, i + 1),) + (slice(None),) * (feeds.axis - 1) + (slice(0, int(feeds.lengths[i])),)
+        return {name: arr[cut] for name, arr in feeds.items()}
+    return {name: arr[i : i + 1] for name, arr in feeds.items()}
 
 
 def refuse_huge_mask_fill(model: Path) -> None:
@@ -99,7 +123,9 @@ def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, n
     """Feeds for every input of `model` from a calibration npz (the family's sample arrays), [rows, ...] each.
 
     Integer inputs are cast to the declared dtypes; a graph-surgery model's float `attention_bias` /
-    `pooling_mask` inputs are built from `attention_mask` (tasks.core.feeds.build_feeds).
+    `pooling_mask` inputs are built from `attention_mask` (tasks.core.feeds.build_feeds). A model with a free
+    shape axis gets `RaggedFeeds` from an npz of one real input per row (with `row_lengths`): each row is
+    then calibrated at its own length, as it runs when deployed.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,7 +135,13 @@ def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, n
             arrays = {name: npz[name][:limit] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable npz ({exc.__class__.__name__}); rerun calibration_data") from exc
-    for spec in input_specs(model)[0]:
+    lengths = arrays.pop(ROW_LENGTHS, None)
+    specs = input_specs(model)[0]
+    free = sorted({i for spec in specs for i, d in enumerate(spec.shape) if i > 0 and d is None})
+    if free and lengths is None:
+        raise InputError(f"{path}: {model.name} has a free shape axis but this npz has no {ROW_LENGTHS}; "
+                         "a dynamic variant calibrates on the calibration_data file of one input per row")
+    for spec in specs:
         arr = arrays.get(spec.name)
         if arr is None:
             continue  # build_feeds makes it (attention_bias, pooling_mask) or names what is missing
@@ -124,9 +156,10 @@ def calibration_feeds(path: Path, model: Path, limit: int | None) -> dict[str, n
                 "use the calibration file made for this shape"
             )
     try:
-        return build_feeds(Path(model), arrays)
+        feeds = build_feeds(Path(model), arrays)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc
+    return RaggedFeeds(feeds, lengths, free[0]) if free else feeds
 
 
 def transformer_hints(context: RecipeContext, method: str, setting: str):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tasks.core.errors import InputError
 from tasks.recipes._openvino import ir_quant_counts, save_ir
-from tasks.recipes.base import IR_ARTIFACT, IR_WEIGHTS, RecipeContext, RecipeSettings, rows
+from tasks.recipes.base import IR_ARTIFACT, IR_WEIGHTS, RecipeContext, RecipeSettings, row, rows
 
 
 class NncfPtqSettings(RecipeSettings):
@@ -33,7 +33,7 @@ def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
     if missing:
         raise InputError(f"calibration npz lacks OpenVINO model input(s) {missing}")
     n_rows = rows(feeds)
-    dataset = nncf.Dataset(range(n_rows), lambda i: {n: feeds[n][i : i + 1] for n in names})
+    dataset = nncf.Dataset(range(n_rows), lambda i: {n: v for n, v in row(feeds, i).items() if n in names})
     ignored = nncf.IgnoredScope(types=list(s.ignored_types)) if s.ignored_types else None
     try:
         quantized = nncf.quantize(
@@ -56,6 +56,7 @@ class NncfPtqRecipe:
     settings = NncfPtqSettings
     artifact = IR_ARTIFACT
     companions = (IR_WEIGHTS,)
+    dynamic_shapes = True
     tools = ("openvino", "nncf")
 
     def needs_calibration(self, settings: NncfPtqSettings) -> bool:

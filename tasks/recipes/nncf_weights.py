@@ -43,6 +43,7 @@ class NncfWeightsRecipe:
     settings = NncfWeightsSettings
     artifact = IR_ARTIFACT
     companions = (IR_WEIGHTS,)
+    dynamic_shapes = True
     tools = ("openvino", "nncf")
 
     def needs_calibration(self, settings: NncfWeightsSettings) -> bool:

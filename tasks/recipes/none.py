@@ -21,6 +21,7 @@ class NoneRecipe:
     settings = NoQuantization
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = True
     tools: tuple[str, ...] = ()
 
     def needs_calibration(self, settings: NoQuantization) -> bool:

@@ -45,6 +45,7 @@ class OrtDynamicRecipe:
     settings = OrtDynamicSettings
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = True
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtDynamicSettings) -> bool:

@@ -181,6 +181,7 @@ class OrtQnnRecipe:
     settings = OrtQnnSettings
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = False  # for the QNN HTP, which takes static shapes only
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtQnnSettings) -> bool:

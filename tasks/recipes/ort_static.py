@@ -147,6 +147,7 @@ class OrtStaticRecipe:
     settings = OrtStaticSettings
     artifact = ONNX_ARTIFACT
     companions = ()
+    dynamic_shapes = True
     tools = ("onnx", "onnxruntime")
 
     def needs_calibration(self, settings: OrtStaticSettings) -> bool:

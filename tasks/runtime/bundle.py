@@ -1,10 +1,12 @@
-"""A deployable bundle: one static-shape artifact per bucket, the preprocessor, and a manifest that routes.
+"""A deployable bundle: one static-shape artifact per bucket (or one dynamic-shape artifact), the preprocessor,
+and a manifest that routes.
 
 Static shapes are an NPU constraint: an artifact built for 128 tokens makes a 12-token sentence pay for 128.
 A bundle holds the same variant built at several lengths (buckets); each input goes to the smallest bucket
 that holds it whole, and an input longer than the largest bucket is truncated to it (counted, and warned
 about once per call). The benchmark's input-mix latency runs through this class, so what it measures is
-what a deployment embedding it gets:
+what a deployment embedding it gets. A dynamic bundle (`Manifest.dynamic`) holds one artifact with a free shape
+axis: each input runs at its own length, up to the bucket's (longer ones truncated the same way):
 
     bundle = Bundle.load("artifacts/bundle/dense/ort_qdq_a8w8-ort_cpu/host", threads=2)
     embeddings = bundle.run(["a sentence", "another one"])   # [2, dim], each at its own bucket
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.backends import get_backend
 from tasks.backends.worker import load_options
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class Bucket(StrictParams):
-    shape: int = Field(ge=1, description="the static length (tokens for text) the artifact takes")
+    shape: int = Field(ge=1, description="the static length (tokens for text) the artifact takes; dynamic: its maximum")
     artifact: str = Field(description="the artifact's file, relative to the bundle folder")
 
 
@@ -50,7 +52,14 @@ class Manifest(StrictParams):
     device: str = Field(description="the backend (tasks.backends) that runs the artifacts")
     target: str = Field(description="the compile target (e.g. a Snapdragon SoC), or host")
     buckets: list[Bucket] = Field(min_length=1, description="ascending by shape")
+    dynamic: bool = Field(False, description="one artifact with a free shape axis: every input at its own length")
     routing: str = "smallest bucket that holds the input whole; longer inputs truncated to the largest"
+
+    @model_validator(mode="after")
+    def _one_dynamic_artifact(self) -> Manifest:
+        if self.dynamic and len(self.buckets) != 1:
+            raise ValueError("a dynamic bundle holds one artifact (one bucket: its maximum length)")
+        return self
 
     @field_validator("buckets")
     @classmethod
@@ -67,7 +76,8 @@ class Manifest(StrictParams):
 
 @dataclass(frozen=True)
 class Routes:
-    """Where each input goes: its size along the shape axis, its bucket, and whether it is cut."""
+    """Where each input goes: its size along the shape axis, the shape it runs at (its bucket, or in a dynamic
+    bundle its own size), and whether it is cut."""
 
     lengths: np.ndarray
     shapes: np.ndarray
@@ -77,10 +87,13 @@ class Routes:
         return {int(k): int(v) for k, v in sorted(Counter(self.shapes.tolist()).items())}
 
 
-def route(lengths: np.ndarray, shapes: list[int]) -> Routes:
-    """Each input's bucket: the smallest shape >= its length, else the largest (the input is truncated)."""
+def route(lengths: np.ndarray, shapes: list[int], dynamic: bool = False) -> Routes:
+    """Each input's bucket: the smallest shape >= its length, else the largest (the input is truncated).
+    `dynamic`: each input at its own length, capped at the one shape."""
     lengths = np.asarray(lengths, dtype=np.int64)
     ordered = np.asarray(sorted(shapes), dtype=np.int64)
+    if dynamic:
+        return Routes(lengths, np.minimum(lengths, ordered[-1]), lengths > ordered[-1])
     at = np.searchsorted(ordered, lengths, side="left")
     truncated = at >= len(ordered)
     return Routes(lengths, ordered[np.minimum(at, len(ordered) - 1)], truncated)
@@ -107,7 +120,18 @@ class Bundle:
         return cls(folder, manifest, preprocessor, models)
 
     def routes(self, samples: list) -> Routes:
-        return route(self.family.input_lengths(self.preprocessor, samples), self.manifest.shapes)
+        return route(self.family.input_lengths(self.preprocessor, samples), self.manifest.shapes, self.manifest.dynamic)
+
+    def model(self, shape: int):
+        """The session that runs inputs prepared at `shape` (a dynamic bundle's one artifact takes any up to its
+        maximum)."""
+        if self.manifest.dynamic:
+            if shape > self.manifest.shapes[0]:
+                raise InputError(f"{self.folder}: shape {shape} above the dynamic artifact's {self.manifest.shapes[0]}")
+            return self.models[self.manifest.shapes[0]]
+        if shape not in self.models:
+            raise InputError(f"{self.folder}: no bucket of shape {shape}; it has {self.manifest.shapes}")
+        return self.models[shape]
 
     def feeds(self, samples: list, shape: int) -> dict[str, np.ndarray]:
         """Every sample prepared at `shape` (padded, or truncated when longer)."""
@@ -124,7 +148,7 @@ class Bundle:
             rows = np.flatnonzero(routes.shapes == shape)
             feeds = self.feeds([samples[i] for i in rows], int(shape))
             for j, i in enumerate(rows):
-                outputs[i] = self.models[int(shape)].run({k: v[j : j + 1] for k, v in feeds.items()})[0]
+                outputs[i] = self.model(int(shape)).run({k: v[j : j + 1] for k, v in feeds.items()})[0]
         return np.stack(outputs)
 
 

@@ -1,7 +1,8 @@
 """Input-mix worker: runs a bundle on the user's own inputs in a process of its own (`Bundle`, as deployed).
 
 Request (JSON): bundle (folder), threads, samples (JSON file: a list of raw samples), shapes (what to time:
-`"buckets"` routes each input as the bundle does; an int forces every input to that one bucket, i.e. a
+`"buckets"` routes each input as the bundle does, to its bucket or, in a dynamic bundle, at its own length; an
+int forces every input to that one bucket, i.e. a
 static-shape deployment of the same artifacts), warmup_runs, timed (false: outputs only), outputs
 (policy -> npy path, optional), cache_dir, label, result (JSON path).
 
@@ -40,9 +41,7 @@ def measure(request: dict) -> dict:
     policies = [p if p == BUCKETS else int(p) for p in request["shapes"]]
     routes = bundle.routes(samples)
     needed = sorted({int(s) for s in routes.shapes} | {p for p in policies if p != BUCKETS})
-    unknown = [s for s in needed if s not in bundle.models]
-    if unknown:
-        raise ValueError(f"{request['bundle']}: no bucket of shape {unknown}; it has {bundle.manifest.shapes}")
+    models = {shape: bundle.model(shape) for shape in needed}
     prepared = {shape: bundle.feeds(samples, shape) for shape in needed}
 
     def feed(shape: int, i: int) -> dict[str, np.ndarray]:
@@ -60,7 +59,7 @@ def measure(request: dict) -> dict:
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         for shape in needed:
             for _ in range(warmup):
-                bundle.models[shape].run(feed(shape, 0))
+                models[shape].run(feed(shape, 0))
         task = progress.add_task(f"{label}: {len(samples)} inputs x {len(policies)} shape policies",
                                  total=len(samples))
         for i in range(len(samples)):
@@ -68,7 +67,7 @@ def measure(request: dict) -> dict:
                 policy = policies[(i + k) % len(policies)]  # rotate who goes first
                 shape = shape_of(policy, i)
                 t0 = time.perf_counter()
-                out = bundle.models[shape].run(feed(shape, i))
+                out = models[shape].run(feed(shape, i))
                 latencies[str(policy)].append((time.perf_counter() - t0) * 1e3)
                 outputs[str(policy)].append(out[0])
             progress.advance(task)

@@ -12,6 +12,9 @@ compile target of the (variant, device) (or `host`: the quantize output), this s
 - runs every evaluation set through the bundle (routed as deployed) for the buckets row's accuracy; the
   static rows' accuracy is the benchmark's at that length (the report joins it). A target with one bucket
   length gets its static row only (nothing to route).
+A variant with `shape: dynamic` is one artifact with a free shape axis: its bundle holds the one built at the
+largest bucket length, every input runs at its own length (longer ones truncated alike), and its single row
+(`policy` dynamic) is timed and scored that way.
 On a simulator (QNN HTP on x86-64) the bundle holds the compiled contexts, but nothing is timed (simulator
 time is not device latency) and the accuracy comes from the same QDQ graphs on the ONNX Runtime CPU EP,
 routed the same way (`accuracy_source` cpu_ep_same_graph).
@@ -37,6 +40,7 @@ from tasks.backends.worker import launch_worker
 from tasks.core.errors import BackendUnavailableError
 from tasks.core.fingerprint import atomic_output_dir, finished_compile, link_or_copy, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
+from tasks.core.schemas import BUCKETS, DYNAMIC, STATIC
 from tasks.core.params import StrictParams
 from tasks.data import evaluation
 from tasks.data.evaluation import EvaluationParams
@@ -92,7 +96,7 @@ def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, 
 
 
 def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: str, family: str,
-                 preprocessor) -> float:
+                 preprocessor, dynamic: bool = False) -> float:
     """A bundle folder for `artifacts` (shape -> artifact); returns the artifacts' size in MB."""
     buckets, size = [], 0.0
     for shape, artifact in sorted(artifacts.items()):
@@ -102,7 +106,9 @@ def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: 
         size += sum(f.stat().st_size for f in files) / 1e6
         buckets.append(Bucket(shape=shape, artifact=f"seq{shape}/{Path(artifact).name}"))
     FAMILIES.get(family).save_preprocessor(preprocessor, folder / PREPROCESSOR)
-    manifest = Manifest(family=family, device=device, target=target, buckets=buckets)
+    manifest = Manifest(family=family, device=device, target=target, buckets=buckets, dynamic=dynamic,
+                        **({"routing": "each input at its own length; longer inputs truncated to the maximum"}
+                           if dynamic else {}))
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return size
 
@@ -152,9 +158,11 @@ def run(
     out_dir: Path,
     key: str,
     eval_limit: int | None = None,
+    dynamic: bool = False,
 ) -> dict:
     """Bundle `sources` (shape -> quantize output), or each compile target's artifacts in `compiled`
-    (target -> shape -> compile folder) when this (variant, device) has compile jobs; time and score them."""
+    (target -> shape -> compile folder) when this (variant, device) has compile jobs; time and score them.
+    `dynamic`: `sources` is the one artifact with a free shape axis (its maximum length -> quantize output)."""
     backend = get_backend(device)
     simulated = bool(getattr(backend, "simulated", False))
     impl = FAMILIES.get(family.name)
@@ -186,7 +194,8 @@ def run(
             return np.load(out_path), int(np.sum(result["truncated"]))
 
         # One bucket routes nothing: its accuracy is the benchmark's at that length; only its mix latency is new.
-        routing = len(shapes) > 1
+        # A dynamic artifact runs each input at its own length, which the benchmark's padded feeds do not.
+        routing = len(shapes) > 1 or dynamic
         if simulated and bundles:  # accuracy from the same QDQ graphs on the CPU EP, routed the same way: once
             cpu_bundle = tmp / "cpu_ep"
             write_bundle(cpu_bundle, sources, CPU_EP_DEVICE, HOST, family.name, preprocessor)
@@ -195,13 +204,13 @@ def run(
             cpu_scored = routed(cpu_bundle, scratch / "outputs-cpu_ep.npy", label) if routing else None
         for target, artifacts in bundles.items():
             folder = scratch / target
-            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor)
+            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor, dynamic)
             label = f"{model} {variant} {device} {target}"
             if simulated:
                 mix, latencies, scored = cpu_routes, {}, cpu_scored
             else:
-                mix = runner.run(folder, samples, [mix_worker.BUCKETS, *shapes] if routing else shapes, timed=True,
-                                 label=f"{label} on your inputs")
+                policies = [mix_worker.BUCKETS] if dynamic else [mix_worker.BUCKETS, *shapes] if routing else shapes
+                mix = runner.run(folder, samples, policies, timed=True, label=f"{label} on your inputs")
                 latencies = mix["latencies_ms"]
                 scored = routed(folder, scratch / f"outputs-{target}.npy", label) if routing else None
             lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
@@ -211,17 +220,19 @@ def run(
                 outputs, eval_cut = scored
                 source = "cpu_ep_same_graph" if simulated else "artifact"
                 scores = scorer.evaluations(outputs, source)
+                policy = DYNAMIC if dynamic else BUCKETS
                 evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
-                                    "policy": "buckets", **s} for s in scores)
+                                    "policy": policy, **s} for s in scores)
                 counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
-                rows.append({**base, "policy": "buckets", "shapes": "/".join(map(str, shapes)), "contexts": len(shapes),
+                rows.append({**base, "policy": policy, "shapes": f"<={shapes[-1]}" if dynamic else "/".join(map(str, shapes)),
+                             "contexts": len(shapes),
                              "size_mb": size, "truncated_inputs": int(truncated.sum()),
                              "bucket_counts": json.dumps(counts), "eval_truncated_inputs": eval_cut,
                              **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
                              **scorer.columns(outputs, scores), "accuracy_source": source})
-            for shape in shapes:
+            for shape in [] if dynamic else shapes:
                 files = model_files(folder / f"seq{shape}" / Path(artifacts[shape]).name)
-                rows.append({**base, "policy": "static", "shapes": str(shape), "contexts": 1,
+                rows.append({**base, "policy": STATIC, "shapes": str(shape), "contexts": 1,
                              "size_mb": sum(f.stat().st_size for f in files) / 1e6,
                              "truncated_inputs": int((lengths > shape).sum()),
                              "bucket_counts": json.dumps({str(shape): len(samples)}),

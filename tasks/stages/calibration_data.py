@@ -3,7 +3,7 @@
 Reads: the fetched model folder (its tokenizer), the text sources in `calibration_data.sources` and the
 evaluation sets (no pool row may be one of their texts: the same file is refused by config validation, the
 same rows here). Writes the text pool, the sampled sentences, one
-`calib_seq{L}.npz` per length and token-length statistics, as `tasks.builders.calibration` describes.
+`calib_seq{L}.npz` (and `calib_rows_seq{L}.npz`, one real input per row) per length and token-length statistics, as `tasks.builders.calibration` describes.
 """
 
 from __future__ import annotations

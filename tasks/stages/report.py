@@ -49,6 +49,8 @@ from tasks.core.errors import StageError
 from tasks.core.fingerprint import atomic_output_dir, finished_compile, read_stamp, write_json_atomic, write_stamp
 from tasks.core.params import StrictParams
 from tasks.core.schemas import (
+    DYNAMIC,
+    STATIC,
     BENCHMARK_ROWS,
     BUNDLE_REPORT_ROWS,
     BUNDLE_ROWS,
@@ -334,14 +336,20 @@ def collect_bundles(bundle_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame
     return table, scores
 
 
-def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFrame, budget: float) -> pd.DataFrame:
+def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFrame, budget: float,
+                  benchmark_scores: pd.DataFrame) -> pd.DataFrame:
     """Each bundle row's verdict. Buckets rows: on every evaluation set, at most `budget` points worse than the
-    dense fp32 bundle on ORT CPU with the same buckets (routed alike). Static rows: the benchmark row's verdict
-    at that length. `covered_share`: the user's inputs the row keeps whole."""
-    routed_rows = bundles[bundles["policy"] == "buckets"]
+    dense fp32 bundle on ORT CPU with the same buckets (routed alike). Dynamic rows (each input at its own
+    length up to L): against the dense fp32 at static L, which sees the same tokens (padding is masked out).
+    Static rows: the benchmark row's verdict at that length. `covered_share`: the user's inputs the row keeps
+    whole."""
+    routed_rows = bundles[bundles["policy"] != STATIC]
     shapes = routed_rows.set_index(["model", "variant", "device", "target", "policy"])["shapes"]
     scores = scores.join(shapes, on=["model", "variant", "device", "target", "policy"])
     base = scores[(scores["model"] == DENSE) & (scores["variant"] == "fp32") & (scores["device"] == "ort_cpu")]
+    static_fp32 = benchmark_scores[(benchmark_scores["model"] == DENSE) & (benchmark_scores["variant"] == "fp32")
+                                   & (benchmark_scores["device"] == "ort_cpu")]
+    base = pd.concat([base, static_fp32.assign(shapes="<=" + static_fp32["seq_len"].astype(int).astype(str))])
     fp32 = base.drop_duplicates(["shapes", "eval_set"]).set_index(["shapes", "eval_set"])["metric_value"]
     sign = np.where(scores["higher_is_better"].astype(bool), 1.0, -1.0)
     scores = scores.assign(drop=sign * (fp32.reindex(pd.MultiIndex.from_frame(scores[["shapes", "eval_set"]])).to_numpy()
@@ -353,13 +361,13 @@ def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFra
     judged = bundles.join(routed, on=key)
     for column in static.columns:  # static rows: the benchmark's accuracy at their length
         from_static = static[column].reindex(pd.MultiIndex.from_frame(judged[key])).to_numpy()
-        judged[column] = np.where(judged["policy"] == "static", from_static, judged.get(column))
+        judged[column] = np.where(judged["policy"] == STATIC, from_static, judged.get(column))
     judged["within_budget"] = judged["within_budget"].fillna(False).astype(bool)
     judged["covered_share"] = 1 - judged["truncated_inputs"] / judged["mix_inputs"]
     # What its buckets cost to build: the compile jobs of its lengths (none for quantize outputs run as they are).
     built = table.set_index(ROW_KEY)["compile_s"]
     judged["compile_s"] = [
-        built.reindex([(r.model, r.variant, r.device, r.target, int(s)) for s in r.shapes.split("/")]).sum(min_count=1)
+        built.reindex([(r.model, r.variant, r.device, r.target, int(s)) for s in r.shapes.removeprefix("<=").split("/")]).sum(min_count=1)
         for r in judged.itertuples()]
     return BUNDLE_REPORT_ROWS.validate(judged[list(BUNDLE_REPORT_ROWS.columns)])
 
@@ -373,19 +381,20 @@ def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None =
                     & ((bundles["size_mb"] <= max_mb) if max_mb else True)]
     for (device, target), group in timed.groupby(["device", "target"]):
         ranked = group.sort_values("latency_mix_mean_ms")
-        best, static = ranked.iloc[0], ranked[ranked["policy"] == "static"]
+        best, static = ranked.iloc[0], ranked[ranked["policy"] == STATIC]
         pick = {"policy": best["policy"], "shapes": best["shapes"], "model": best["model"], "variant": best["variant"],
                 "latency_mix_mean_ms": float(best["latency_mix_mean_ms"]),
                 "latency_mix_p99_ms": float(best["latency_mix_p99_ms"])}
-        if best["policy"] == "static" or static.empty:
+        if best["policy"] == STATIC or static.empty:
             pick["reason"] = (f"static {best['shapes']}: fastest on your inputs within budget, keeping "
                               f"{best['covered_share']:.1%} of them whole")
         else:
             other = static.iloc[0]
             speedup = float(other["latency_mix_mean_ms"]) / float(best["latency_mix_mean_ms"])
-            pick["reason"] = (f"buckets {best['shapes']}: {speedup:.2f}x faster on your inputs than static "
-                              f"{other['shapes']} ({other['model']} {other['variant']}); "
-                              f"+{int(best['contexts']) - 1} artifacts, +{best['size_mb'] - other['size_mb']:.0f} MB")
+            cost = (f"one artifact, {best['size_mb'] - other['size_mb']:+.0f} MB" if best["policy"] == DYNAMIC else
+                    f"+{int(best['contexts']) - 1} artifacts, +{best['size_mb'] - other['size_mb']:.0f} MB")
+            pick["reason"] = (f"{best['policy']} {best['shapes']}: {speedup:.2f}x faster on your inputs than static "
+                              f"{other['shapes']} ({other['model']} {other['variant']}); {cost}")
             pick["vs_static"] = {"shapes": other["shapes"], "model": other["model"], "variant": other["variant"],
                                  "latency_mix_mean_ms": float(other["latency_mix_mean_ms"]), "speedup": speedup}
         choices[f"{device}/{target}"] = pick
@@ -432,7 +441,7 @@ def run(
     judged = judge(scores, params.accuracy_budget)
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
-    bundles = judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget)
+    bundles = judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget, scores)
     shape_choice = choose_shapes(bundles, params.seq_len_choice.coverage, params.max_bundle_mb)
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
     sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))

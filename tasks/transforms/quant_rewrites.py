@@ -38,8 +38,9 @@ def huge_float_constants(model_path: Path, limit: float = 1e30) -> list[str]:
 
 
 def linear_layers_as_gemm(model: Path, out: Path) -> int:
-    """Rewrite every MatMul(x, W) + Add(b) (W [K, N] and b [N] constants, x of static shape) as
-    Reshape(x, [M, K]) -> Gemm(x, W, b) -> Reshape([..., N]); exact in float. Returns how many.
+    """Rewrite every MatMul(x, W) + Add(b) (W [K, N] and b [N] constants, x of known rank) as
+    Reshape(x, [M, K]) -> Gemm(x, W, b) -> Reshape([..., N]); exact in float. Returns how many. A free
+    leading dimension (a dynamic-shape export) flattens to [-1, K] and takes the output shape from x at run time.
 
     This is what ONNX Runtime's MatMulAddFusion does at session start; done before quantization, the
     quantizer puts the activation's Q/DQ pair right at the Gemm and quantizes the bias to int32, so ORT
@@ -53,8 +54,8 @@ def linear_layers_as_gemm(model: Path, out: Path) -> int:
     shapes = {}
     for info in (*graph.value_info, *graph.input):
         dims = info.type.tensor_type.shape.dim
-        if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[:-1]):  # K comes from the weight
-            shapes[info.name] = [d.dim_value for d in dims[:-1]]
+        if len(dims) >= 2:  # K comes from the weight; None: a free dimension
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims[:-1]]
     users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -83,20 +84,29 @@ def linear_layers_as_gemm(model: Path, out: Path) -> int:
             continue
         add, weight, bias, x_shape = layer
         k, n = weight.dims
-        rows = int(np.prod(x_shape))
+        static = None not in x_shape
         flat_in, flat_out = f"{node.name}/gemm_input", f"{node.name}/gemm_output"
+        out_shape = f"{add.output[0]}_shape"
         # A bias of its own: ORT quantizes a Gemm bias initializer to int32 in place, which would also
         # hand that int32 copy to any other reader of a shared (exporter-deduplicated) bias.
         own_bias = f"{node.name}/bias"
         graph.initializer.extend([
-            numpy_helper.from_array(np.array([rows, k], np.int64), f"{flat_in}_shape"),
-            numpy_helper.from_array(np.array([*x_shape, n], np.int64), f"{add.output[0]}_shape"),
+            numpy_helper.from_array(np.array([int(np.prod(x_shape)) if static else -1, k], np.int64), f"{flat_in}_shape"),
             numpy_helper.from_array(numpy_helper.to_array(bias), own_bias),
         ])
+        if static:
+            graph.initializer.append(numpy_helper.from_array(np.array([*x_shape, n], np.int64), out_shape))
+        else:  # x's leading dims at run time, then N
+            graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{out_shape}_last"))
+            nodes += [
+                helper.make_node("Shape", [node.input[0]], [f"{out_shape}_lead"], name=f"{node.name}/lead_shape", end=-1),
+                helper.make_node("Concat", [f"{out_shape}_lead", f"{out_shape}_last"], [out_shape],
+                                 name=f"{node.name}/out_shape", axis=0),
+            ]
         nodes += [
             helper.make_node("Reshape", [node.input[0], f"{flat_in}_shape"], [flat_in], name=f"{node.name}/flatten"),
             helper.make_node("Gemm", [flat_in, weight.name, own_bias], [flat_out], name=node.name),
-            helper.make_node("Reshape", [flat_out, f"{add.output[0]}_shape"], [add.output[0]], name=f"{node.name}/unflatten"),
+            helper.make_node("Reshape", [flat_out, out_shape], [add.output[0]], name=f"{node.name}/unflatten"),
         ]
         fused_adds.add(add.output[0])
         count += 1

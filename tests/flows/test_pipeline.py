@@ -372,3 +372,52 @@ def test_second_run_waits_for_the_first(workspace):
     waiter.join(5)
     assert order == ["first done", "second"]
     assert messages and "held by pid" in messages[0]
+
+
+@pytest.mark.slow  # a minute or more: the tiny DAG several times, or servers
+def test_dynamic_shape_variants_run_in_the_flow_under_dvc_and_against_peer_exports(workspace):
+    """`shape: dynamic` variants go through export, surgery, quantize, benchmark and a dynamic bundle in the flow,
+    DVC agrees, the report compares them with the static and bucketed rows, and `edgeopt peers` times the run's
+    choice against exports handed to it as peers (here: copies of the run's own artifacts, so they must score the
+    same)."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["export_onnx"]["dynamic"] = True
+    params["quantize"]["variants"]["fp32_dynshape"] = {"method": "none", "shape": "dynamic"}
+    params["quantize"]["variants"]["a8w8_dynshape"] = {**params["quantize"]["variants"]["ort_qdq_a8w8"], "shape": "dynamic"}
+    params["variants"] += ["fp32_dynshape", "a8w8_dynshape"]
+    params["targets"] += [{"variant": "fp32_dynshape", "device": "ort_cpu"}, {"variant": "a8w8_dynshape", "device": "ort_cpu"}]
+    params["compile"]["jobs"] = [{"variant": "fp32", "device": "openvino_cpu", "target": "host"}]
+    params["variants"].remove("ort_qdq_a16w8")
+    # The tiny BERT's metric is noise and its vocabulary makes most STS-B train inputs > 32 tokens: a wide budget
+    # and a low coverage keep a choice.
+    params["report"].update(accuracy_budget=50.0, seq_len_choice={**params["report"]["seq_len_choice"], "coverage": 0.3})
+    write_params(workspace, params)
+    first = pipeline(project_dir=str(workspace))
+    assert {"quantize@dense-a8w8_dynshape-16", "quantize@dense-a8w8_dynshape-32", "bundle@dense-target2"} <= executed(first)
+    assert "up to date" in dvc("status")
+    bundles = pd.read_csv(workspace / "metrics" / "bundles.csv").set_index(["variant", "policy", "shapes"])
+    dynamic = bundles.loc[("fp32_dynshape", "dynamic", "<=32")]
+    assert dynamic["metric_drop"] == pytest.approx(0, abs=1e-9) and dynamic["within_budget"]  # same tokens as fp32
+    assert ("a8w8_dynshape", "dynamic", "<=32") in bundles.index and ("fp32", "buckets", "16/32") in bundles.index
+    summary = json.loads((workspace / "metrics" / "summary.json").read_text())
+    assert summary["shape_choice"]["ort_cpu/host"]["policy"] in ("static", "buckets", "dynamic")
+
+    peers = workspace / "peers"
+    for name, variant, precision in (("same_fp32", "fp32_dynshape", "fp32"), ("same_int8", "a8w8_dynshape", "int8")):
+        (peers / name).mkdir(parents=True)
+        shutil.copy(workspace / f"artifacts/quantize/dense/{variant}-32/model.onnx", peers / name / "model.onnx")
+        (peers / name / "peer.json").write_text(json.dumps({
+            "name": name, "tool": {"name": "test", "version": "0"}, "engine": "onnxruntime", "model_file": "model.onnx",
+            "precision": precision, "pooling": {"in_graph": True}}))
+    result = CliRunner().invoke(app, ["peers", "--peers", str(peers), "--rounds", "1", "--out", "reports/peers"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(workspace / "reports/peers/peers.csv").set_index("artifact")
+    assert set(table["kind"]) == {"edgeopt", "peer"} and len(table) == 3 and (table["latency_mean_ms"] > 0).all()
+    fp32_peer = table.loc["same_fp32 (test 0)"]
+    # The dynamic fp32 export run unpadded scores what the dense fp32 benchmark row scores (padding is masked out).
+    bench = pd.read_csv(workspace / "metrics" / "benchmark.csv")
+    static = bench[(bench["variant"] == "fp32") & (bench["seq_len"] == 32)]["metric_value"].iloc[0]
+    assert fp32_peer["stsb_spearman"] == pytest.approx(static, abs=1e-4)  # benchmark.csv keeps 4 decimals
+    assert table["fastest_int8_peer"].iloc[0] == "same_int8 (test 0)"
+    assert (workspace / "reports/peers/peers.md").read_text().startswith("Measured on ")
+    assert (workspace / "reports/peers/peers.svg").read_text().lstrip().startswith("<?xml")

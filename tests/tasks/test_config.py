@@ -19,6 +19,15 @@ def _mixed(settings: str, extra: str = "") -> str:
             + (f", {extra}" if extra else "") + "}")
 
 
+def _dynamic(settings: str, extra: str = "", export: bool = True) -> str:
+    """params.yaml's variants plus a variant `dyn` with these settings (export_onnx.dynamic on unless `export`)."""
+    return (f"{{variants: [{', '.join(BASE['variants'])}, dyn], quantize: {{variants: {{dyn: {settings}}}}}"
+            + (", export_onnx: {dynamic: true}" if export else "") + (f", {extra}" if extra else "") + "}")
+
+
+DYN = "{method: ort_static, shape: dynamic}"
+
+
 def test_repo_params_load_with_defaults():
     cfg = load_config(REPO / "params.yaml")
     assert cfg.seq_lens == [128, 512]
@@ -88,6 +97,16 @@ def test_a_classifier_family_takes_labelled_text(tmp_path):
         (_mixed("{method: auto_mixed, base: nope}"), "quantize.variants.mixed.base: 'nope' is not a variant to build on"),
         (_mixed("{method: auto_mixed, base: ort_qdq_a8w8}", "sensitivity: {probes: [alone]}"), "(with probe `kept`)"),
         (_mixed("{method: auto_mixed, base: ort_qdq_a8w8, budget: .inf}"), "budget"),
+        (_dynamic("{method: ort_qnn, shape: dynamic}"),
+         "quantize.variants.dyn: method ort_qnn builds static shapes only; remove shape: dynamic"),
+        (_dynamic(DYN, export=False), "quantize.variants.dyn: shape: dynamic is built from the dynamic export; "
+                                      "set export_onnx.dynamic: true"),
+        (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: openvino_npu}]"),
+         "targets[1]: openvino_npu takes static shapes only; dyn has shape: dynamic"),
+        (_dynamic(DYN, "compile: {jobs: [{variant: dyn, device: openvino_cpu, target: host}]}"),
+         "compile.jobs[0]: dyn has shape: dynamic"),
+        (_dynamic(DYN, "graph_surgery: {float_mask_input: true}"), "graph_surgery.float_mask_input pins the mask"),
+        (_dynamic(DYN, "sensitivity: {variants: [dyn]}"), "sensitivity.variants: ['dyn'] have shape: dynamic"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected):

@@ -134,3 +134,50 @@ def test_one_length_is_timed_on_the_inputs_without_a_routing_pass(tiny_onnx, tin
     assert (row["policy"], row["shapes"], row["truncated_inputs"], row["mix_inputs"]) == ("static", "16", 2, 3)
     assert row["latency_mix_mean_ms"] > 0 and payload["evaluations"] == []
     assert not (tmp_path / "out" / "outputs-host.npy").exists() and (tmp_path / "out" / "host" / "manifest.json").is_file()
+
+
+DYNAMIC_DEPLOYMENT = """
+import json, sys
+import numpy as np
+from tasks.runtime.bundle import Bundle
+texts = json.loads(sys.argv[2])
+bundle = Bundle.load(sys.argv[1], threads=1)
+padded = bundle.feeds(texts, 32)
+static = np.concatenate([bundle.model(32).run({k: v[i : i + 1] for k, v in padded.items()}) for i in range(len(texts))])
+print(json.dumps({"dynamic": bundle.manifest.dynamic, "shapes": bundle.routes(texts).shapes.tolist(),
+                  "max_abs_diff_to_padded": float(np.abs(bundle.run(texts) - static).max())}))
+"""
+
+
+def test_a_dynamic_bundle_runs_each_input_at_its_own_length(tiny_dynamic, tiny_bert, reference32, tmp_path):
+    """One artifact with a free token axis: every input at its own length (capped at 32, the longer one cut and
+    counted), timed and scored that way; its outputs are the static 32-token model's (padding is masked out)."""
+    texts = ["a dog", "two men are playing chess in the park", LONG, "the cat sat on the mat while the rain fell"]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out"
+    payload = bundle_run(
+        sources={32: tiny_dynamic / "model_dynamic.onnx"}, compiled={}, model_dir=tiny_bert, text=inputs,
+        reference_outputs=reference32, model="dense", variant="fp32_dynamic", device="ort_cpu",
+        params=BundleParams(mix_samples=10), text_source=TextSource(path=inputs, format="txt"),
+        timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=out, key="k", dynamic=True,
+    )
+    (row,) = payload["rows"]
+    BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
+    lengths = FAMILIES.get("sentence_encoder").input_lengths(
+        FAMILIES.get("sentence_encoder").load_preprocessor(tiny_bert), texts)
+    assert (row["policy"], row["shapes"], row["contexts"]) == ("dynamic", "<=32", 1)
+    assert row["truncated_inputs"] == int((lengths > 32).sum()) == 1 and row["latency_mix_mean_ms"] > 0
+    assert json.loads(row["bucket_counts"]) == {"32": 1}  # only the cut input runs at the full 32
+    assert row["accuracy_source"] == "artifact" and row["eval_items"] == 20
+    # As a deployment loads it, in a process of its own (a bundle's ORT sessions make the thread pool process-wide).
+    proc = subprocess.run([sys.executable, "-c", DYNAMIC_DEPLOYMENT, str(out / "host"), json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dynamic"] and result["shapes"] == np.minimum(lengths, 32).tolist()
+    assert result["max_abs_diff_to_padded"] < 2e-5
+    # Scored through the bundle: the fp32 dynamic artifact gives the static 32-token reference's outputs.
+    scored, reference = np.load(out / "outputs-host.npy"), np.load(reference32)
+    np.testing.assert_allclose(scored, reference[: len(scored)], atol=2e-5)

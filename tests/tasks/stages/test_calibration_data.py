@@ -93,13 +93,20 @@ def test_stsb_sources_write_all_outputs(tiny_bert, stsb_sources, tmp_path):
 
     stamp = json.loads((out / "stage.json").read_text())
     assert stamp["key"] == "k"
-    expected = {"sentences.csv", "calib_seq8.npz", "calib_seq64.npz", "token_lengths.json", "token_lengths.png"}
+    expected = {"sentences.csv", "calib_seq8.npz", "calib_seq64.npz", "calib_rows_seq8.npz", "calib_rows_seq64.npz",
+                "token_lengths.json", "token_lengths.png"}
     assert set(stamp["files"]) == expected | {"text_pool.csv"}
+    sampled = pd.read_csv(out / "sentences.csv", keep_default_na=False)
     for L in (8, 64):
         arrays = load_calibration(out / calib_name(L))
         for name, arr in arrays.items():
             assert arr.shape == (20, L) and arr.dtype == np.int64, name
         assert (arrays["attention_mask"][:, 0] == 1).all()
+        # One sampled sentence per row for dynamic-shape variants: its own token count, capped at L.
+        single = load_calibration(out / calib_name(L, rows_of_one=True))
+        assert single["input_ids"].shape == (20, L)
+        np.testing.assert_array_equal(single["row_lengths"], np.minimum(sampled["n_tokens"][:20], L))
+        np.testing.assert_array_equal(single["attention_mask"].sum(axis=1), single["row_lengths"])
     # 180 sentences written, quotes and the extra trailing fields of the STS-B format are handled.
     assert payload["sources"][0]["rows"] == 120 and payload["sources"][1]["rows"] == 60
     assert payload["unique_sentences"] <= 180 and payload["unique_sentences"] > 150

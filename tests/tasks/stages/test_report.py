@@ -240,7 +240,7 @@ def _bundle_row(variant, policy, shapes, mean_ms, truncated=0, metric=None, **ex
 def _bundle_dir(tmp_path, name, buckets_metric, *rows):
     folder = tmp_path / name
     folder.mkdir()
-    routed = next(r for r in rows if r["policy"] == "buckets")
+    routed = next(r for r in rows if r["policy"] != "static")
     evaluations = [{k: routed[k] for k in ("model", "variant", "device", "target", "policy")} | {
         "eval_set": "stsb", "metric_name": "spearman", "metric_value": buckets_metric, "higher_is_better": True,
         "items": 1379, "total_items": 1379, "accuracy_source": "artifact"}]
@@ -279,6 +279,32 @@ def test_buckets_win_when_faster_on_the_users_inputs_within_budget(tmp_path, tin
             bundle_dirs=bundles)
     capped = json.loads((tmp_path / "capped" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
     assert (capped["policy"], capped["shapes"], capped["variant"]) == ("static", "128", "int8")
+
+
+def test_a_dynamic_artifact_is_judged_against_static_fp32_and_wins_when_fastest(tmp_path, tiny_bert, inputs_txt):
+    """A dynamic int8 row (each input at its own length up to 128) is judged against the dense fp32 at static 128
+    (same tokens, padding masked out); it beats the buckets and the static rows on the user's inputs and says so.
+    A dynamic row outside the budget is faster still and never chosen."""
+    bench = [_bench_dir(tmp_path, "a", _row(), _row(seq_len=16, metric_value=60.0)),
+             _bench_dir(tmp_path, "b", _row(variant="int8", metric_value=81.8))]
+    bundles = [
+        _bundle_dir(tmp_path, "fp32", 82.03, _bundle_row("fp32", "buckets", "16/128", 5.0, metric=82.03),
+                    _bundle_row("fp32", "static", "128", 12.0)),
+        _bundle_dir(tmp_path, "int8", 81.9, _bundle_row("int8", "buckets", "16/128", 3.0, metric=81.9),
+                    _bundle_row("int8", "static", "128", 8.0)),
+        _bundle_dir(tmp_path, "int8_dyn", 81.73, _bundle_row("int8_dyn", "dynamic", "<=128", 2.0, metric=81.73)),
+        _bundle_dir(tmp_path, "bad_dyn", 80.0, _bundle_row("bad_dyn", "dynamic", "<=128", 1.0, metric=80.0)),
+    ]
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles)
+    table = pd.read_csv(tmp_path / "metrics" / "bundles.csv").set_index(["variant", "policy", "shapes"])
+    assert table.loc[("int8_dyn", "dynamic", "<=128"), "metric_drop"] == pytest.approx(0.3)  # vs fp32 at static 128
+    assert table.loc[("int8_dyn", "dynamic", "<=128"), "within_budget"]
+    assert not table.loc[("bad_dyn", "dynamic", "<=128"), "within_budget"]
+    choice = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
+    assert (choice["policy"], choice["variant"], choice["shapes"]) == ("dynamic", "int8_dyn", "<=128")
+    assert choice["reason"].startswith("dynamic <=128: 4.00x faster on your inputs than static 128 (dense int8)")
+    assert "one artifact" in choice["reason"]
 
 
 def test_static_only_bundles_take_the_benchmark_accuracy(tmp_path, tiny_bert, inputs_txt):
