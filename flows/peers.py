@@ -54,6 +54,8 @@ class PeerSpec(StrictParams, extra="ignore"):
     model_file: str
     precision: str
     pooling: dict
+    outputs: list[dict] = []
+    output_to_use: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ def read_peers(folder: Path) -> list[Peer]:
             raise InputError(f"{path}: not a peer description ({str(exc).splitlines()[-1].strip()})") from None
         if spec.engine not in ENGINE_DEVICES:
             raise InputError(f"{path}: engine {spec.engine!r} is none of {sorted(ENGINE_DEVICES)}")
+        first = spec.outputs[0].get("name") if spec.outputs else None
+        if spec.output_to_use is not None and first is not None and spec.output_to_use != first:
+            raise InputError(f"{path}: output_to_use {spec.output_to_use!r} is not the model's first output ({first!r}), "
+                             "the one the comparison runs")
         artifact = path.parent / spec.model_file
         if not artifact.is_file():
             raise InputError(f"{path}: model_file {spec.model_file} not found beside it")

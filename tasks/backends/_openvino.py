@@ -26,6 +26,7 @@ from tasks.backends.base import DeviceCompileParams
 from tasks.core.errors import BackendUnavailableError, ConfigError, InputError, StageError
 from tasks.core.feeds import build_feeds
 from tasks.core.fingerprint import write_json_atomic
+from tasks.core.onnx_graph import port_name
 
 ARTIFACT = "model.blob"
 IR_FILE = "model.xml"
@@ -315,10 +316,10 @@ class OpenVinoBackend:
         for port in model.inputs:
             shape = port.get_partial_shape()
             if shape.is_static:
-                static[port.get_any_name()] = shape
+                static[port_name(port)] = shape
             elif require_static:
                 raise InputError(
-                    f"{artifact}: input {port.get_any_name()} has dynamic shape {shape}; "
+                    f"{artifact}: input {port_name(port)} has dynamic shape {shape}; "
                     f"{self.device} needs a static export (export_onnx writes one per seq_len)"
                 )
         if static:
@@ -339,9 +340,9 @@ class OpenVinoBackend:
         inputs, args = {}, []
         for port in compiled.inputs:
             et = port.get_element_type()
-            inputs[port.get_any_name()] = np.dtype(et.to_dtype())
+            inputs[port_name(port)] = np.dtype(et.to_dtype())
             shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
-            args.append(_InputArg(port.get_any_name(), _ORT_TYPES.get(et.get_type_name(), et.get_type_name()), shape))
+            args.append(_InputArg(port_name(port), _ORT_TYPES.get(et.get_type_name(), et.get_type_name()), shape))
         outputs = list(compiled.outputs)  # the export has exactly one output
         details = {
             "inference_precision_hint": hint,

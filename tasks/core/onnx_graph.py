@@ -97,6 +97,13 @@ def ort_type(type_str: str) -> type:
     return _ORT_TYPES[type_str]
 
 
+def port_name(port) -> str:
+    """An OpenVINO port's name as the model's users call it: converters may give a tensor numeric aliases too (e.g.
+    {"24", "attention_mask"}); the first non-numeric name, else the port's any-name."""
+    names = sorted(port.get_names(), key=lambda n: (n.isdigit(), n))
+    return names[0] if names else port.get_any_name()
+
+
 def input_specs(source) -> tuple[list[InputSpec], dict[str, str]]:
     """The declared inputs of a model and its metadata, from an ONNX or OpenVINO IR path, a ModelProto,
     an onnxruntime InferenceSession or a list of NodeArg-like objects (.name, .type, .shape)."""
@@ -107,7 +114,7 @@ def input_specs(source) -> tuple[list[InputSpec], dict[str, str]]:
 
         ports = ov.Core().read_model(str(source)).inputs
         specs = [
-            InputSpec(p.get_any_name(), np.dtype(p.get_element_type().to_dtype()).type,
+            InputSpec(port_name(p), np.dtype(p.get_element_type().to_dtype()).type,
                       tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()))
             for p in ports
         ]

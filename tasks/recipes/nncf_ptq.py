@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.core.errors import InputError
+from tasks.core.onnx_graph import port_name
 from tasks.recipes._openvino import ir_quant_counts, save_ir
 from tasks.recipes.base import IR_ARTIFACT, IR_WEIGHTS, RecipeContext, RecipeSettings, row, rows
 
@@ -28,7 +29,7 @@ def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
     import openvino as ov
 
     ov_model = ov.Core().read_model(str(model))
-    names = [port.get_any_name() for port in ov_model.inputs]
+    names = [port_name(port) for port in ov_model.inputs]
     missing = sorted(set(names) - set(feeds))
     if missing:
         raise InputError(f"calibration npz lacks OpenVINO model input(s) {missing}")
