@@ -130,3 +130,19 @@ def test_quantized_dynamic_artifacts_run_each_input_at_its_own_length(settings, 
         compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = own_length(compiled, tokenizer, texts)
     assert matches_reference(got, reference, 0.97)
+
+
+def test_transformer_fusion_cuts_the_graph_and_keeps_it_dynamic(surgery, tiny_dynamic, tokenizer, tmp_path):
+    """ONNX Runtime's BERT fusions before dynamic quantization: a fraction of the nodes, still any length, and the
+    same embeddings within int8 noise."""
+    from tasks.recipes.ort_dynamic import OrtDynamicSettings
+
+    out, _ = surgery
+    settings = OrtDynamicSettings(per_channel=True, transformer_fusion="bert", shape="dynamic")
+    folder, payload = quantize_variant(tmp_path, out / "model_dynamic.onnx", None, "fused", settings)
+    assert payload["fused_operators"]["Attention"] == 2 and payload["fused_operators"]["SkipLayerNormalization"] == 4
+    fused = onnx.load(folder / "model.onnx").graph
+    assert len(fused.node) < len(onnx.load(out / "model_dynamic.onnx").graph.node) / 2  # quantization nodes included
+    texts = sentences(6, 14)
+    reference = own_length(ort.InferenceSession(str(tiny_dynamic / "model_dynamic.onnx")), tokenizer, texts)
+    assert matches_reference(own_length(ort.InferenceSession(str(folder / "model.onnx")), tokenizer, texts), reference, 0.97)
