@@ -42,6 +42,20 @@ def _folder_name(name: str, option: str) -> str:
     return name
 
 
+def _run_output(params: Path, run_name: str | None, table: str, why: str):
+    """(project root, config, the run's catalog, the run's metrics/<table>); InputError when the run made none."""
+    from tasks.config import load_config
+    from tasks.core.errors import InputError
+
+    root = params.resolve().parent
+    cfg = load_config(params)
+    outputs = _outputs(run_name)
+    path = root / outputs.report_dir() / table
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run `edgeopt run` first ({why})")
+    return root, cfg, outputs, path
+
+
 def _outputs(run_name: str | None):
     from tasks.core.catalog import MAIN, run_catalog
 
@@ -589,15 +603,9 @@ def speedup(
         from tasks.backends.interleave import speedups, time_interleaved
         from tasks.backends.measure import WorkerPool
         from tasks.builders.calibration import calib_name
-        from tasks.config import load_config
         from tasks.core.errors import ConfigError, InputError
 
-        root = params.resolve().parent
-        cfg = load_config(params)
-        outputs = _outputs(run_name)
-        bench_path = root / outputs.report_dir() / "benchmark.csv"
-        if not bench_path.is_file():
-            raise InputError(f"{bench_path}: not found; run `edgeopt run` first (speedup times its artifacts)")
+        root, cfg, outputs, bench_path = _run_output(params, run_name, "benchmark.csv", "speedup times its artifacts")
         if len(arms) < 2:
             raise ConfigError("name at least two artifacts: the baseline first, then what to compare with it")
         bench = pd.read_csv(bench_path)
@@ -649,51 +657,18 @@ def peers(
     with _user_errors():
         import json
 
-        import numpy as np
         from rich.progress import Progress
 
         from flows import peers as peer_compare
         from flows.locking import run_scratch
-        from tasks.config import load_config
-        from tasks.core import catalog
-        from tasks.core.errors import InputError
-        from tasks.data import evaluation
-        from tasks.families import FAMILIES
-        from tasks.stages import reference as reference_stage
 
-        root = params.resolve().parent
-        cfg = load_config(params)
-        outputs = _outputs(run_name)
-        summary_path = root / outputs.report_dir() / "summary.json"
-        if not summary_path.is_file():
-            raise InputError(f"{summary_path}: not found; run `edgeopt run` first (peers compares its choice)")
+        root, cfg, outputs, summary_path = _run_output(params, run_name, "summary.json", "peers compares its choice")
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        found = peer_compare.read_peers(root / peers_dir if not peers_dir.is_absolute() else peers_dir)
-        arms, kinds = peer_compare.arms_for(cfg, catalog.Catalog(root / outputs.base), found, summary, max_tokens)
-        model_dir = root / catalog.model_folder(outputs.fetch_model_dir())
-        family = FAMILIES.get(cfg.family.name)
-        sets = [evaluation.load(s, family.class_names(model_dir)) for s in cfg.evaluation.sets]
-        reference = root / outputs.reference_dir(max(cfg.seq_lens)) / reference_stage.OUTPUTS
-        scorer = evaluation.Scorer(sets, np.load(reference), reference, cfg.evaluation.sets)
-        first_bundle = Path(next(iter(arms.values()))[0]["bundle"])
         with run_scratch(root), Progress(console=err_console, transient=True) as progress:
-            task = progress.add_task(f"{rounds} rounds x {len(arms)} engines", total=rounds * len(arms))
-            rows, produced = peer_compare.compare(
-                arms, first_bundle, cfg.family.name, scorer, threads=cfg.benchmark.threads,
-                warmup=cfg.benchmark.warmup_runs, rounds=rounds, timeout_s=cfg.benchmark.worker_timeout_s,
+            task = progress.add_task(f"{rounds} rounds of each engine's process", total=None)
+            table, metrics, folder = peer_compare.run(
+                cfg, root, outputs, summary, peers_dir, rounds=rounds, max_tokens=max_tokens, out=out,
                 on_round=lambda: progress.advance(task))
-        scores = {label: scorer.evaluations(o, "artifact") for label, o in produced.items()}
-        table = peer_compare.summarise(rows, scores, kinds)
-        metrics = [f"{s['eval_set']}_{s['metric_name']}" for s in next(iter(scores.values()))]
-        folder = root / out if not out.is_absolute() else out
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, frame in (("peers.csv", table), ("peers-rounds.csv", rows)):
-            tmp = folder / f"{name}.tmp"
-            frame.to_csv(tmp, index=False)
-            tmp.replace(folder / name)
-        (folder / "peers.md.tmp").write_text(peer_compare.markdown(table, metrics), encoding="utf-8")
-        (folder / "peers.md.tmp").replace(folder / "peers.md")
-        peer_compare.plot(table, metrics[0], folder / "peers.svg")
     shown = Table(title=f"Your recommended deployment vs peer exports ({rounds} rounds, {cfg.benchmark.threads} threads)")
     for column in ("artifact", "device", "mean ms", "p99 ms", *metrics, "vs fastest int8 peer"):
         shown.add_column(column, justify="left" if column in ("artifact", "device") else "right", overflow="fold")

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from tasks.backends.worker import launch_worker
 from tasks.config import EdgeoptConfig
+from tasks.core import catalog
 from tasks.core.catalog import Catalog
 from tasks.core.errors import InputError
 from tasks.core.machine import host_cpu
@@ -236,3 +237,35 @@ def plot(table: pd.DataFrame, metric: str, path: Path) -> None:
     fig.savefig(tmp, format="svg")
     plt.close(fig)
     tmp.replace(path)
+
+
+def run(cfg: EdgeoptConfig, root: Path, outputs: Catalog, summary: dict, peers_dir: Path, *, rounds: int,
+        max_tokens: int | None, out: Path, on_round=None) -> tuple[pd.DataFrame, list[str], Path]:
+    """The whole comparison for a run: its choices against the exports under `peers_dir`, written to `out` (csv of
+    the summary and of every round, Markdown, plot); returns the summary, its metric columns and the folder."""
+    from tasks.families import FAMILIES
+    from tasks.stages import reference as reference_stage
+
+    found = read_peers(peers_dir if peers_dir.is_absolute() else root / peers_dir)
+    arms, kinds = arms_for(cfg, Catalog(root / outputs.base), found, summary, max_tokens)
+    model_dir = root / catalog.model_folder(outputs.fetch_model_dir())
+    family = FAMILIES.get(cfg.family.name)
+    sets = [evaluation.load(s, family.class_names(model_dir)) for s in cfg.evaluation.sets]
+    reference = root / outputs.reference_dir(max(cfg.seq_lens)) / reference_stage.OUTPUTS
+    scorer = evaluation.Scorer(sets, np.load(reference), reference, cfg.evaluation.sets)
+    rows, produced = compare(arms, Path(next(iter(arms.values()))[0]["bundle"]), cfg.family.name, scorer,
+                             threads=cfg.benchmark.threads, warmup=cfg.benchmark.warmup_runs, rounds=rounds,
+                             timeout_s=cfg.benchmark.worker_timeout_s, on_round=on_round)
+    scores = {label: scorer.evaluations(o, "artifact") for label, o in produced.items()}
+    table = summarise(rows, scores, kinds)
+    metrics = [f"{s['eval_set']}_{s['metric_name']}" for s in next(iter(scores.values()))]
+    folder = out if out.is_absolute() else root / out
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("peers.csv", table), ("peers-rounds.csv", rows)):
+        tmp = folder / f"{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        tmp.replace(folder / name)
+    (folder / "peers.md.tmp").write_text(markdown(table, metrics), encoding="utf-8")
+    (folder / "peers.md.tmp").replace(folder / "peers.md")
+    plot(table, metrics[0], folder / "peers.svg")
+    return table, metrics, folder

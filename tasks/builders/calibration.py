@@ -49,7 +49,7 @@ import pandera.errors
 from pydantic import Field
 
 from tasks.core.errors import InputError, StageError
-from tasks.core.feeds import ROW_LENGTHS
+from tasks.core.calibration_arrays import ROW_LENGTHS
 from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
 from tasks.data.evaluation import EvaluationParams, refuse_evaluated_text

@@ -22,8 +22,6 @@ MASK_INPUT = "attention_mask"
 BIAS_INPUT = "attention_bias"
 POOLING_INPUT = "pooling_mask"
 META_FILL = "edgeopt.attention_bias_fill"
-ROW_LENGTHS = "row_lengths"
-"""In a calibration npz of one real input per row: each row's own length along the shape axis (the rest is pad)."""
 
 
 def build_feeds(

@@ -16,7 +16,8 @@ import numpy as np
 from pydantic import Field
 
 from tasks.core.errors import InputError
-from tasks.core.feeds import ROW_LENGTHS, build_feeds
+from tasks.core.calibration_arrays import ROW_LENGTHS
+from tasks.core.feeds import build_feeds
 from tasks.core.onnx_graph import input_specs
 from tasks.core.params import StrictParams
 from tasks.transforms.quant_rewrites import huge_float_constants

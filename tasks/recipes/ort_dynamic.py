@@ -24,8 +24,8 @@ class OrtDynamicSettings(RecipeSettings):
                                         "pre-processed graph kept in float")
     transformer_fusion: Literal["bert"] | None = Field(
         None, description="ONNX Runtime's transformer fusions (onnxruntime.transformers.optimizer, this model type) "
-        "before quantizing: Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization; ~10x fewer nodes, "
-        "which is what short inputs pay for on a CPU; null = off",
+        "before quantizing: Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization (a 6-layer BERT: 302 nodes "
+        "-> 58), which is what short inputs pay for on a CPU; null = off",
     )
 
 

@@ -386,7 +386,7 @@ def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None =
                 "latency_mix_mean_ms": float(best["latency_mix_mean_ms"]),
                 "latency_mix_p99_ms": float(best["latency_mix_p99_ms"])}
         if best["policy"] == STATIC or static.empty:
-            pick["reason"] = (f"static {best['shapes']}: fastest on your inputs within budget, keeping "
+            pick["reason"] = (f"{best['policy']} {best['shapes']}: fastest on your inputs within budget, keeping "
                               f"{best['covered_share']:.1%} of them whole")
         else:
             other = static.iloc[0]

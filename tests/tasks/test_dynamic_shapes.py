@@ -13,7 +13,7 @@ from helpers import matches_reference, quantize_variant, sentences
 
 from tasks.builders.calibration import save_npz
 from tasks.core.errors import InputError
-from tasks.core.feeds import ROW_LENGTHS
+from tasks.core.calibration_arrays import ROW_LENGTHS
 from tasks.families.sentence_encoder import FAMILY
 from tasks.recipes.base import RaggedFeeds, calibration_feeds, row
 from tasks.recipes.nncf_ptq import NncfPtqSettings

@@ -294,6 +294,8 @@ def test_a_dynamic_artifact_is_judged_against_static_fp32_and_wins_when_fastest(
                     _bundle_row("int8", "static", "128", 8.0)),
         _bundle_dir(tmp_path, "int8_dyn", 81.73, _bundle_row("int8_dyn", "dynamic", "<=128", 2.0, metric=81.73)),
         _bundle_dir(tmp_path, "bad_dyn", 80.0, _bundle_row("bad_dyn", "dynamic", "<=128", 1.0, metric=80.0)),
+        _bundle_dir(tmp_path, "ov_dyn", 82.0, _bundle_row("ov_dyn", "dynamic", "<=128", 1.9, metric=82.0,
+                                                           device="openvino_cpu")),
     ]
     params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
     _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles)
@@ -305,6 +307,9 @@ def test_a_dynamic_artifact_is_judged_against_static_fp32_and_wins_when_fastest(
     assert (choice["policy"], choice["variant"], choice["shapes"]) == ("dynamic", "int8_dyn", "<=128")
     assert choice["reason"].startswith("dynamic <=128: 4.00x faster on your inputs than static 128 (dense int8)")
     assert "one artifact" in choice["reason"]
+    # A device with nothing static to compare against says what it picked, not "static".
+    alone = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["openvino_cpu/host"]
+    assert alone["reason"].startswith("dynamic <=128: fastest on your inputs within budget")
 
 
 def test_static_only_bundles_take_the_benchmark_accuracy(tmp_path, tiny_bert, inputs_txt):
