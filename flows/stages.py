@@ -337,7 +337,7 @@ def quantize(cfg: EdgeoptConfig, model: str, variant: str, seq_len: int, out: Ca
     # Only this variant's settings are part of the key: editing one variant reruns only that one.
     params = cfg.quantize.model_copy(update={"variants": {variant: settings}})
     source = out.export_onnx_dir(model, seq_len) if unquantized else out.graph_surgery_dir(model, seq_len)
-    dynamic = settings.shape == "dynamic"  # calibrated on one real input per row, each at its own length
+    dynamic = cfg.is_dynamic(variant)  # calibrated on one real input per row, each at its own length
     calibration = (
         out.calibration_data_dir() / calibration_stage.calib_name(seq_len, rows_of_one=dynamic)
         if quantize_stage.needs_calibration(settings)

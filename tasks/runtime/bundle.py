@@ -99,6 +99,19 @@ def route(lengths: np.ndarray, shapes: list[int], dynamic: bool = False) -> Rout
     return Routes(lengths, ordered[np.minimum(at, len(ordered) - 1)], truncated)
 
 
+def prepare(family, preprocessor, samples: list, shapes) -> list[dict[str, np.ndarray]]:
+    """One batch-of-one feed per sample, each at its own shape (padded, or truncated when longer): the samples of
+    each shape are prepared together, once, and only those (a dynamic bundle has a shape per input length)."""
+    shapes = np.asarray(shapes, dtype=np.int64)
+    feeds: list[dict[str, np.ndarray] | None] = [None] * len(samples)
+    for shape in np.unique(shapes):
+        rows = np.flatnonzero(shapes == shape)
+        at_shape = family.samples(preprocessor, [samples[i] for i in rows], int(shape))
+        for j, i in enumerate(rows):
+            feeds[i] = {k: v[j : j + 1] for k, v in at_shape.items()}
+    return feeds
+
+
 class Bundle:
     """A loaded bundle: the preprocessor and one ready session per bucket."""
 
@@ -137,18 +150,18 @@ class Bundle:
         """Every sample prepared at `shape` (padded, or truncated when longer)."""
         return self.family.samples(self.preprocessor, samples, shape)
 
+    def feeds_at(self, samples: list, shapes) -> list[dict[str, np.ndarray]]:
+        """One batch-of-one feed per sample at its shape in `shapes` (`prepare`)."""
+        return prepare(self.family, self.preprocessor, samples, shapes)
+
     def run(self, samples: list) -> np.ndarray:
         """One output row per sample, each run at its bucket; warns once when inputs were truncated."""
         routes = self.routes(samples)
         if routes.truncated.any():
             log.warning("%d of %d inputs are longer than the largest bucket (%d) and were truncated",
                         int(routes.truncated.sum()), len(samples), self.manifest.shapes[-1])
-        outputs: list[np.ndarray | None] = [None] * len(samples)
-        for shape in sorted(set(routes.shapes.tolist())):
-            rows = np.flatnonzero(routes.shapes == shape)
-            feeds = self.feeds([samples[i] for i in rows], int(shape))
-            for j, i in enumerate(rows):
-                outputs[i] = self.model(int(shape)).run({k: v[j : j + 1] for k, v in feeds.items()})[0]
+        feeds = self.feeds_at(samples, routes.shapes)
+        outputs = [self.model(int(shape)).run(feed)[0] for shape, feed in zip(routes.shapes, feeds, strict=True)]
         return np.stack(outputs)
 
 

@@ -40,15 +40,14 @@ def measure(request: dict) -> dict:
     samples = json.loads(Path(request["samples"]).read_text(encoding="utf-8"))
     policies = [p if p == BUCKETS else int(p) for p in request["shapes"]]
     routes = bundle.routes(samples)
-    needed = sorted({int(s) for s in routes.shapes} | {p for p in policies if p != BUCKETS})
-    models = {shape: bundle.model(shape) for shape in needed}
-    prepared = {shape: bundle.feeds(samples, shape) for shape in needed}
-
-    def feed(shape: int, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i : i + 1] for k, v in prepared[shape].items()}
-
-    def shape_of(policy, i: int) -> int:
-        return int(routes.shapes[i]) if policy == BUCKETS else policy
+    # Per policy: the shape each input runs at, and its feed (prepared once per shape, for the inputs at it only).
+    shapes = {p: routes.shapes if p == BUCKETS else np.full(len(samples), p) for p in policies}
+    feeds = {p: bundle.feeds_at(samples, shapes[p]) for p in policies}
+    firsts: dict[int, tuple] = {}  # shape -> (policy, input) of its first feed: what warms it up
+    for p in policies:
+        for i, s in enumerate(shapes[p]):
+            firsts.setdefault(int(s), (p, i))
+    models = {shape: bundle.model(shape) for shape in firsts}
 
     timed = bool(request.get("timed", True))
     warmup = int(request.get("warmup_runs", 0)) if timed else 0
@@ -57,17 +56,17 @@ def measure(request: dict) -> dict:
     label = request.get("label") or Path(request["bundle"]).name
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        for shape in needed:
+        for shape, (policy, i) in sorted(firsts.items()):
             for _ in range(warmup):
-                models[shape].run(feed(shape, 0))
+                models[shape].run(feeds[policy][i])
         task = progress.add_task(f"{label}: {len(samples)} inputs x {len(policies)} shape policies",
                                  total=len(samples))
         for i in range(len(samples)):
             for k in range(len(policies)):
                 policy = policies[(i + k) % len(policies)]  # rotate who goes first
-                shape = shape_of(policy, i)
+                model, feed = models[int(shapes[policy][i])], feeds[policy][i]
                 t0 = time.perf_counter()
-                out = models[shape].run(feed(shape, i))
+                out = model.run(feed)
                 latencies[str(policy)].append((time.perf_counter() - t0) * 1e3)
                 outputs[str(policy)].append(out[0])
             progress.advance(task)

@@ -31,7 +31,7 @@ import numpy as np
 from tasks.backends import get_backend
 from tasks.backends.worker import load_options, peak_rss_mb, serve
 from tasks.families import FAMILIES
-from tasks.runtime.bundle import PREPROCESSOR, Bundle, read_manifest
+from tasks.runtime.bundle import PREPROCESSOR, Bundle, prepare, read_manifest
 
 MASK = "attention_mask"
 
@@ -51,8 +51,8 @@ class _Export:
         options = load_options(backend, cache_dir=cache_dir, shared_threads=True)
         self.model = backend.load(Path(arm["artifact"]), threads, **options)
         self.pooling = arm.get("pooling")
-        lengths = np.minimum(family.input_lengths(preprocessor, samples), int(arm["max_tokens"]))
-        self.feeds = [family.samples(preprocessor, [s], int(n)) for s, n in zip(samples, lengths, strict=True)]
+        self.feeds = prepare(family, preprocessor, samples,
+                             np.minimum(family.input_lengths(preprocessor, samples), int(arm["max_tokens"])))
 
     def run(self, i: int) -> np.ndarray:
         out = self.model.run(self.feeds[i])
@@ -66,8 +66,7 @@ class _Deployed:
         self.bundle = Bundle.load(arm["bundle"], threads, cache_dir=cache_dir)
         routes = self.bundle.routes(samples)
         self.shapes = routes.shapes if arm["policy"] == "buckets" else np.full(len(samples), int(arm["policy"]))
-        prepared = {int(s): self.bundle.feeds(samples, int(s)) for s in sorted(set(self.shapes.tolist()))}
-        self.feeds = [{k: v[i : i + 1] for k, v in prepared[int(s)].items()} for i, s in enumerate(self.shapes)]
+        self.feeds = self.bundle.feeds_at(samples, self.shapes)
 
     def run(self, i: int) -> np.ndarray:
         return self.bundle.model(int(self.shapes[i])).run(self.feeds[i])[0]

@@ -40,8 +40,8 @@ from tasks.backends.worker import launch_worker
 from tasks.core.errors import BackendUnavailableError
 from tasks.core.fingerprint import atomic_output_dir, finished_compile, link_or_copy, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
-from tasks.core.schemas import BUCKETS, DYNAMIC, STATIC
 from tasks.core.params import StrictParams
+from tasks.core.schemas import BUCKETS, DYNAMIC, STATIC
 from tasks.data import evaluation
 from tasks.data.evaluation import EvaluationParams
 from tasks.data.text import TextSource, distinct_texts
