@@ -29,7 +29,7 @@ import pandas as pd
 
 from tasks.core.catalog import AUTO_MIXED, SENSITIVITY_TABLE
 from tasks.core.errors import InputError
-from tasks.core.schemas import BUCKETS, DYNAMIC, STATIC
+from tasks.core.schemas import BUCKETS, DYNAMIC, PINNED, STATIC
 from tasks.data.evaluation import metric_label
 
 REPORTS = Path("reports")
@@ -344,7 +344,7 @@ def plot_bundles(bundles: pd.DataFrame, coverage: float) -> str:
     groups = list(timed.groupby(["device", "target"], sort=False))
     height = max(2.4, 0.26 * max(len(g) for _, g in groups) + 1.2)
     fig, axes = plt.subplots(len(groups), 1, figsize=(9.6, height * len(groups)), squeeze=False)
-    colors = {STATIC: "#8c8c8c", BUCKETS: "#4c72b0", DYNAMIC: "#55a868"}
+    colors = {STATIC: "#8c8c8c", BUCKETS: "#4c72b0", DYNAMIC: "#55a868", PINNED: "#8172b3"}
     for ax, ((device, target), rows) in zip(axes[:, 0], groups):
         rows = rows.sort_values("latency_mix_mean_ms")
         labels = [f"{r.model}/{r.variant} {r.policy} {r.shapes}" for r in rows.itertuples()]
@@ -361,7 +361,7 @@ def plot_bundles(bundles: pd.DataFrame, coverage: float) -> str:
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("mean latency over your inputs (ms)")
-        ax.set_title(f"{device} / {target}: grey one static length, blue buckets, green dynamic; hatched: outside the budget; "
+        ax.set_title(f"{device} / {target}: grey one static length, blue buckets, green dynamic, purple pinned; hatched: outside the budget; "
                      f"faded: keeps < {coverage:.0%} of inputs whole", fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
         ax.margins(x=0.25)

@@ -30,7 +30,7 @@ from tasks.core.catalog import Catalog
 from tasks.core.errors import InputError
 from tasks.core.machine import host_cpu
 from tasks.core.params import StrictParams
-from tasks.core.schemas import PEER_ROWS, STATIC
+from tasks.core.schemas import DYNAMIC, PEER_ROWS, STATIC
 from tasks.data import evaluation
 from tasks.runtime import peer_worker
 from tasks.runtime.bundle import read_manifest
@@ -111,8 +111,9 @@ def recommended(summary: dict, outputs: Catalog, device: str) -> tuple[dict, int
     folder = outputs.bundle_dir(pick["model"], pick["variant"], device) / target
     read_manifest(folder)  # one line when the bundle is gone
     policy = int(pick["shapes"]) if pick["policy"] == STATIC else "buckets"
+    # A dynamic row of a pinned bundle is its artifact at each input's own length, i.e. the bundle loaded unpinned.
     return ({"label": f"{EDGEOPT} {pick['model']}/{pick['variant']} {pick['policy']} {pick['shapes']}",
-             "bundle": str(folder.resolve()), "policy": policy}, max(int(s) for s in pick["shapes"].removeprefix("<=").split("/")))
+             "bundle": str(folder.resolve()), "policy": policy, "pinned": pick["policy"] != DYNAMIC}, max(int(s) for s in pick["shapes"].removeprefix("<=").split("/")))
 
 
 def compare(arms: dict[str, list[dict]], preprocessor: Path, family: str, scorer: evaluation.Scorer, *, threads: int,

@@ -447,7 +447,10 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
         },
         watch={**eval_files(cfg), **{f"source_{s}": path for s, path in sources.items()},
                **{f"compiled_{t}_{s}": d for t, by_shape in compiled.items() for s, d in by_shape.items()}},
-        params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}}), "text_source": text,
+        params={"params": cfg.bundle.model_copy(update={
+                    "buckets": {target.device: shapes},
+                    "pinned": {target.device: cfg.bundle.pinned[target.device]} if dynamic and target.device in cfg.bundle.pinned else {}}),
+                "text_source": text,
                 "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),
                 "evaluation_params": cfg.evaluation, "family": cfg.family},
         args={"sources": sources, "compiled": compiled, "model": model, "variant": target.variant,

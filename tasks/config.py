@@ -276,6 +276,21 @@ class EdgeoptConfig(StrictParams):
                 raise ValueError(f"{where}: a length is listed twice")
         return self
 
+    @model_validator(mode="after")
+    def _pinned(self) -> EdgeoptConfig:
+        for device, lengths in self.bundle.pinned.items():
+            where = f"bundle.pinned.{device}"
+            if not any(t.device == device and self.is_dynamic(t.variant) for t in self.targets):
+                raise ValueError(f"{where}: no target runs a shape: dynamic variant on {device}; pinning applies to "
+                                 "a dynamic artifact")
+            if not BACKENDS.get(device).pins_shapes:
+                raise ValueError(f"{where}: {device} does not pin a dynamic artifact's shapes; remove it")
+            top = self.bucket_shapes(device)[-1]
+            if lengths != sorted(set(lengths)) or not lengths or lengths[0] < 1 or lengths[-1] != top:
+                raise ValueError(f"{where}: {lengths} must be distinct, ascending lengths ending at {top} (the "
+                                 f"dynamic artifact's maximum: the largest bucket length of {device})")
+        return self
+
     def bucket_shapes(self, device: str) -> list[int]:
         """The lengths a device's bundles route to (ascending)."""
         return sorted(self.bundle.buckets.get(device, self.seq_lens))

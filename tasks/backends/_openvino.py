@@ -238,6 +238,7 @@ class OpenVinoModel:
 class OpenVinoBackend:
     engine_package = "openvino"
     dynamic_shapes = False
+    pins_shapes = False
     compile_params: type[OpenVinoCompileParams] = OpenVinoCompileParams
 
     def __init__(
@@ -292,10 +293,11 @@ class OpenVinoBackend:
             config["INFERENCE_PRECISION_HINT"] = precision
         return config
 
-    def read_model(self, artifact: Path, *, require_static: bool | None = None):
+    def read_model(self, artifact: Path, *, require_static: bool | None = None, pin_shape: int | None = None):
         """The model at `artifact` pinned to its static input shapes.
 
         Dynamic inputs are an InputError when `require_static` (default: on every device but the CPU).
+        `pin_shape`: every free dimension set to this length (an edgeopt dynamic export frees only its shape axis).
         """
         import openvino as ov
 
@@ -317,6 +319,8 @@ class OpenVinoBackend:
             shape = port.get_partial_shape()
             if shape.is_static:
                 static[port_name(port)] = shape
+            elif pin_shape is not None:
+                static[port_name(port)] = ov.PartialShape([d if d.is_static else pin_shape for d in shape])
             elif require_static:
                 raise InputError(
                     f"{artifact}: input {port_name(port)} has dynamic shape {shape}; "
@@ -371,20 +375,26 @@ class OpenVinoBackend:
         *,
         cache_dir: Path | None = None,
         inference_precision: str | None = None,
+        pin_shape: int | None = None,
     ) -> OpenVinoModel:
         """Compile an .onnx / IR .xml for this device, or import a `model.blob` written by `compile`.
 
         A blob is imported with the plugin config saved beside it (ov_config.json), except that
-        `threads` replaces its thread count; `cache_dir` and `inference_precision` only apply to
-        uncompiled models (a blob's precision was fixed when it was compiled).
+        `threads` replaces its thread count; `cache_dir`, `inference_precision` and `pin_shape` (a free-axis
+        model compiled at that one length, `read_model`) only apply to uncompiled models (a blob's precision
+        and shapes were fixed when it was compiled).
         """
         import openvino as ov
 
         self._require_device()
         artifact = Path(artifact)
         if artifact.suffix == ".blob":
+            if pin_shape is not None:
+                raise InputError(f"{artifact}: a compiled blob has fixed shapes; pin_shape applies to .onnx / .xml")
             return self._import_blob(artifact, threads)
-        model = self.read_model(artifact)
+        if pin_shape is not None and not self.pins_shapes:
+            raise InputError(f"{self.name} does not pin shapes (bundle.pinned); drop {self.name} from bundle.pinned")
+        model = self.read_model(artifact, pin_shape=pin_shape)
         config = self.plugin_config({"threads": threads, "inference_precision": inference_precision})
         cache = cache_dir or self.cache_dir
         if cache:

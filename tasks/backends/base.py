@@ -41,6 +41,9 @@ class Backend(Protocol):
     """The options of its `compile.<device>` section; None when the device has no compile step."""
     dynamic_shapes: bool
     """Whether it runs models with a free shape axis (`shape: dynamic` variants); NPUs take static shapes only."""
+    pins_shapes: bool
+    """Whether `load(..., pin_shape=L)` compiles a free-axis model at one static length L (`bundle.pinned`): for
+    engines where a static graph runs faster than a free-axis one whose shape changes between inputs."""
 
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the backend, else why not (recorded as a skip)."""

@@ -46,6 +46,9 @@ class OpenVinoCpuCompileParams(OpenVinoCompileParams):
 class OpenVinoCpuBackend(OpenVinoBackend):
     compile_params = OpenVinoCpuCompileParams
     dynamic_shapes = True
+    # A free-axis graph re-prepares its kernels whenever the input length changes, so on a mix of lengths the same
+    # IR compiled at a few static lengths runs faster (bundle rows pinned vs dynamic: docs/bundles.md).
+    pins_shapes = True
 
     def __init__(self, inference_precision: str | None = "f32", cache_dir=None):
         super().__init__("openvino_cpu", "CPU", inference_precision=inference_precision, cache_dir=cache_dir)

@@ -101,6 +101,7 @@ class OrtCpuBackend:
     engine_package = "onnxruntime"
     compile_params = OrtCpuCompileParams
     dynamic_shapes = True
+    pins_shapes = False
 
     def accelerator_nodes(self, placement: dict) -> int:
         return 0

@@ -274,6 +274,7 @@ class QnnHtpBackend:
     engine_package = "onnxruntime-qnn"
     compile_params = QnnHtpCompileParams
     dynamic_shapes = False
+    pins_shapes = False
     simulated = is_simulator()
 
     def accelerator_nodes(self, placement: dict) -> int:

@@ -315,8 +315,9 @@ SENSITIVITY_ROWS = pa.DataFrameSchema(
 # a sample of the user's inputs. `buckets` rows carry their own accuracy (routed as deployed); `static` rows get
 # the benchmark's at their length in the report. Simulated rows have no latency.
 BUNDLE_KEY = ["model", "variant", "device", "target", "policy", "shapes"]
-BUCKETS, STATIC, DYNAMIC = "buckets", "static", "dynamic"
-"""A bundle row's shape policy: routed to buckets, every input at one length, or each at its own length."""
+BUCKETS, STATIC, DYNAMIC, PINNED = "buckets", "static", "dynamic", "pinned"
+"""A bundle row's shape policy: routed to buckets, every input at one length, each at its own length, or one
+dynamic artifact compiled at a few static lengths and routed to them."""
 
 BUNDLE_ROWS = pa.DataFrameSchema(
     {
@@ -324,7 +325,7 @@ BUNDLE_ROWS = pa.DataFrameSchema(
         "variant": pa.Column(str),
         "device": pa.Column(str),
         "target": pa.Column(str),
-        "policy": pa.Column(str, pa.Check.isin([BUCKETS, STATIC, DYNAMIC])),
+        "policy": pa.Column(str, pa.Check.isin([BUCKETS, STATIC, DYNAMIC, PINNED])),
         "shapes": pa.Column(str, pa.Check.str_matches(r"^(\d+(/\d+)*|<=\d+)$")),  # lengths, or dynamic up to one
         "contexts": pa.Column(int, pa.Check.ge(1)),
         "size_mb": pa.Column(float, pa.Check.gt(0)),

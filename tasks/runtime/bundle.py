@@ -6,7 +6,10 @@ A bundle holds the same variant built at several lengths (buckets); each input g
 that holds it whole, and an input longer than the largest bucket is truncated to it (counted, and warned
 about once per call). The benchmark's input-mix latency runs through this class, so what it measures is
 what a deployment embedding it gets. A dynamic bundle (`Manifest.dynamic`) holds one artifact with a free shape
-axis: each input runs at its own length, up to the bucket's (longer ones truncated the same way):
+axis: each input runs at its own length, up to the bucket's (longer ones truncated the same way). A dynamic bundle
+may also pin that one artifact at a few static lengths (`Manifest.pinned`): the engine compiles it once per length
+when the bundle loads and each input goes to the smallest that holds it, as with buckets (OpenVINO runs a static
+graph faster than a free-axis one whose length changes from input to input):
 
     bundle = Bundle.load("artifacts/bundle/dense/ort_qdq_a8w8-ort_cpu/host", threads=2)
     embeddings = bundle.run(["a sentence", "another one"])   # [2, dim], each at its own bucket
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tasks.backends import get_backend
 from tasks.backends.worker import load_options
@@ -53,12 +56,20 @@ class Manifest(StrictParams):
     target: str = Field(description="the compile target (e.g. a Snapdragon SoC), or host")
     buckets: list[Bucket] = Field(min_length=1, description="ascending by shape")
     dynamic: bool = Field(False, description="one artifact with a free shape axis: every input at its own length")
+    pinned: list[int] = Field([], description="dynamic only: the static lengths its artifact is compiled at when "
+                              "loaded, each input routed to the smallest that holds it; empty: each at its own length")
     routing: str = "smallest bucket that holds the input whole; longer inputs truncated to the largest"
 
     @model_validator(mode="after")
     def _one_dynamic_artifact(self) -> Manifest:
         if self.dynamic and len(self.buckets) != 1:
             raise ValueError("a dynamic bundle holds one artifact (one bucket: its maximum length)")
+        if self.pinned and not self.dynamic:
+            raise ValueError("pinned lengths are for a dynamic bundle's one artifact; a static bundle has buckets")
+        if self.pinned and (self.pinned != sorted(set(self.pinned)) or self.pinned[0] < 1
+                            or self.pinned[-1] != self.buckets[0].shape):
+            raise ValueError(f"pinned lengths must be distinct, ascending and end at the artifact's maximum "
+                             f"{self.buckets[0].shape}, got {self.pinned}")
         return self
 
     @field_validator("buckets")
@@ -115,12 +126,16 @@ def prepare(family, preprocessor, samples: list, shapes) -> list[dict[str, np.nd
 class Bundle:
     """A loaded bundle: the preprocessor and one ready session per bucket."""
 
-    def __init__(self, folder: Path, manifest: Manifest, preprocessor, models: dict[int, object]):
+    def __init__(self, folder: Path, manifest: Manifest, preprocessor, models: dict[int, object], free: bool = False):
         self.folder, self.manifest, self.preprocessor, self.models = folder, manifest, preprocessor, models
         self.family = FAMILIES.get(manifest.family)
+        self.free = free
+        """The one artifact runs each input at its own length (a dynamic bundle not pinned, or loaded unpinned)."""
 
     @classmethod
-    def load(cls, folder: Path | str, threads: int, cache_dir: Path | None = None) -> Bundle:
+    def load(cls, folder: Path | str, threads: int, cache_dir: Path | None = None, pinned: bool = True) -> Bundle:
+        """The bundle at `folder` ready to run. `pinned=False` runs a pinned dynamic bundle's artifact at each
+        input's own length instead (what its `pinned` lengths are measured against)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         backend = get_backend(manifest.device)
@@ -128,22 +143,33 @@ class Bundle:
         # pools spin after each run and starve the next bucket's: 4-5x slower on 2 cores). ORT then refuses sessions of
         # this process made elsewhere with a pool of their own (use_per_session_threads must be False for them).
         options = load_options(backend, cache_dir=cache_dir, shared_threads=True)
-        models = {b.shape: backend.load(folder / b.artifact, threads, **options) for b in manifest.buckets}
+        if manifest.pinned and pinned:
+            if not getattr(backend, "pins_shapes", False):
+                raise InputError(f"{folder / MANIFEST}: {manifest.device} cannot pin a dynamic artifact's shapes; "
+                                 "remove `pinned` from the manifest")
+            artifact = folder / manifest.buckets[0].artifact
+            models = {shape: backend.load(artifact, threads, pin_shape=shape, **options) for shape in manifest.pinned}
+        else:
+            models = {b.shape: backend.load(folder / b.artifact, threads, **options) for b in manifest.buckets}
         preprocessor = FAMILIES.get(manifest.family).load_preprocessor(folder / PREPROCESSOR)
-        return cls(folder, manifest, preprocessor, models)
+        return cls(folder, manifest, preprocessor, models, free=manifest.dynamic and not (manifest.pinned and pinned))
+
+    @property
+    def shapes(self) -> list[int]:
+        """The lengths inputs are routed to (a free artifact: its maximum)."""
+        return sorted(self.models)
 
     def routes(self, samples: list) -> Routes:
-        return route(self.family.input_lengths(self.preprocessor, samples), self.manifest.shapes, self.manifest.dynamic)
+        return route(self.family.input_lengths(self.preprocessor, samples), self.shapes, self.free)
 
     def model(self, shape: int):
-        """The session that runs inputs prepared at `shape` (a dynamic bundle's one artifact takes any up to its
-        maximum)."""
-        if self.manifest.dynamic:
-            if shape > self.manifest.shapes[0]:
-                raise InputError(f"{self.folder}: shape {shape} above the dynamic artifact's {self.manifest.shapes[0]}")
-            return self.models[self.manifest.shapes[0]]
+        """The session that runs inputs prepared at `shape` (a free artifact takes any up to its maximum)."""
+        if self.free:
+            if shape > self.shapes[0]:
+                raise InputError(f"{self.folder}: shape {shape} above the dynamic artifact's {self.shapes[0]}")
+            return self.models[self.shapes[0]]
         if shape not in self.models:
-            raise InputError(f"{self.folder}: no bucket of shape {shape}; it has {self.manifest.shapes}")
+            raise InputError(f"{self.folder}: no bucket of shape {shape}; it has {self.shapes}")
         return self.models[shape]
 
     def feeds(self, samples: list, shape: int) -> dict[str, np.ndarray]:
@@ -159,7 +185,7 @@ class Bundle:
         routes = self.routes(samples)
         if routes.truncated.any():
             log.warning("%d of %d inputs are longer than the largest bucket (%d) and were truncated",
-                        int(routes.truncated.sum()), len(samples), self.manifest.shapes[-1])
+                        int(routes.truncated.sum()), len(samples), self.shapes[-1])
         feeds = self.feeds_at(samples, routes.shapes)
         outputs = [self.model(int(shape)).run(feed)[0] for shape, feed in zip(routes.shapes, feeds, strict=True)]
         return np.stack(outputs)
@@ -171,7 +197,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{path}: not found; a bundle folder is what the bundle stage writes (artifacts/bundle/...)")
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        raise InputError(f"{path}: not a bundle manifest ({first[-1].strip() if first else exc})") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"])) or "manifest"
+        raise InputError(f"{path}: not a bundle manifest ({where}: {error['msg']})") from None
 

@@ -4,8 +4,9 @@ input in one process on the same inputs and threads.
 Request (JSON): arms, preprocessor (a bundle folder: its preprocessor tokenizes for every arm), family, samples
 (JSON file: a list of raw samples), threads, warmup_runs, outputs (folder: `<index>.npy` per arm), cache_dir,
 label, result (JSON path). An arm is either
-- `{"label", "bundle": folder, "policy": "buckets" | int}`: an edgeopt bundle run as deployed (`Bundle`): routed to
-  its buckets, at each input's own length (a dynamic bundle), or every input at one length (an int); or
+- `{"label", "bundle": folder, "policy": "buckets" | int, "pinned": bool}`: an edgeopt bundle run as deployed
+  (`Bundle`): routed to its buckets, at each input's own length (a dynamic bundle) or its pinned lengths (unless
+  `pinned` is false), or every input at one length (an int); or
 - `{"label", "device", "artifact", "pooling": "mean" | null, "max_tokens"}`: another tool's export, fed each
   input unpadded at its own length (capped at `max_tokens`), as such exports are used; `pooling` mean: the export
   outputs token embeddings [1, T, D] that its user averages over the attention mask and L2-normalises (what
@@ -63,7 +64,7 @@ class _Deployed:
     """An edgeopt bundle, routed as its policy says."""
 
     def __init__(self, arm: dict, threads: int, cache_dir: Path | None, samples: list):
-        self.bundle = Bundle.load(arm["bundle"], threads, cache_dir=cache_dir)
+        self.bundle = Bundle.load(arm["bundle"], threads, cache_dir=cache_dir, pinned=arm.get("pinned", True))
         routes = self.bundle.routes(samples)
         self.shapes = routes.shapes if arm["policy"] == "buckets" else np.full(len(samples), int(arm["policy"]))
         self.feeds = self.bundle.feeds_at(samples, self.shapes)

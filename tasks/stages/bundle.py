@@ -14,14 +14,18 @@ compile target of the (variant, device) (or `host`: the quantize output), this s
   length gets its static row only (nothing to route).
 A variant with `shape: dynamic` is one artifact with a free shape axis: its bundle holds the one built at the
 largest bucket length, every input runs at its own length (longer ones truncated alike), and its single row
-(`policy` dynamic) is timed and scored that way.
+(`policy` dynamic) is timed and scored that way. With `bundle.pinned` lengths for its device (engines that run a
+static graph faster, `Backend.pins_shapes`), the bundle deploys that artifact compiled at each of them when loaded,
+routed like buckets: a `pinned` row, timed and scored interleaved with the `dynamic` row (the same artifact at each
+input's own length, `Bundle.load(..., pinned=False)`).
 On a simulator (QNN HTP on x86-64) the bundle holds the compiled contexts, but nothing is timed (simulator
 time is not device latency) and the accuracy comes from the same QDQ graphs on the ONNX Runtime CPU EP,
 routed the same way (`accuracy_source` cpu_ep_same_graph).
 
 Reads: the quantize outputs at each bucket length, the compile outputs of this target, the model folder
 (its preprocessor), the mix text, the evaluation sets and the reference outputs at the largest bucket.
-Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` (simulated: `outputs-cpu_ep.npy`) and `<out>/stage.json` (`rows`: rows of
+Writes: `<out>/<target>/` bundles, `<out>/outputs-<target>.npy` (simulated: `outputs-cpu_ep.npy`; pinned: also
+`outputs-<target>-free.npy`, the dynamic row's) and `<out>/stage.json` (`rows`: rows of
 `metrics/bundles.csv`; `evaluations`: every set's metric of each buckets row).
 """
 
@@ -41,7 +45,7 @@ from tasks.core.errors import BackendUnavailableError
 from tasks.core.fingerprint import atomic_output_dir, finished_compile, link_or_copy, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
 from tasks.core.params import StrictParams
-from tasks.core.schemas import BUCKETS, DYNAMIC, STATIC
+from tasks.core.schemas import BUCKETS, DYNAMIC, PINNED, STATIC
 from tasks.data import evaluation
 from tasks.data.evaluation import EvaluationParams
 from tasks.data.text import TextSource, distinct_texts
@@ -58,6 +62,10 @@ CPU_EP_DEVICE = "ort_cpu"
 class BundleParams(StrictParams):
     buckets: dict[str, list[int]] = Field(
         {}, description="device -> the seq_lens its bundles route to; a device not named: every seq_len"
+    )
+    pinned: dict[str, list[int]] = Field(
+        {}, description="device -> lengths a dynamic variant's one artifact is compiled at when its bundle loads "
+        "(ascending, ending at the largest bucket length); the device's backend must pin shapes (openvino_cpu)"
     )
     mix_samples: int = Field(300, ge=10, description="inputs sampled from report.seq_len_choice.text for the mix")
     seed: int = 0
@@ -96,7 +104,7 @@ def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, 
 
 
 def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: str, family: str,
-                 preprocessor, dynamic: bool = False) -> float:
+                 preprocessor, dynamic: bool = False, pinned: list[int] | None = None) -> float:
     """A bundle folder for `artifacts` (shape -> artifact); returns the artifacts' size in MB."""
     buckets, size = [], 0.0
     for shape, artifact in sorted(artifacts.items()):
@@ -106,9 +114,11 @@ def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: 
         size += sum(f.stat().st_size for f in files) / 1e6
         buckets.append(Bucket(shape=shape, artifact=f"seq{shape}/{Path(artifact).name}"))
     FAMILIES.get(family).save_preprocessor(preprocessor, folder / PREPROCESSOR)
+    routing = ({"routing": "one artifact compiled at each pinned length; each input to the smallest that holds it, "
+                           "longer inputs truncated to the largest"} if pinned else
+               {"routing": "each input at its own length; longer inputs truncated to the maximum"} if dynamic else {})
     manifest = Manifest(family=family, device=device, target=target, buckets=buckets, dynamic=dynamic,
-                        **({"routing": "each input at its own length; longer inputs truncated to the maximum"}
-                           if dynamic else {}))
+                        pinned=pinned or [], **routing)
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return size
 
@@ -187,11 +197,24 @@ def run(
         tmp = Path(tmp_name)
         runner = _Runner(tmp, timing)
 
-        def routed(folder: Path, out_path: Path, label: str) -> tuple[np.ndarray, int]:
-            """Every evaluation input through the bundle at `folder`: outputs, and how many it truncated."""
-            result = runner.run(folder, scorer.inputs, [mix_worker.BUCKETS], timed=False,
-                                outputs={mix_worker.BUCKETS: out_path}, label=f"{label} evaluation sets")
+        def routed(folder: Path, out_path: Path, label: str, policy: str = mix_worker.BUCKETS) -> tuple[np.ndarray, int]:
+            """Every evaluation input through the bundle at `folder` (as it routes, or at each input's own length:
+            `mix_worker.FREE`): outputs, and how many it truncated."""
+            result = runner.run(folder, scorer.inputs, [policy], timed=False, outputs={policy: out_path},
+                                label=f"{label} evaluation sets")
             return np.load(out_path), int(np.sum(result["truncated"]))
+
+        def scored_row(base: dict, policy: str, shapes_label: str, contexts: int, size: float, truncated: int,
+                       counts: dict, latency: list | None, scored: tuple[np.ndarray, int], target: str) -> dict:
+            """A routed row (buckets, dynamic or pinned) with its accuracy; its scores join `evaluations`."""
+            outputs, eval_cut = scored
+            source = "cpu_ep_same_graph" if simulated else "artifact"
+            scores = scorer.evaluations(outputs, source)
+            evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
+                                "policy": policy, **s} for s in scores)
+            return {**base, "policy": policy, "shapes": shapes_label, "contexts": contexts, "size_mb": size,
+                    "truncated_inputs": truncated, "bucket_counts": json.dumps(counts), "eval_truncated_inputs": eval_cut,
+                    **(_latency(latency) if latency else {}), **scorer.columns(outputs, scores), "accuracy_source": source}
 
         # One bucket routes nothing: its accuracy is the benchmark's at that length; only its mix latency is new.
         # A dynamic artifact runs each input at its own length, which the benchmark's padded feeds do not.
@@ -202,34 +225,36 @@ def run(
             label = f"{model} {variant} on the CPU EP"
             cpu_routes = runner.run(cpu_bundle, samples, [mix_worker.BUCKETS], timed=False, label=f"{label} routes")
             cpu_scored = routed(cpu_bundle, scratch / "outputs-cpu_ep.npy", label) if routing else None
+        pinned = params.pinned.get(device, []) if dynamic and not simulated else []
         for target, artifacts in bundles.items():
             folder = scratch / target
-            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor, dynamic)
+            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor, dynamic, pinned)
             label = f"{model} {variant} {device} {target}"
             if simulated:
                 mix, latencies, scored = cpu_routes, {}, cpu_scored
             else:
-                policies = [mix_worker.BUCKETS] if dynamic else [mix_worker.BUCKETS, *shapes] if routing else shapes
+                policies = ([mix_worker.BUCKETS, mix_worker.FREE] if pinned else [mix_worker.BUCKETS] if dynamic
+                            else [mix_worker.BUCKETS, *shapes] if routing else shapes)
                 mix = runner.run(folder, samples, policies, timed=True, label=f"{label} on your inputs")
                 latencies = mix["latencies_ms"]
                 scored = routed(folder, scratch / f"outputs-{target}.npy", label) if routing else None
             lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
             base = {**common, "target": target, "engine_version": mix["engine_version"],
                     "tool_versions": "; ".join(f"{k} {v}" for k, v in sorted(tool_versions(TOOLS).items()))}
-            if scored is not None:
-                outputs, eval_cut = scored
-                source = "cpu_ep_same_graph" if simulated else "artifact"
-                scores = scorer.evaluations(outputs, source)
-                policy = DYNAMIC if dynamic else BUCKETS
-                evaluations.extend({"model": model, "variant": variant, "device": device, "target": target,
-                                    "policy": policy, **s} for s in scores)
-                counts = {str(s): int((np.asarray(mix["bucket_shapes"]) == s).sum()) for s in shapes}
-                rows.append({**base, "policy": policy, "shapes": f"<={shapes[-1]}" if dynamic else "/".join(map(str, shapes)),
-                             "contexts": len(shapes),
-                             "size_mb": size, "truncated_inputs": int(truncated.sum()),
-                             "bucket_counts": json.dumps(counts), "eval_truncated_inputs": eval_cut,
-                             **(_latency(latencies[mix_worker.BUCKETS]) if latencies else {}),
-                             **scorer.columns(outputs, scores), "accuracy_source": source})
+            routed_to = np.asarray(mix["bucket_shapes"])
+            if pinned:
+                rows.append(scored_row(base, PINNED, "/".join(map(str, pinned)), len(pinned), size, int(truncated.sum()),
+                                       {str(s): int((routed_to == s).sum()) for s in pinned},
+                                       latencies[mix_worker.BUCKETS], scored, target))
+                free = routed(folder, scratch / f"outputs-{target}-free.npy", label, mix_worker.FREE)
+                rows.append(scored_row(base, DYNAMIC, f"<={shapes[-1]}", 1, size, int(truncated.sum()),
+                                       {str(shapes[-1]): int((lengths >= shapes[-1]).sum())},
+                                       latencies[mix_worker.FREE], free, target))
+            elif scored is not None:
+                rows.append(scored_row(base, DYNAMIC if dynamic else BUCKETS,
+                                       f"<={shapes[-1]}" if dynamic else "/".join(map(str, shapes)), len(shapes), size,
+                                       int(truncated.sum()), {str(s): int((routed_to == s).sum()) for s in shapes},
+                                       latencies.get(mix_worker.BUCKETS), scored, target))
             for shape in [] if dynamic else shapes:
                 files = model_files(folder / f"seq{shape}" / Path(artifacts[shape]).name)
                 rows.append({**base, "policy": STATIC, "shapes": str(shape), "contexts": 1,

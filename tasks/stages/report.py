@@ -50,6 +50,7 @@ from tasks.core.fingerprint import atomic_output_dir, finished_compile, read_sta
 from tasks.core.params import StrictParams
 from tasks.core.schemas import (
     DYNAMIC,
+    PINNED,
     STATIC,
     BENCHMARK_ROWS,
     BUNDLE_REPORT_ROWS,
@@ -340,19 +341,23 @@ def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFra
                   benchmark_scores: pd.DataFrame) -> pd.DataFrame:
     """Each bundle row's verdict. Buckets rows: on every evaluation set, at most `budget` points worse than the
     dense fp32 bundle on ORT CPU with the same buckets (routed alike). Dynamic rows (each input at its own
-    length up to L): against the dense fp32 at static L, which sees the same tokens (padding is masked out).
+    length up to L) and pinned rows (padded to pinned lengths up to L): against the dense fp32 at static L, which
+    sees the same tokens (padding is masked out).
     Static rows: the benchmark row's verdict at that length. `covered_share`: the user's inputs the row keeps
     whole."""
     routed_rows = bundles[bundles["policy"] != STATIC]
     shapes = routed_rows.set_index(["model", "variant", "device", "target", "policy"])["shapes"]
     scores = scores.join(shapes, on=["model", "variant", "device", "target", "policy"])
+    # A pinned row runs the dynamic artifact padded to a pinned length: the same tokens as at its own length.
+    judged_at = np.where(scores["policy"] == PINNED, "<=" + scores["shapes"].str.rsplit("/", n=1).str[-1], scores["shapes"])
+    scores = scores.assign(judged_at=judged_at)
     base = scores[(scores["model"] == DENSE) & (scores["variant"] == "fp32") & (scores["device"] == "ort_cpu")]
     static_fp32 = benchmark_scores[(benchmark_scores["model"] == DENSE) & (benchmark_scores["variant"] == "fp32")
                                    & (benchmark_scores["device"] == "ort_cpu")]
     base = pd.concat([base, static_fp32.assign(shapes="<=" + static_fp32["seq_len"].astype(int).astype(str))])
     fp32 = base.drop_duplicates(["shapes", "eval_set"]).set_index(["shapes", "eval_set"])["metric_value"]
     sign = np.where(scores["higher_is_better"].astype(bool), 1.0, -1.0)
-    scores = scores.assign(drop=sign * (fp32.reindex(pd.MultiIndex.from_frame(scores[["shapes", "eval_set"]])).to_numpy()
+    scores = scores.assign(drop=sign * (fp32.reindex(pd.MultiIndex.from_frame(scores[["judged_at", "eval_set"]])).to_numpy()
                                         - scores["metric_value"].to_numpy()))
     key = ["model", "variant", "device", "target", "policy", "shapes"]
     routed = scores.groupby(key).agg(metric_drop=("drop", "first"), within_budget=("drop", lambda d: bool((d <= budget).all())))
@@ -392,6 +397,8 @@ def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None =
             other = static.iloc[0]
             speedup = float(other["latency_mix_mean_ms"]) / float(best["latency_mix_mean_ms"])
             cost = (f"one artifact, {best['size_mb'] - other['size_mb']:+.0f} MB" if best["policy"] == DYNAMIC else
+                    f"one artifact compiled at {int(best['contexts'])} lengths when loaded, "
+                    f"{best['size_mb'] - other['size_mb']:+.0f} MB" if best["policy"] == PINNED else
                     f"+{int(best['contexts']) - 1} artifacts, +{best['size_mb'] - other['size_mb']:.0f} MB")
             pick["reason"] = (f"{best['policy']} {best['shapes']}: {speedup:.2f}x faster on your inputs than static "
                               f"{other['shapes']} ({other['model']} {other['variant']}); {cost}")

@@ -107,6 +107,13 @@ def test_a_classifier_family_takes_labelled_text(tmp_path):
          "compile.jobs[0]: dyn has shape: dynamic"),
         (_dynamic(DYN, "graph_surgery: {float_mask_input: true}"), "graph_surgery.float_mask_input pins the mask"),
         (_dynamic(DYN, "sensitivity: {variants: [dyn]}"), "sensitivity.variants: ['dyn'] have shape: dynamic"),
+        (_dynamic(DYN, "bundle: {pinned: {openvino_cpu: [64, 128]}}"),
+         "bundle.pinned.openvino_cpu: no target runs a shape: dynamic variant on openvino_cpu"),
+        (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: ort_cpu}], "
+                       "bundle: {pinned: {ort_cpu: [128]}}"), "bundle.pinned.ort_cpu: ort_cpu does not pin"),
+        (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: openvino_cpu}], "
+                       "seq_lens: [128], bundle: {pinned: {openvino_cpu: [16, 64]}}"),
+         "bundle.pinned.openvino_cpu: [16, 64] must be distinct, ascending lengths ending at 128"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected):

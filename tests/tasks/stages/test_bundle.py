@@ -181,3 +181,57 @@ def test_a_dynamic_bundle_runs_each_input_at_its_own_length(tiny_dynamic, tiny_b
     # Scored through the bundle: the fp32 dynamic artifact gives the static 32-token reference's outputs.
     scored, reference = np.load(out / "outputs-host.npy"), np.load(reference32)
     np.testing.assert_allclose(scored, reference[: len(scored)], atol=2e-5)
+
+
+def test_a_pinned_dynamic_bundle_routes_to_its_pinned_lengths_beside_the_free_artifact(
+        tiny_dynamic, tiny_bert, reference32, tmp_path):
+    """`bundle.pinned` on OpenVINO CPU: the one dynamic artifact compiled at 8/16/32 when the bundle loads, each input
+    to the smallest length that holds it (a `pinned` row), timed interleaved with the same artifact at each input's
+    own length (a `dynamic` row); both scored, and both give the static 32-token reference's outputs."""
+    texts = ["a dog", "two men are playing chess in the park", LONG, "the cat sat on the mat while the rain fell"]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out"
+    payload = bundle_run(
+        sources={32: tiny_dynamic / "model_dynamic.onnx"}, compiled={}, model_dir=tiny_bert, text=inputs,
+        reference_outputs=reference32, model="dense", variant="fp32_dynamic", device="openvino_cpu",
+        params=BundleParams(mix_samples=10, pinned={"openvino_cpu": [8, 16, 32]}),
+        text_source=TextSource(path=inputs, format="txt"), timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=out, key="k", dynamic=True,
+    )
+    BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
+    rows = {r["policy"]: r for r in payload["rows"]}
+    assert sorted(rows) == ["dynamic", "pinned"]
+    pinned, free = rows["pinned"], rows["dynamic"]
+    family = FAMILIES.get("sentence_encoder")
+    lengths = family.input_lengths(family.load_preprocessor(tiny_bert), texts)
+    expected = {str(s): int(sum(1 for n in lengths if route(np.array([n]), [8, 16, 32]).shapes[0] == s)) for s in (8, 16, 32)}
+    assert (pinned["shapes"], pinned["contexts"], free["shapes"], free["contexts"]) == ("8/16/32", 3, "<=32", 1)
+    assert json.loads(pinned["bucket_counts"]) == expected and sum(expected.values()) == len(texts)
+    assert json.loads(free["bucket_counts"]) == {"32": 1}  # only the cut input runs at the full 32
+    assert pinned["truncated_inputs"] == free["truncated_inputs"] == 1
+    assert pinned["latency_mix_mean_ms"] > 0 and free["latency_mix_mean_ms"] > 0
+    assert {e["policy"] for e in payload["evaluations"]} == {"pinned", "dynamic"}
+    manifest = read_manifest(out / "host")
+    assert manifest.dynamic and manifest.pinned == [8, 16, 32] and manifest.shapes == [32]
+    reference = np.load(reference32)
+    for name in ("outputs-host.npy", "outputs-host-free.npy"):  # padding is masked out: the same numbers
+        scored = np.load(out / name)
+        np.testing.assert_allclose(scored, reference[: len(scored)], atol=1e-4)
+    deployed = Bundle.load(out / "host", threads=1)
+    assert deployed.shapes == [8, 16, 32] and not deployed.free
+    assert deployed.routes(texts).shapes.tolist() == [route(np.array([n]), [8, 16, 32]).shapes[0] for n in lengths]
+    unpinned = Bundle.load(out / "host", threads=1, pinned=False)
+    assert unpinned.free and unpinned.routes(texts).shapes.tolist() == np.minimum(lengths, 32).tolist()
+    np.testing.assert_allclose(deployed.run(texts), unpinned.run(texts), atol=1e-4)
+
+
+def test_a_manifest_pins_only_a_dynamic_artifact_up_to_its_maximum(tmp_path):
+    bucket = [{"shape": 32, "artifact": "seq32/model.onnx"}]
+    common = {"family": "sentence_encoder", "device": "openvino_cpu", "target": "host", "buckets": bucket}
+    for fields, message in (({"pinned": [16, 32]}, "for a dynamic bundle"),
+                            ({"dynamic": True, "pinned": [16, 24]}, "end at the artifact's maximum 32"),
+                            ({"dynamic": True, "pinned": [32, 16]}, "ascending")):
+        (tmp_path / "manifest.json").write_text(json.dumps({**common, **fields}))
+        with pytest.raises(InputError, match=message):
+            read_manifest(tmp_path)

@@ -240,10 +240,11 @@ def _bundle_row(variant, policy, shapes, mean_ms, truncated=0, metric=None, **ex
 def _bundle_dir(tmp_path, name, buckets_metric, *rows):
     folder = tmp_path / name
     folder.mkdir()
-    routed = next(r for r in rows if r["policy"] != "static")
-    evaluations = [{k: routed[k] for k in ("model", "variant", "device", "target", "policy")} | {
-        "eval_set": "stsb", "metric_name": "spearman", "metric_value": buckets_metric, "higher_is_better": True,
-        "items": 1379, "total_items": 1379, "accuracy_source": "artifact"}]
+    routed = [r for r in rows if r["policy"] != "static"]  # the first scores `buckets_metric`, others their own
+    evaluations = [{k: r[k] for k in ("model", "variant", "device", "target", "policy")} | {
+        "eval_set": "stsb", "metric_name": "spearman", "metric_value": r["metric_value"] if i else buckets_metric,
+        "higher_is_better": True, "items": 1379, "total_items": 1379, "accuracy_source": "artifact"}
+        for i, r in enumerate(routed)]
     (folder / "stage.json").write_text(json.dumps({"key": "k", "files": [], "rows": list(rows),
                                                    "evaluations": evaluations, "skipped": []}))
     return folder
@@ -310,6 +311,27 @@ def test_a_dynamic_artifact_is_judged_against_static_fp32_and_wins_when_fastest(
     # A device with nothing static to compare against says what it picked, not "static".
     alone = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["openvino_cpu/host"]
     assert alone["reason"].startswith("dynamic <=128: fastest on your inputs within budget")
+
+
+def test_a_pinned_artifact_is_judged_like_its_dynamic_row_and_wins_when_faster(tmp_path, tiny_bert, inputs_txt):
+    """A pinned row (the dynamic artifact compiled at 16/32/64/128, inputs padded to them) sees the same tokens as
+    the dynamic row: both judged against the dense fp32 at static 128; the faster one is chosen and says so."""
+    bench = [_bench_dir(tmp_path, "a", _row())]
+    ov = {"device": "openvino_cpu"}
+    bundles = [
+        _bundle_dir(tmp_path, "fp32", 82.03, _bundle_row("fp32", "static", "128", 12.0),
+                    _bundle_row("fp32", "dynamic", "<=128", 4.0, metric=82.03)),
+        _bundle_dir(tmp_path, "ov_dyn", 81.93, _bundle_row("ov_dyn", "pinned", "16/32/64/128", 1.5, metric=81.93, **ov),
+                    _bundle_row("ov_dyn", "dynamic", "<=128", 1.9, metric=81.95, **ov)),
+    ]
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles)
+    table = pd.read_csv(tmp_path / "metrics" / "bundles.csv").set_index(["variant", "policy", "shapes"])
+    assert table.loc[("ov_dyn", "pinned", "16/32/64/128"), "metric_drop"] == pytest.approx(0.1)
+    assert table.loc[("ov_dyn", "dynamic", "<=128"), "metric_drop"] == pytest.approx(0.08)
+    choice = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["openvino_cpu/host"]
+    assert (choice["policy"], choice["shapes"]) == ("pinned", "16/32/64/128")
+    assert choice["reason"].startswith("pinned 16/32/64/128: fastest on your inputs within budget")
 
 
 def test_static_only_bundles_take_the_benchmark_accuracy(tmp_path, tiny_bert, inputs_txt):
