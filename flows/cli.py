@@ -670,11 +670,13 @@ def peers(
                 cfg, root, outputs, summary, peers_dir, rounds=rounds, max_tokens=max_tokens, out=out,
                 on_round=lambda: progress.advance(task))
     shown = Table(title=f"Your recommended deployment vs peer exports ({rounds} rounds, {cfg.benchmark.threads} threads)")
-    for column in ("artifact", "device", "mean ms", "p99 ms", *metrics, "vs fastest int8 peer"):
+    for column in ("artifact", "device", "mean ms", "p99 ms", *metrics, "vs fastest int8 peer, same engine",
+                   "any engine"):
         shown.add_column(column, justify="left" if column in ("artifact", "device") else "right", overflow="fold")
     for r in table.sort_values(["device", "latency_mean_ms"]).to_dict("records"):
         shown.add_row(r["artifact"], r["device"], f"{r['latency_mean_ms']:.2f}", f"{r['latency_p99_ms']:.2f}",
-                      *(f"{r[m]:.2f}" for m in metrics), f"{r['speedup_vs_fastest_int8_peer']:.2f}x")
+                      *(f"{r[m]:.2f}" for m in metrics), f"{r['speedup_vs_same_engine_int8_peer']:.2f}x",
+                      f"{r['speedup_vs_fastest_int8_peer']:.2f}x")
     console.print(shown)
     console.print(f"CPU: {table['cpu_model'].iloc[0]} ({table['cpu_flags'].iloc[0]}); written to {folder}", highlight=False)
 

@@ -380,6 +380,8 @@ PEER_ROWS = pa.DataFrameSchema(
         "cpu_flags": pa.Column(str),
         "speedup_vs_fastest_int8_peer": pa.Column(float, nullable=True),
         "fastest_int8_peer": pa.Column(str, nullable=True),
+        "speedup_vs_same_engine_int8_peer": pa.Column(float, nullable=True),
+        "fastest_int8_peer_same_engine": pa.Column(str, nullable=True),
     },
     strict=False,  # plus one metric column per evaluation set (<set>_<metric>)
     name="peer comparison rows",

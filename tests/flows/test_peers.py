@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from flows.peers import read_peers
+from flows.peers import read_peers, summarise
 from tasks.core.errors import InputError
 from tasks.runtime.peer_worker import mean_pool_normalise
 
@@ -40,3 +41,23 @@ def test_token_embeddings_are_averaged_over_real_tokens_and_normalised():
     tokens = np.array([[[3.0, 4.0], [1.0, 0.0], [100.0, 100.0]]], dtype=np.float32)
     pooled = mean_pool_normalise(tokens, np.array([[1, 1, 0]]))  # the third token is padding
     np.testing.assert_allclose(pooled, [[2 / np.hypot(2, 2), 2 / np.hypot(2, 2)]], rtol=1e-6)  # mean [2, 2]
+
+
+def test_speed_ups_are_per_round_ratios_against_the_fastest_int8_peer_of_the_same_engine_and_of_any():
+    """Two engines: ORT's int8 peer is the fastest of all; OpenVINO's choice beats its own engine's int8 peer 2x in
+    every round but not ORT's; the fp32 peer never counts as the int8 bar."""
+    means = {("ort_cpu", "mine_ort"): [1.0, 1.1], ("ort_cpu", "ort_int8"): [1.5, 1.65], ("ort_cpu", "ort_fp32"): [0.5, 0.5],
+             ("openvino_cpu", "mine_ov"): [2.0, 1.0], ("openvino_cpu", "ov_int8"): [4.0, 2.0]}
+    rounds = pd.DataFrame([{"round": r + 1, "device": d, "artifact": a, "latency_mean_ms": m[r], "latency_p50_ms": m[r],
+                            "latency_p99_ms": 2 * m[r], "threads": 2, "engine_version": "x", "cpu_model": "cpu",
+                            "cpu_flags": "avx2"} for (d, a), m in means.items() for r in range(2)])
+    kinds = {a: {"kind": "edgeopt" if a.startswith("mine") else "peer", "tool": "t", "int8": "int8" in a, "precision": ""}
+             for _, a in means}
+    scores = {a: [{"eval_set": "stsb", "metric_name": "spearman", "metric_value": 80.0}] for _, a in means}
+    table = summarise(rounds, scores, kinds).set_index("artifact")
+    assert table.loc["mine_ov", "fastest_int8_peer_same_engine"] == "ov_int8"
+    assert table.loc["mine_ov", "speedup_vs_same_engine_int8_peer"] == pytest.approx(2.0)
+    assert table.loc["mine_ov", "fastest_int8_peer"] == "ort_int8"
+    assert table.loc["mine_ov", "speedup_vs_fastest_int8_peer"] == pytest.approx(np.median([1.5 / 2.0, 1.65 / 1.0]))
+    assert table.loc["mine_ort", "speedup_vs_same_engine_int8_peer"] == pytest.approx(1.5)
+    assert table.loc["mine_ort", "stsb_spearman"] == 80.0
