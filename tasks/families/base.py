@@ -75,6 +75,9 @@ class ModelFamily(Protocol):
     def folder_files(self, folder: Path) -> list[Path]:
         """Files of a model folder the pipeline keeps (config, preprocessor, weights, pooling config...)."""
 
+    def prepare_folder(self, folder: Path) -> None:
+        """Write what the family derives from a fetched folder's files (image_classifier: preprocess.json)."""
+
     def load_preprocessor(self, model_dir: Path) -> Any: ...
 
     def save_preprocessor(self, preprocessor: Any, folder: Path) -> None:
@@ -84,6 +87,9 @@ class ModelFamily(Protocol):
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
         """The largest shape the model accepts (e.g. max_position_embeddings), None if unbounded."""
+
+    def folder_max_shape(self, folder: Path) -> int | None:
+        """`max_shape` read from a model folder's files before anything loads it (None if unbounded)."""
 
     def export_module(self, loaded: LoadedModel, settings: FamilySettings) -> tuple[Any, ExportSpec]:
         """A torch module whose forward takes the export inputs (in order) and returns the one output."""
@@ -95,8 +101,9 @@ class ModelFamily(Protocol):
         """Model inputs for raw samples at `shape`: [len(samples), ...] arrays named like the export inputs (a
         superset is fine: `tasks.core.feeds.build_feeds` passes on what a model declares)."""
 
-    def verify_texts(self) -> tuple[str, ...]:
-        """Fixed samples the export and compile checks run (short, long, truncated)."""
+    def verify_samples(self) -> tuple:
+        """Fixed raw samples the export and compile checks run (texts short to truncated; images of several
+        aspect ratios): at least `compile.verify_count` (8)."""
 
     def synthetic_samples(self, model, shape: int) -> dict[str, np.ndarray]:
         """Inputs made from the exported ONNX alone (no preprocessor), for checks on the graph."""

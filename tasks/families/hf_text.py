@@ -75,6 +75,9 @@ class HfTextFamily:
         top = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in KEPT_SUFFIXES]
         return top + [folder / f for f in SENTENCE_TRANSFORMERS_FILES if (folder / f).is_file()]
 
+    def prepare_folder(self, folder: Path) -> None:
+        """Nothing: a text folder is used as fetched."""
+
     # --------------------------------------------------------------- loading
 
     def load_preprocessor(self, model_dir: Path):
@@ -144,7 +147,7 @@ class HfTextFamily:
             "token_type_ids": enc.get("token_type_ids", np.zeros_like(ids)).astype(np.int64),
         }
 
-    def verify_texts(self) -> tuple[str, ...]:
+    def verify_samples(self) -> tuple[str, ...]:
         return VERIFY_TEXTS
 
     def synthetic_samples(self, model, shape: int) -> dict[str, np.ndarray]:
