@@ -27,6 +27,7 @@ from tasks.core.fingerprint import STAMP, write_json_atomic
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.stages.bundle import MixTiming
+from tasks.stages.reference import served_sets
 from tasks.stages.sensitivity import SensitivityParams
 
 DVC_YAML = Path("dvc.yaml")
@@ -57,6 +58,7 @@ def document(cfg: EdgeoptConfig) -> dict:
     fetched = "artifacts/fetch_model/model"
     eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in s.files().values()]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
+    referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets) for p in s.files().values()]
     sources = [Path(s.path).as_posix() for s in cfg.calibration_data.sources]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
@@ -101,7 +103,7 @@ def document(cfg: EdgeoptConfig) -> dict:
             "foreach": "${seq_lens}",
             "do": {
                 "cmd": "edgeopt stage reference --seq-len ${item}",
-                "deps": ["artifacts/export_onnx/dense/seq${item}/model.onnx", fetched, *first_set,
+                "deps": ["artifacts/export_onnx/dense/seq${item}/model.onnx", fetched, *referenced,
                          *_code("reference", families, [BACKENDS.module_of("ort_cpu")])],
                 "params": ["reference", "evaluation", "family"],
                 "outs": ["artifacts/reference/seq${item}"],

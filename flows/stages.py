@@ -274,7 +274,7 @@ def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int, out: Catalog = MAI
 
 
 def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCall:
-    eval_set = cfg.evaluation.sets[0]
+    served = reference_stage.served_sets(cfg.evaluation.sets)
     return StageCall(
         stage="reference",
         name=catalog.dvc_stage_name("reference", seq_len=seq_len),
@@ -285,8 +285,9 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
             "model": catalog.onnx_model(out.export_onnx_dir(catalog.DENSE, seq_len)),
             "model_dir": catalog.model_folder(out.fetch_model_dir()),
         },
-        watch={f"eval_{name}": Path(p) for name, p in eval_set.files().items()},
-        params={"params": cfg.reference, "family": cfg.family, "eval_set": eval_set},
+        watch={f"eval_{s.name}_{name}" if i else f"eval_{name}": Path(p)
+               for i, s in enumerate(served) for name, p in s.files().items()},
+        params={"params": cfg.reference, "family": cfg.family, "eval_sets": served},
         args={"seq_len": seq_len},
         code=stage_code("reference", family_module(cfg), BACKENDS.module_of(reference_stage.REFERENCE_DEVICE)),
         tools=reference_stage.TOOLS,
