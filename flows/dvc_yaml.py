@@ -59,7 +59,7 @@ def document(cfg: EdgeoptConfig) -> dict:
     eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in s.files().values()]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
     referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets) for p in s.files().values()]
-    sources = [Path(s.path).as_posix() for s in cfg.calibration_data.sources]
+    sources = [Path(s.path).as_posix() for s in cfg.calibration_data.inputs()]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
     imported = [path.as_posix() for _, path in variant_imports(cfg)]

@@ -300,7 +300,7 @@ def eval_files(cfg: EdgeoptConfig) -> dict[str, Path]:
 
 
 def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
-    sources = [Path(src.path) for src in cfg.calibration_data.sources]
+    sources = [Path(src.path) for src in cfg.calibration_data.inputs()]
     return StageCall(
         stage="calibration_data",
         name="calibration_data",
@@ -521,9 +521,9 @@ def latency_curve(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageC
         base=out.base,
         out_dir=out.latency_curve_dir(model),
         inputs={"model_dir": model_source(model, out)},
-        watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.sources)},
+        watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.inputs())},
         params={"params": settings},
-        args={"sources": [Path(src.path) for src in cfg.calibration_data.sources], "model": model},
+        args={"sources": [Path(src.path) for src in cfg.calibration_data.inputs()], "model": model},
         code=stage_code(
             "latency_curve", family_module(cfg),
             *sorted({RECIPES.module_of(s.method) for s in variants.values()}),

@@ -164,7 +164,6 @@ class ImageClassifierFamily:
     dynamic_axis = None
     output_kind = "logits"
     eval_formats = ("image_folder", "labelled_images", "images")
-    pool_file = "image_pool.csv"
 
     # --------------------------------------------------------------- folders
 
