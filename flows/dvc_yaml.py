@@ -56,6 +56,7 @@ def document(cfg: EdgeoptConfig) -> dict:
     backends = [BACKENDS.module_of(name) for name in BACKENDS.names()]
     compilers = [BACKENDS.module_of(name) for name in compile_devices()]
     fetched = "artifacts/fetch_model/model"
+    family = FAMILIES.get(cfg.family.name)
     eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in s.files().values()]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
     referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets) for p in s.files().values()]
@@ -85,8 +86,9 @@ def document(cfg: EdgeoptConfig) -> dict:
             "do": {
                 "cmd": "edgeopt stage prune --model ${item}",
                 # Every model but dense (which prunes nothing) distils on the text pool; DVC cannot pick
-                # deps per item, so dense lists it too.
-                "deps": [fetched, "artifacts/calibration_data/text_pool.csv", *eval_files, *_code("prune", families)],
+                # deps per item, so dense lists it too. A family without pruning passes dense through.
+                "deps": [fetched, *(["artifacts/calibration_data/text_pool.csv"] if family.prunable else []),
+                         *eval_files, *_code("prune", families)],
                 # A search scores each level on the evaluation sets against the budget, at every length.
                 "params": ["prune.models.${item}", "family", "evaluation", "report.accuracy_budget", "seq_lens"],
                 "outs": ["artifacts/prune/${item}"],

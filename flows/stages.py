@@ -32,7 +32,7 @@ from tasks.core.code_deps import code_files
 from tasks.core.errors import ConfigError, InputError
 from tasks.core.fingerprint import STAMP, is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
-from tasks.data.evaluation import check_columns
+from tasks.data.evaluation import EvaluationParams, check_columns
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.recipes.auto_mixed import ASSIGNMENT
@@ -287,7 +287,7 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
         },
         watch={f"eval_{s.name}_{name}" if i else f"eval_{name}": Path(p)
                for i, s in enumerate(served) for name, p in s.files().items()},
-        params={"params": cfg.reference, "family": cfg.family, "eval_sets": served},
+        params={"params": cfg.reference, "family": cfg.family, "evaluation_params": EvaluationParams(sets=served)},
         args={"seq_len": seq_len},
         code=stage_code("reference", family_module(cfg), BACKENDS.module_of(reference_stage.REFERENCE_DEVICE)),
         tools=reference_stage.TOOLS,

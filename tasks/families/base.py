@@ -68,6 +68,9 @@ class ModelFamily(Protocol):
     """"embedding" or "logits": what the exported graph's output is."""
     eval_formats: tuple[str, ...]
     """Evaluation set formats (tasks.data.evaluation) this family's output can be scored on."""
+    prunable: bool
+    """Whether `pruning_layout` gives a layout; without one the prune stage passes a model that prunes nothing
+    (dense) through unchanged."""
 
     def check_folder(self, folder: Path, config: dict, settings: FamilySettings) -> None:
         """InputError when the folder's model is not one this family supports (checked at fetch)."""

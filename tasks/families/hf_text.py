@@ -52,6 +52,7 @@ class HfTextFamily:
     modality = "text"
     shape_axis = "sequence length (tokens)"
     dynamic_axis = 1  # [batch, tokens]: a dynamic export frees the token axis
+    prunable = True
     auto_class = "AutoModel"
 
     # --------------------------------------------------------------- folders

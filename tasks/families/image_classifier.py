@@ -164,6 +164,7 @@ class ImageClassifierFamily:
     dynamic_axis = None
     output_kind = "logits"
     eval_formats = ("image_folder", "labelled_images", "images")
+    prunable = False
 
     # --------------------------------------------------------------- folders
 
@@ -205,6 +206,7 @@ class ImageClassifierFamily:
         return from_hf(config, hf)
 
     def save_preprocessor(self, preprocess: Preprocess, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)  # as save_pretrained does
         (Path(folder) / PREPROCESS).write_text(json.dumps(asdict(preprocess), indent=2) + "\n", encoding="utf-8")
 
     def load(self, model_dir: Path, settings: FamilySettings, attn_implementation: str = "eager") -> LoadedModel:

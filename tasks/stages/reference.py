@@ -38,12 +38,12 @@ def served_sets(sets: list[evaluation.EvalSet]) -> list[evaluation.EvalSet]:
     return [s for i, s in enumerate(sets) if i == 0 or s.needs_reference]
 
 
-def run(*, model: Path, model_dir: Path, eval_sets: list[evaluation.EvalSet], seq_len: int, params: ReferenceParams,
-        family: FamilySettings, out_dir: Path, key: str) -> dict:
-    """`eval_sets`: `served_sets` of the configured sets."""
+def run(*, model: Path, model_dir: Path, evaluation_params: evaluation.EvaluationParams, seq_len: int,
+        params: ReferenceParams, family: FamilySettings, out_dir: Path, key: str) -> dict:
+    """`evaluation_params`: the `served_sets` of the configured sets."""
     impl = FAMILIES.get(family.name)
     classes = impl.class_names(Path(model_dir))
-    plan = evaluation.reference_plan([evaluation.load(s, classes) for s in eval_sets], params.samples)
+    plan = evaluation.reference_plan([evaluation.load(s, classes) for s in evaluation_params.sets], params.samples)
     texts = [x for _, inputs in plan for x in inputs]
     samples = impl.samples(impl.load_preprocessor(Path(model_dir)), texts, seq_len)
     with atomic_output_dir(out_dir) as scratch, tempfile.TemporaryDirectory(prefix="edgeopt-ref-") as tmp:
