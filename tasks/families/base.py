@@ -61,6 +61,8 @@ class ModelFamily(Protocol):
     """"text" (samples are strings) or "image"."""
     shape_axis: str
     """What `seq_lens` means for this family, for labels (e.g. "sequence length (tokens)")."""
+    shape_unit: str
+    """The unit of one shape in a sentence ("128 tokens", "224 px")."""
     dynamic_axis: int | None
     """The axis of every input that `seq_lens` sizes, freed in a dynamic export (`export_onnx.dynamic`);
     None: the family exports static shapes only. A row of a dynamic model's feeds is cut to `input_lengths`."""
@@ -90,6 +92,10 @@ class ModelFamily(Protocol):
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
         """The largest shape the model accepts (e.g. max_position_embeddings), None if unbounded."""
+
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """InputError when the model cannot take `shape` below its max_shape (e.g. a ViT size that is not a
+        multiple of its patch size)."""
 
     def folder_max_shape(self, folder: Path) -> int | None:
         """`max_shape` read from a model folder's files before anything loads it (None if unbounded)."""

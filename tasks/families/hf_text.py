@@ -51,6 +51,7 @@ class HfTextFamily:
 
     modality = "text"
     shape_axis = "sequence length (tokens)"
+    shape_unit = "tokens"
     dynamic_axis = 1  # [batch, tokens]: a dynamic export frees the token axis
     prunable = True
     auto_class = "AutoModel"
@@ -115,6 +116,9 @@ class HfTextFamily:
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
         return _max_tokens(loaded.config.to_dict())
+
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """Nothing: every length up to max_shape fits."""
 
     def folder_max_shape(self, folder: Path) -> int | None:
         """The largest sequence length a model folder's config.json allows (read before anything loads it)."""

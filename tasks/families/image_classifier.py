@@ -161,6 +161,7 @@ class ImageClassifierFamily:
     settings = ImageClassifierSettings
     modality = "image"
     shape_axis = "image size (pixels, square)"
+    shape_unit = "px"
     dynamic_axis = None
     output_kind = "logits"
     eval_formats = ("image_folder", "labelled_images", "images")
@@ -224,6 +225,13 @@ class ImageClassifierFamily:
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
         return None
+
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """A patch model (ViT, ...) takes sizes that are multiples of its patch size."""
+        patch = getattr(loaded.config, "patch_size", None)
+        if isinstance(patch, int) and shape % patch:
+            raise InputError(f"seq_lens: {shape} px is not a multiple of the {loaded.config.model_type} patch size "
+                             f"{patch}; use a multiple of {patch}")
 
     def folder_max_shape(self, folder: Path) -> int | None:
         return None

@@ -21,12 +21,26 @@ from tasks.stages.report import REPORT_TABLE
 INT8 = "ort_qdq_a8w8_cnn"
 
 
+def _labels(model, images) -> list[str]:
+    """The torch model's own top class for the first 4 images and its lowest for the last 2: fp32 top-1 = 4/6."""
+    import torch
+
+    from tasks.families.image_classifier import FAMILY, ImageClassifierSettings
+
+    loaded = FAMILY.load(model, ImageClassifierSettings())
+    pixels = FAMILY.samples(loaded.preprocessor, [str(p) for p in images], 32)["pixel_values"]
+    with torch.no_grad():
+        logits = loaded.model(pixel_values=torch.from_numpy(pixels)).logits.numpy()
+    picks = [*logits[:4].argmax(axis=1), *logits[4:].argmin(axis=1)]
+    return [IMAGE_CLASSES[i] for i in picks]
+
+
 def _params(tmp_path, model) -> dict:
     data = tmp_path / "data"
     make_images(data / "calib", 10, seed=1)
     make_images(data / "photos", 12, seed=2)
     labelled = make_images(data / "labelled", 6, seed=3)
-    pd.DataFrame({"path": [str(p) for p in labelled], "label": [IMAGE_CLASSES[i % 3] for i in range(6)]}).to_csv(
+    pd.DataFrame({"path": [str(p) for p in labelled], "label": _labels(model, labelled)}).to_csv(
         data / "labelled.csv", index=False)
     params = tiny_params(model)
     params.update(
@@ -71,11 +85,13 @@ def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architectu
     assert 50.0 <= int8["metric_value"] <= 100.0 and int8["cosine_to_fp32_mean"] > 0.9
 
     scores = EVALUATION_ROWS.validate(pd.read_csv(workspace / "metrics" / "evaluation.csv"))
-    labelled = scores[scores["eval_set"] == "labelled"]
-    assert set(labelled["metric_name"]) == {"top1"} and labelled["metric_value"].between(0, 100).all()
-    assert (labelled["items"] == 6).all()
+    labelled = scores[scores["eval_set"] == "labelled"].set_index("variant")
+    assert set(labelled["metric_name"]) == {"top1"} and (labelled["items"] == 6).all()
+    assert labelled.loc["fp32", "metric_value"] == pytest.approx(400 / 6)
+    assert labelled.loc[INT8, "metric_value"] in (pytest.approx(300 / 6), pytest.approx(400 / 6), pytest.approx(500 / 6))
     report = next((workspace / "reports").rglob("index.html")).read_text()
     assert "photos top-1 agreement with fp32 (%)" in report and "photos accuracy" not in report
+    assert "32 px keep 100.0% of 10 inputs whole" in (workspace / "metrics" / "summary.json").read_text()
 
     again = pipeline(project_dir=str(workspace))
     assert {name for name, state in again["stages"].items() if state != "Cached"} <= {"report"}, again["stages"]

@@ -63,6 +63,13 @@ def test_the_export_matches_torch_at_the_native_and_another_size(folder, tmp_pat
 def test_what_the_family_refuses(folder, tmp_path):
     from transformers import AutoConfig
 
+    from tasks.builders.export import ExportOnnxParams, export
+
+    if folder.name == "vit":  # patch size 8
+        with pytest.raises(InputError, match=r"seq_lens: 36 px is not a multiple of the vit patch size 8; use a "
+                                             r"multiple of 8"):
+            export(folder, 36, ExportOnnxParams(), SETTINGS, tmp_path / "model.onnx")
+
     with pytest.raises(InputError, match=r"pruning image classifiers is not supported yet; use models: \[dense\]"):
         FAMILY.pruning_layout(AutoConfig.from_pretrained(folder))
     config = json.loads((folder / "config.json").read_text())
