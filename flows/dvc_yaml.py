@@ -24,6 +24,8 @@ from tasks.config import EdgeoptConfig, compile_devices, read_params
 from tasks.core import catalog
 from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import STAMP, write_json_atomic
+from tasks.data import images as image_files
+from tasks.data.evaluation import listed_images
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.stages.bundle import MixTiming
@@ -57,10 +59,13 @@ def document(cfg: EdgeoptConfig) -> dict:
     compilers = [BACKENDS.module_of(name) for name in compile_devices()]
     fetched = "artifacts/fetch_model/model"
     family = FAMILIES.get(cfg.family.name)
-    eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in s.files().values()]
+    # The images a CSV names are deps of their own (the CSV's hash does not cover them).
+    eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in [*s.files().values(), *listed_images(s)]]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
-    referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets) for p in s.files().values()]
-    sources = [Path(s.path).as_posix() for s in cfg.calibration_data.inputs()]
+    referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets)
+                  for p in [*s.files().values(), *listed_images(s)]]
+    sources = [*(Path(s.path).as_posix() for s in cfg.calibration_data.inputs()),
+               *(p.as_posix() for s in cfg.calibration_data.images for p in image_files.listed_images(s))]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
     imported = [path.as_posix() for _, path in variant_imports(cfg)]

@@ -32,6 +32,8 @@ from tasks.core.code_deps import code_files
 from tasks.core.errors import ConfigError, InputError
 from tasks.core.fingerprint import STAMP, is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
+from tasks.data import evaluation
+from tasks.data import images as image_files
 from tasks.data.evaluation import EvaluationParams, check_columns
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
@@ -285,8 +287,9 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
             "model": catalog.onnx_model(out.export_onnx_dir(catalog.DENSE, seq_len)),
             "model_dir": catalog.model_folder(out.fetch_model_dir()),
         },
-        watch={f"eval_{s.name}_{name}" if i else f"eval_{name}": Path(p)
-               for i, s in enumerate(served) for name, p in s.files().items()},
+        watch={**{f"eval_{s.name}_{name}" if i else f"eval_{name}": Path(p)
+                  for i, s in enumerate(served) for name, p in s.files().items()},
+               **{k: p for s in served for k, p in named_images(evaluation.listed_images(s), f"eval_{s.name}").items()}},
         params={"params": cfg.reference, "family": cfg.family, "evaluation_params": EvaluationParams(sets=served)},
         args={"seq_len": seq_len},
         code=stage_code("reference", family_module(cfg), BACKENDS.module_of(reference_stage.REFERENCE_DEVICE)),
@@ -295,8 +298,24 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
 
 
 def eval_files(cfg: EdgeoptConfig) -> dict[str, Path]:
-    """Every evaluation set's files, by a name for the stage key."""
-    return {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
+    """Every evaluation set's files (and the images a CSV names), by a name for the stage key."""
+    files = {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
+    for s in cfg.evaluation.sets:
+        files.update(named_images(evaluation.listed_images(s), f"eval_{s.name}"))
+    return files
+
+
+def named_images(images: list[Path], prefix: str) -> dict[str, Path]:
+    """The images a CSV of image paths names, by a name for the stage key (the CSV's hash does not cover them)."""
+    return {f"{prefix}_image_{i}": p for i, p in enumerate(images)}
+
+
+def source_files(cfg: EdgeoptConfig) -> dict[str, Path]:
+    """Every calibration source (and the images a CSV source names), by a name for the stage key."""
+    files = {f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.inputs())}
+    for i, src in enumerate(cfg.calibration_data.images):
+        files.update(named_images(image_files.listed_images(src), f"source_{i}"))
+    return files
 
 
 def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
@@ -308,7 +327,7 @@ def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         base=out.base,
         out_dir=out.calibration_data_dir(),
         inputs={"model_dir": catalog.model_folder(out.fetch_model_dir())},
-        watch={**{f"source_{i}": p for i, p in enumerate(sources)}, **eval_files(cfg)},
+        watch={**source_files(cfg), **eval_files(cfg)},
         params={"params": cfg.calibration_data, "family": cfg.family, "evaluation": cfg.evaluation},
         args={"sources": sources, "seq_lens": list(cfg.seq_lens)},
         code=stage_code("calibration_data", family_module(cfg)),
@@ -521,7 +540,7 @@ def latency_curve(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageC
         base=out.base,
         out_dir=out.latency_curve_dir(model),
         inputs={"model_dir": model_source(model, out)},
-        watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.inputs())},
+        watch=source_files(cfg),
         params={"params": settings},
         args={"sources": [Path(src.path) for src in cfg.calibration_data.inputs()], "model": model},
         code=stage_code(

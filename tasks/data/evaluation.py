@@ -196,9 +196,9 @@ REFERENCE_SETS = "reference_sets.json"
 
 
 def reference_plan(sets: list[EvalData], samples: int) -> list[tuple[str, list[str]]]:
-    """What the reference runs: the first `samples` inputs of the first set (the cosine columns), then every input
-    of each other set scored against the fp32 outputs (`needs_reference`)."""
-    return [(d.name, d.inputs[:samples] if i == 0 else d.inputs) for i, d in enumerate(sets)
+    """What the reference runs: the first `samples` inputs of the first set (the cosine columns), and every input
+    of each set scored against the fp32 outputs (`needs_reference`, the first set included)."""
+    return [(d.name, d.inputs if d.needs_reference else d.inputs[:samples]) for i, d in enumerate(sets)
             if i == 0 or d.needs_reference]
 
 
@@ -473,6 +473,15 @@ def _agreement(s: ImagesSet, cap: int | None, seed: int | None = None) -> EvalDa
                         subset=lambda m: build(min(m, len(cut))), total_items=len(frame), needs_reference=True)
 
     return build(cap)
+
+
+def listed_images(eval_set: EvalSet) -> list[Path]:
+    """The images a CSV-based image set names (each must exist), whose content its CSV's hash does not cover; []
+    for a folder or a text set."""
+    if isinstance(eval_set, LabelledImagesSet):
+        return image_files.listed_images(
+            image_files.ImageSource(path=eval_set.path, format="csv", column=eval_set.image))
+    return image_files.listed_images(eval_set.source()) if isinstance(eval_set, ImagesSet) else []
 
 
 def image_hashes(eval_set: EvalSet) -> dict[str, str]:

@@ -42,9 +42,10 @@ class ImageSource(StrictParams):
 
 
 def resolve(path: str | Path, root: Path | None = None) -> Path:
-    """A path from params or a CSV: absolute as is, otherwise relative to the project root (default: cwd)."""
+    """A path from params or a CSV: absolute as is, otherwise relative to the project root (`root`; None: left
+    relative, to the working directory, which is the project root when stages run)."""
     path = Path(path)
-    return path if path.is_absolute() else (root or Path.cwd()) / path
+    return path if path.is_absolute() or root is None else root / path
 
 
 def list_folder(folder: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, recursive: bool = True) -> list[Path]:
@@ -74,6 +75,19 @@ def list_images(source: ImageSource, path: Path | None = None, root: Path | None
     if not images:
         what = f"no {'/'.join(source.extensions)} files" if source.format == "folder" else f"no paths in column {source.column!r}"
         raise InputError(f"{path}: {what}; point the image source at images")
+    return images
+
+
+def listed_images(source: ImageSource, root: Path | None = None) -> list[Path]:
+    """The images a CSV source names, each of which must exist (a folder's own hash covers its images, a CSV's
+    does not: what a stage's cache key must also hash); [] for a folder."""
+    if source.format == "folder":
+        return []
+    images = list_csv(resolve(source.path, root), source.column, root)
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise InputError(f"{source.path}: image {missing[0]} not found (+{len(missing) - 1} more); fix the paths "
+                         "(relative to the project root) or remove the rows")
     return images
 
 

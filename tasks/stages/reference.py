@@ -3,7 +3,8 @@
 Reads: the dense fp32 export for one shape, the model folder (its preprocessor) and the evaluation sets the
 reference serves: the first configured set, and every set scored against the fp32 outputs (`images`: top-1
 agreement). Writes: `<out>/outputs.npy` for the first `reference.samples` inputs of the first set (in the
-set's order, see `tasks.data.evaluation`) followed by every input of each agreement set, computed by ONNX
+set's order, see `tasks.data.evaluation`; every input when it is an agreement set) followed by every input of
+each other agreement set, computed by ONNX
 Runtime on the CPU in a worker process, `<out>/reference_sets.json` (the rows of each set) and
 `<out>/stage.json`. A separate stage, so that every benchmark target (fp32 on ORT CPU included) depends on
 it and none depends on another target.

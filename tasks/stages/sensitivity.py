@@ -132,11 +132,6 @@ class _Subject:
         return self.fp32_metric - metric if self.data.higher_is_better else metric - self.fp32_metric
 
 
-def _metric(data: evaluation.EvalData, outputs: np.ndarray, fp32: np.ndarray) -> float:
-    """A set's metric; a set scored against the fp32 model (top-1 agreement) against the probe's own fp32 run."""
-    return data.score(outputs, fp32) if data.needs_reference else data.score(outputs)
-
-
 def choose_higher_groups(groups: list[LayerGroup], gains: dict[str, float], budget: float,
                          subset_loss: Callable[[list[LayerGroup]], float],
                          full_loss: Callable[[list[LayerGroup]], float]) -> tuple[list[LayerGroup], list[dict]]:
@@ -204,7 +199,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
     def subject(data: evaluation.EvalData) -> _Subject:
         samples = impl.samples(preprocessor, data.inputs, seq_len)
         fp32 = outputs(Path(model), samples)
-        return _Subject(data, samples, fp32, _metric(data, fp32, fp32))
+        return _Subject(data, samples, fp32, data.score(fp32))
 
     probes = [(g, probe) for g in groups for probe in params.probes]
     rows: list[dict] = []
@@ -227,7 +222,7 @@ def run(*, model: Path, calibration: Path, model_dir: Path, model_name: str, var
             artifact = build(higher, full_calibration)
             out = outputs(artifact, on.samples)
             cosine = float(row_cosines(out.reshape(len(out), -1), on.fp32.reshape(len(on.fp32), -1)).mean())
-            return _metric(on.data, out, on.fp32), cosine
+            return on.data.score(out), cosine
 
         console = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

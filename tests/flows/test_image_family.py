@@ -8,9 +8,12 @@ A full flow per architecture takes about a minute on 2 cores: slow tests, run in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import make_workspace, tiny_params
 from tiny_models import IMAGE_ARCHITECTURES, IMAGE_CLASSES, make_images, make_tiny_image_classifier
 
@@ -95,3 +98,33 @@ def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architectu
 
     again = pipeline(project_dir=str(workspace))
     assert {name for name, state in again["stages"].items() if state != "Cached"} <= {"report"}, again["stages"]
+
+
+def test_the_images_a_csv_names_are_part_of_the_stage_keys(tmp_path, monkeypatch):
+    """A CSV's hash does not cover the images it names: each is watched by the stages reading it (and a DVC dep)."""
+    from flows import dvc_yaml
+    from flows.stages import benchmark, calibration_data, reference
+    from tasks.config import load_config
+    from tasks.core.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    calib = make_images(tmp_path / "calib", 3, seed=1)
+    photos = make_images(tmp_path / "photos", 3, seed=2)
+    pd.DataFrame({"path": [f"calib/{p.name}" for p in calib]}).to_csv(tmp_path / "calib.csv", index=False)
+    pd.DataFrame({"path": [f"photos/{p.name}" for p in photos]}).to_csv(tmp_path / "photos.csv", index=False)
+    params = _params(tmp_path, make_tiny_image_classifier(tmp_path / "models" / "resnet"))
+    params.update(evaluation={"sets": [{"name": "photos", "format": "images", "path": "photos.csv", "reader": "csv"}]},
+                  calibration_data={"images": [{"path": "calib.csv", "format": "csv"}], "samples": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_config(tmp_path / "params.yaml")
+    calibration_watch = set(calibration_data(cfg).watch.values())
+    assert {Path(f"calib/{p.name}") for p in calib} <= {Path(p) for p in calibration_watch}
+    for watched in (calibration_watch, set(reference(cfg, 32).watch.values()),
+                    set(benchmark(cfg, "dense", 0, cfg.targets[0], 32).watch.values())):
+        assert {Path(f"photos/{p.name}") for p in photos} <= {Path(p) for p in watched}
+    stages = yaml.safe_load(dvc_yaml.render(cfg))["stages"]
+    assert f"photos/{photos[0].name}" in stages["reference"]["do"]["deps"]
+    assert f"calib/{calib[0].name}" in stages["calibration_data"]["deps"]
+    photos[1].unlink()
+    with pytest.raises(InputError, match=rf"photos.csv: image photos/{photos[1].name} not found \(\+0 more\)"):
+        reference(cfg, 32)

@@ -98,6 +98,8 @@ def test_the_scorer_gives_each_agreement_set_its_own_fp32_rows(tmp_path, monkeyp
     sets = [load(labelled, CLASSES), load(photos)]
     plan = reference_plan(sets, samples=3)
     assert [(name, len(inputs)) for name, inputs in plan] == [("labelled", 3), ("photos", 4)]
+    # An agreement set runs whole even when it is the first set (its fp32 rows are its metric's reference).
+    assert [(n, len(i)) for n, i in reference_plan(sets[::-1], samples=3)] == [("photos", 4)]
     # fp32 rows: the first 3 labelled images, then all 4 photos.
     reference = np.concatenate([_onehot([0, 1, 0]), _onehot([2, 3, 4, 5])])
     np.save(tmp_path / "outputs.npy", reference)
