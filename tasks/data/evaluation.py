@@ -475,13 +475,13 @@ def _agreement(s: ImagesSet, cap: int | None, seed: int | None = None) -> EvalDa
     return build(cap)
 
 
-def listed_images(eval_set: EvalSet) -> list[Path]:
+def listed_images(eval_set: EvalSet, root: Path | None = None) -> list[Path]:
     """The images a CSV-based image set names (each must exist), whose content its CSV's hash does not cover; []
-    for a folder or a text set."""
+    for a folder or a text set. `root`: the project root (None: paths stay relative to the working directory)."""
     if isinstance(eval_set, LabelledImagesSet):
         return image_files.listed_images(
-            image_files.ImageSource(path=eval_set.path, format="csv", column=eval_set.image))
-    return image_files.listed_images(eval_set.source()) if isinstance(eval_set, ImagesSet) else []
+            image_files.ImageSource(path=eval_set.path, format="csv", column=eval_set.image), root)
+    return image_files.listed_images(eval_set.source(), root) if isinstance(eval_set, ImagesSet) else []
 
 
 def image_hashes(eval_set: EvalSet) -> dict[str, str]:

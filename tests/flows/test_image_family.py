@@ -103,9 +103,9 @@ def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architectu
 def test_the_images_a_csv_names_are_part_of_the_stage_keys(tmp_path, monkeypatch):
     """A CSV's hash does not cover the images it names: each is watched by the stages reading it (and a DVC dep)."""
     from flows import dvc_yaml
-    from flows.stages import benchmark, calibration_data, reference
+    from flows.stages import benchmark, calibration_data, preflight, reference
     from tasks.config import load_config
-    from tasks.core.errors import InputError
+    from tasks.core.errors import ConfigError, InputError
 
     monkeypatch.chdir(tmp_path)
     calib = make_images(tmp_path / "calib", 3, seed=1)
@@ -125,6 +125,12 @@ def test_the_images_a_csv_names_are_part_of_the_stage_keys(tmp_path, monkeypatch
     stages = yaml.safe_load(dvc_yaml.render(cfg))["stages"]
     assert f"photos/{photos[0].name}" in stages["reference"]["do"]["deps"]
     assert f"calib/{calib[0].name}" in stages["calibration_data"]["deps"]
+    preflight(cfg)
+    outside = make_images(tmp_path.parent / f"{tmp_path.name}-elsewhere", 1)[0]
+    pd.DataFrame({"path": [f"calib/{calib[0].name}", str(outside)]}).to_csv(tmp_path / "calib.csv", index=False)
+    with pytest.raises(ConfigError, match=r"calibration_data.images\[0\]: its CSV names .*elsewhere/img_0_000.png, "
+                                          r"outside the project; add its folder to paths.read_roots"):
+        preflight(cfg)
     photos[1].unlink()
     with pytest.raises(InputError, match=rf"photos.csv: image photos/{photos[1].name} not found \(\+0 more\)"):
         reference(cfg, 32)
