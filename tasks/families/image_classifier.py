@@ -94,7 +94,9 @@ def from_hf(config: dict, path: Path) -> Preprocess:
     if "shortest_edge" in size:
         edge = int(size["shortest_edge"])
         crop = config.get("crop_size") or {}
-        if "crop_pct" in config and config["crop_pct"] is not None:  # ConvNeXt: crop the short side's centre
+        if "crop_pct" in config and config["crop_pct"] is not None:  # ConvNeXt: crop the short side's centre...
+            if edge >= 384:  # ... below 384 px; from 384 up it resizes straight to the square
+                return Preprocess("squash", 1.0, resample, mean, std)
             crop_pct = float(config["crop_pct"])
         elif config.get("do_center_crop") and crop.get("height") == crop.get("width") and crop.get("height"):
             crop_pct = int(crop["height"]) / edge
@@ -102,6 +104,9 @@ def from_hf(config: dict, path: Path) -> Preprocess:
             crop_pct = 1.0
         return Preprocess("shortest_edge", crop_pct, resample, mean, std)
     if "height" in size and size.get("height") == size.get("width"):
+        crop = config.get("crop_size") or {}
+        if config.get("do_center_crop") and (crop.get("height"), crop.get("width")) != (size["height"], size["width"]):
+            raise InputError(f"{where} crops {crop} out of the resized {size}; write {PREPROCESS} by hand")
         return Preprocess("squash", 1.0, resample, mean, std)
     raise InputError(f"{where} size {size} is neither a shortest edge nor a square; write {PREPROCESS} by hand")
 

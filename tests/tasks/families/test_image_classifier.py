@@ -10,7 +10,7 @@ import pytest
 from tiny_models import IMAGE_ARCHITECTURES, make_images, make_tiny_image_classifier
 
 from tasks.core.errors import InputError
-from tasks.families.image_classifier import FAMILY, PREPROCESS, ImageClassifierSettings
+from tasks.families.image_classifier import FAMILY, PREPROCESS, ImageClassifierSettings, from_hf
 
 SETTINGS = ImageClassifierSettings()
 
@@ -80,4 +80,11 @@ def test_what_the_family_refuses(folder, tmp_path):
     with pytest.raises(InputError, match=r"bare: no preprocess.json or preprocessor_config.json"):
         FAMILY.check_folder(bare, config, SETTINGS)
     assert (FAMILY.input_lengths(None, ["a.png", "b.png"]) == 0).all()
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    if folder.name == "vit":
+        cropped = {**processor, "do_center_crop": True, "crop_size": {"height": 24, "width": 24}}
+        with pytest.raises(InputError, match=r"crops \{'height': 24, 'width': 24\} out of the resized"):
+            from_hf(cropped, folder / "preprocessor_config.json")
+    if folder.name == "resnet":  # ConvNeXt-style processors resize straight to the square from 384 px
+        assert from_hf({**processor, "size": {"shortest_edge": 384}}, folder).resize == "squash"
     assert len(FAMILY.verify_samples()) >= 8
