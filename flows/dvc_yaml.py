@@ -24,9 +24,12 @@ from tasks.config import EdgeoptConfig, compile_devices, read_params
 from tasks.core import catalog
 from tasks.core.errors import ConfigError
 from tasks.core.fingerprint import STAMP, write_json_atomic
+from tasks.data import images as image_files
+from tasks.data.evaluation import listed_images
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.stages.bundle import MixTiming
+from tasks.stages.reference import served_sets
 from tasks.stages.sensitivity import SensitivityParams
 
 DVC_YAML = Path("dvc.yaml")
@@ -55,9 +58,14 @@ def document(cfg: EdgeoptConfig) -> dict:
     backends = [BACKENDS.module_of(name) for name in BACKENDS.names()]
     compilers = [BACKENDS.module_of(name) for name in compile_devices()]
     fetched = "artifacts/fetch_model/model"
-    eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in s.files().values()]
+    family = FAMILIES.get(cfg.family.name)
+    # The images a CSV names are deps of their own (the CSV's hash does not cover them).
+    eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in [*s.files().values(), *listed_images(s)]]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
-    sources = [Path(s.path).as_posix() for s in cfg.calibration_data.sources]
+    referenced = [Path(p).as_posix() for s in served_sets(cfg.evaluation.sets)
+                  for p in [*s.files().values(), *listed_images(s)]]
+    sources = [*(Path(s.path).as_posix() for s in cfg.calibration_data.inputs()),
+               *(p.as_posix() for s in cfg.calibration_data.images for p in image_files.listed_images(s))]
     model_source = [Path(cfg.fetch_model.path).as_posix()] if cfg.fetch_model.source == "path" else []
     # Files variants import (an AIMET export per model and length): every instance lists them all.
     imported = [path.as_posix() for _, path in variant_imports(cfg)]
@@ -83,8 +91,9 @@ def document(cfg: EdgeoptConfig) -> dict:
             "do": {
                 "cmd": "edgeopt stage prune --model ${item}",
                 # Every model but dense (which prunes nothing) distils on the text pool; DVC cannot pick
-                # deps per item, so dense lists it too.
-                "deps": [fetched, "artifacts/calibration_data/text_pool.csv", *eval_files, *_code("prune", families)],
+                # deps per item, so dense lists it too. A family without pruning passes dense through.
+                "deps": [fetched, *(["artifacts/calibration_data/text_pool.csv"] if family.prunable else []),
+                         *eval_files, *_code("prune", families)],
                 # A search scores each level on the evaluation sets against the budget, at every length.
                 "params": ["prune.models.${item}", "family", "evaluation", "report.accuracy_budget", "seq_lens"],
                 "outs": ["artifacts/prune/${item}"],
@@ -101,7 +110,7 @@ def document(cfg: EdgeoptConfig) -> dict:
             "foreach": "${seq_lens}",
             "do": {
                 "cmd": "edgeopt stage reference --seq-len ${item}",
-                "deps": ["artifacts/export_onnx/dense/seq${item}/model.onnx", fetched, *first_set,
+                "deps": ["artifacts/export_onnx/dense/seq${item}/model.onnx", fetched, *referenced,
                          *_code("reference", families, [BACKENDS.module_of("ort_cpu")])],
                 "params": ["reference", "evaluation", "family"],
                 "outs": ["artifacts/reference/seq${item}"],

@@ -32,7 +32,9 @@ from tasks.core.code_deps import code_files
 from tasks.core.errors import ConfigError, InputError
 from tasks.core.fingerprint import STAMP, is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
-from tasks.data.evaluation import check_columns
+from tasks.data import evaluation
+from tasks.data import images as image_files
+from tasks.data.evaluation import EvaluationParams, check_columns
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.recipes.auto_mixed import ASSIGNMENT
@@ -208,6 +210,15 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
             raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
     for eval_set in cfg.evaluation.sets:
         check_columns(eval_set)
+    # The images a CSV names are read like files params name: inside the project or a read root.
+    listed = [*((f"evaluation.sets[{i}] ({s.name})", p) for i, s in enumerate(cfg.evaluation.sets)
+                for p in evaluation.listed_images(s, root)),
+              *((f"calibration_data.images[{i}]", p) for i, s in enumerate(cfg.calibration_data.images)
+                for p in image_files.listed_images(s, root))]
+    for where, image in listed:
+        if not any(image.resolve().is_relative_to(a) for a in allowed):
+            raise ConfigError(f"{where}: its CSV names {image}, outside the project; add its folder to "
+                              "paths.read_roots in params.yaml to allow reading it")
     limit = FAMILIES.get(cfg.family.name).folder_max_shape(fetch_stage.config_folder(cfg.fetch_model))
     too_long = [s for s in cfg.seq_lens if limit is not None and s > limit]
     if too_long:
@@ -274,7 +285,7 @@ def export_onnx(cfg: EdgeoptConfig, model: str, seq_len: int, out: Catalog = MAI
 
 
 def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCall:
-    eval_set = cfg.evaluation.sets[0]
+    served = reference_stage.served_sets(cfg.evaluation.sets)
     return StageCall(
         stage="reference",
         name=catalog.dvc_stage_name("reference", seq_len=seq_len),
@@ -285,8 +296,10 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
             "model": catalog.onnx_model(out.export_onnx_dir(catalog.DENSE, seq_len)),
             "model_dir": catalog.model_folder(out.fetch_model_dir()),
         },
-        watch={f"eval_{name}": Path(p) for name, p in eval_set.files().items()},
-        params={"params": cfg.reference, "family": cfg.family, "eval_set": eval_set},
+        watch={**{f"eval_{s.name}_{name}" if i else f"eval_{name}": Path(p)
+                  for i, s in enumerate(served) for name, p in s.files().items()},
+               **{k: p for s in served for k, p in named_images(evaluation.listed_images(s), f"eval_{s.name}").items()}},
+        params={"params": cfg.reference, "family": cfg.family, "evaluation_params": EvaluationParams(sets=served)},
         args={"seq_len": seq_len},
         code=stage_code("reference", family_module(cfg), BACKENDS.module_of(reference_stage.REFERENCE_DEVICE)),
         tools=reference_stage.TOOLS,
@@ -294,12 +307,28 @@ def reference(cfg: EdgeoptConfig, seq_len: int, out: Catalog = MAIN) -> StageCal
 
 
 def eval_files(cfg: EdgeoptConfig) -> dict[str, Path]:
-    """Every evaluation set's files, by a name for the stage key."""
-    return {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
+    """Every evaluation set's files (and the images a CSV names), by a name for the stage key."""
+    files = {f"eval_{s.name}_{k}": Path(p) for s in cfg.evaluation.sets for k, p in s.files().items()}
+    for s in cfg.evaluation.sets:
+        files.update(named_images(evaluation.listed_images(s), f"eval_{s.name}"))
+    return files
+
+
+def named_images(images: list[Path], prefix: str) -> dict[str, Path]:
+    """The images a CSV of image paths names, by a name for the stage key (the CSV's hash does not cover them)."""
+    return {f"{prefix}_image_{i}": p for i, p in enumerate(images)}
+
+
+def source_files(cfg: EdgeoptConfig) -> dict[str, Path]:
+    """Every calibration source (and the images a CSV source names), by a name for the stage key."""
+    files = {f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.inputs())}
+    for i, src in enumerate(cfg.calibration_data.images):
+        files.update(named_images(image_files.listed_images(src), f"source_{i}"))
+    return files
 
 
 def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
-    sources = [Path(src.path) for src in cfg.calibration_data.sources]
+    sources = [Path(src.path) for src in cfg.calibration_data.inputs()]
     return StageCall(
         stage="calibration_data",
         name="calibration_data",
@@ -307,7 +336,7 @@ def calibration_data(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         base=out.base,
         out_dir=out.calibration_data_dir(),
         inputs={"model_dir": catalog.model_folder(out.fetch_model_dir())},
-        watch={**{f"source_{i}": p for i, p in enumerate(sources)}, **eval_files(cfg)},
+        watch={**source_files(cfg), **eval_files(cfg)},
         params={"params": cfg.calibration_data, "family": cfg.family, "evaluation": cfg.evaluation},
         args={"sources": sources, "seq_lens": list(cfg.seq_lens)},
         code=stage_code("calibration_data", family_module(cfg)),
@@ -523,9 +552,9 @@ def latency_curve(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageC
         base=out.base,
         out_dir=out.latency_curve_dir(model),
         inputs={"model_dir": model_source(model, out)},
-        watch={f"source_{i}": Path(src.path) for i, src in enumerate(cfg.calibration_data.sources)},
+        watch=source_files(cfg),
         params={"params": settings},
-        args={"sources": [Path(src.path) for src in cfg.calibration_data.sources], "model": model},
+        args={"sources": [Path(src.path) for src in cfg.calibration_data.inputs()], "model": model},
         code=stage_code(
             "latency_curve", family_module(cfg),
             *sorted({RECIPES.module_of(s.method) for s in variants.values()}),

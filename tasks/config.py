@@ -357,14 +357,36 @@ class EdgeoptConfig(StrictParams):
         return self
 
     @model_validator(mode="after")
+    def _inputs_fit_family(self) -> EdgeoptConfig:
+        """The family's modality decides what calibrates it; pruning is for text families only (for now)."""
+        modality = FAMILIES.get(self.family.name).modality
+        if modality == "image" and self.calibration_data.sources:
+            raise ValueError(f"calibration_data.sources: family {self.family.name} calibrates on images; replace "
+                             "sources by calibration_data.images (an image folder or a CSV of image paths)")
+        if modality != "image" and self.calibration_data.images:
+            raise ValueError(f"calibration_data.images: family {self.family.name} calibrates on text; replace images "
+                             "by calibration_data.sources (text files)")
+        pruned = [m for m in self.models if self.prune.model(m).prunes]
+        if modality == "image" and pruned:
+            raise ValueError(f"models: {pruned} are pruned; pruning image classifiers is not supported yet; use "
+                             "models: [dense]")
+        return self
+
+    @model_validator(mode="after")
     def _calibration_is_not_evaluation(self, info: ValidationInfo) -> EdgeoptConfig:
         root = Path((info.context or {}).get("root", "."))  # relative paths in params are from the project root
         evaluated = {(root / p).resolve(): s.name for s in self.evaluation.sets for p in s.files().values()}
-        for i, source in enumerate(self.calibration_data.sources):
-            name = evaluated.get((root / source.path).resolve())
+        field = "sources" if self.calibration_data.sources else "images"
+        for i, source in enumerate(self.calibration_data.inputs()):
+            path = (root / source.path).resolve()
+            how, name = "is", evaluated.get(path)
+            if name is None and field == "images" and source.format == "folder":
+                # An image folder inside an evaluation folder (or holding one) shares its images.
+                how, name = "shares a folder with", next(
+                    (n for e, n in evaluated.items() if path.is_relative_to(e) or e.is_relative_to(path)), None)
             if name is not None:
                 raise ValueError(
-                    f"calibration_data.sources[{i}]: {source.path} is evaluation set {name!r}; "
+                    f"calibration_data.{field}[{i}]: {source.path} {how} evaluation set {name!r}; "
                     "never calibrate or distil on what is evaluated"
                 )
         return self

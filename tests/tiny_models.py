@@ -97,3 +97,68 @@ def make_tiny_classifier(folder: Path, seed: int = 0, max_positions: int = 64) -
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+IMAGE_ARCHITECTURES = ("resnet", "mobilenet_v2", "vit")
+IMAGE_CLASSES = tuple(f"class_{i}" for i in range(10))
+_IMAGE_PROCESSORS = {  # what each architecture's Hugging Face image processor config looks like, at 32 pixels
+    "resnet": {"image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+               "crop_pct": 0.875, "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+    "mobilenet_v2": {"image_processor_type": "MobileNetV2ImageProcessor", "do_resize": True,
+                     "size": {"shortest_edge": 36}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+                     "resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    "vit": {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+            "resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+}
+
+
+def make_tiny_image_classifier(folder: Path, architecture: str = "resnet", seed: int = 0) -> Path:
+    """A tiny random image classifier of `architecture` (one of IMAGE_ARCHITECTURES) over IMAGE_CLASSES, native
+    size 32, with its Hugging Face image processor config (no download)."""
+    import json
+
+    import torch
+    import transformers as hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = dict(enumerate(IMAGE_CLASSES))
+    common = dict(num_labels=len(IMAGE_CLASSES), id2label=labels, label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(seed)
+    if architecture == "resnet":
+        model = hf.ResNetForImageClassification(hf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", downsample_in_first_stage=False,
+            **common))
+    elif architecture == "mobilenet_v2":  # initializer_range 0.02 gives logits ~1e-27, 0.3 logits ~20 and one class
+        model = hf.MobileNetV2ForImageClassification(hf.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.25, min_depth=4, finegrained_output=False, tf_padding=False,
+            initializer_range=0.2, **common))
+    elif architecture == "vit":
+        model = hf.ViTForImageClassification(hf.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, **common))
+    else:
+        raise ValueError(architecture)
+    model.eval().save_pretrained(folder)
+    processor = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, **_IMAGE_PROCESSORS[architecture]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder
+
+
+def make_images(folder: Path, n: int, seed: int = 0, sizes=((48, 40), (40, 64), (50, 50), (72, 36))) -> list[Path]:
+    """`n` seeded random RGB images (PNG) of several sizes and aspect ratios in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+        base = np.stack([x * rng.uniform(0.2, 1), y * rng.uniform(0.2, 1), rng.uniform(0, 1) * (1 - x)], axis=-1) * 255
+        pixels = np.clip(base + rng.normal(0, 30, size=base.shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"img_{seed}_{i:03d}.png")
+        Image.fromarray(pixels, "RGB").save(paths[-1])
+    return paths

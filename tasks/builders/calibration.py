@@ -32,6 +32,15 @@ Method
    20-token sentences followed by 490 pads, and the few trailing pads keep the attention-mask
    path in the calibrated range. A sentence longer than L fills a row alone (truncated). If the
    pool runs out, the stream restarts from the beginning (reported as `pool_reused`).
+
+Images (a family whose modality is "image"; `calibration_data.images`: folders or CSVs of image paths)
+-------------------------------------------------------------------------------------------------------
+Every image of the sources is listed and hashed (sha256 of its bytes); repeats are removed by content (first
+occurrence wins, across sources), and an image whose content is an image of an evaluation set stops the
+stage. The pool is shuffled with `default_rng(seed)` and the first `samples` images are taken. Writes:
+`calib_seq{S}.npz` per image size S (float32 `pixel_values` [samples, 3, S, S]: the family's samples, with the
+model folder's preprocess.json), `images.csv` (the sampled images: path, sha256, source, width, height) and
+`image_pool.csv` (the whole pool: path, sha256, source), and `stage.json` (counts and every sampled sha256).
 """
 
 from __future__ import annotations
@@ -46,13 +55,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pandera.errors
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.core.errors import InputError, StageError
 from tasks.core.calibration_arrays import ROW_LENGTHS
 from tasks.core.params import StrictParams
 from tasks.core.schemas import CALIBRATION_TEXT
-from tasks.data.evaluation import EvaluationParams, refuse_evaluated_text
+from tasks.data import images as image_files
+from tasks.data.evaluation import IMAGE_SETS, EvaluationParams, image_hashes, refuse_evaluated_text
 from tasks.data.text import TextSource, load_pool
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
@@ -61,6 +71,8 @@ TOOLS = ("transformers", "tokenizers", "numpy", "pandas", "pandera", "matplotlib
 ARRAY_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SENTENCES = "sentences.csv"
 TEXT_POOL = "text_pool.csv"
+IMAGE_POOL = "image_pool.csv"
+IMAGES = "images.csv"
 STATS_JSON = "token_lengths.json"
 STATS_PNG = "token_lengths.png"
 PERCENTILES = (50, 90, 95, 99)
@@ -73,10 +85,23 @@ def calib_name(seq_len: int, rows_of_one: bool = False) -> str:
 
 
 class CalibrationDataParams(StrictParams):
-    sources: list[TextSource] = Field(min_length=1, description="text to calibrate on; never an evaluation set")
-    samples: int = Field(300, ge=1, le=100_000, description="calibration rows per sequence length")
+    sources: list[TextSource] = Field([], description="text to calibrate on (text families); never an evaluation set")
+    images: list[image_files.ImageSource] = Field(
+        [], description="images to calibrate on (image families): folders or CSVs of paths; never evaluation images"
+    )
+    samples: int = Field(300, ge=1, le=100_000, description="calibration rows per sequence length (image size)")
     seed: int = Field(0, ge=0)
-    pack: bool = Field(True, description="fill each row with consecutive sentences up to ~seq_len tokens")
+    pack: bool = Field(True, description="text: fill each row with consecutive sentences up to ~seq_len tokens")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CalibrationDataParams:
+        if bool(self.sources) == bool(self.images):
+            raise ValueError("give either sources (text) or images (image folders or CSVs of paths), one of them")
+        return self
+
+    def inputs(self) -> list[TextSource | image_files.ImageSource]:
+        """The sources calibration reads: text sources or image sources."""
+        return list(self.sources or self.images)
 
 
 # --------------------------------------------------------------------------- rows
@@ -180,11 +205,85 @@ class Calibration:
         _plot(folder / STATS_PNG, self.n_tokens, self.stats, seq_lens)
 
 
+@dataclass
+class ImageCalibration:
+    """Everything the calibration_data stage writes for an image family, in memory."""
+
+    pool: pd.DataFrame
+    sample: pd.DataFrame
+    arrays: dict[int, dict[str, np.ndarray]]
+    payload: dict
+
+    def write(self, folder: Path, seq_lens: list[int]) -> None:
+        self.sample.to_csv(folder / IMAGES, index=False, lineterminator="\n")
+        self.pool.to_csv(folder / IMAGE_POOL, index=False, lineterminator="\n")
+        for size, arrays in self.arrays.items():
+            save_npz(folder / calib_name(size), {n: a.astype(np.float32) for n, a in arrays.items()})
+
+
+def refuse_evaluated_images(pool: pd.DataFrame, evaluation: EvaluationParams) -> None:
+    """InputError when an image of the pool (columns path, sha256, source) has the content of an evaluation image."""
+    for eval_set in evaluation.sets:
+        if not isinstance(eval_set, IMAGE_SETS):
+            continue
+        evaluated = image_hashes(eval_set)
+        shared = pool[pool["sha256"].isin(set(evaluated))]
+        if not shared.empty:
+            first = shared.iloc[0]
+            raise InputError(
+                f"{first['source']}: {len(shared)} calibration images are images of evaluation set {eval_set.name!r} "
+                f"(e.g. {first['path']} is {evaluated[first['sha256']]}); never calibrate on what is evaluated: "
+                "remove them or use another source"
+            )
+
+
+def make_images(model_dir: Path, sources: list[Path], seq_lens: list[int], params: CalibrationDataParams, impl,
+                evaluation: EvaluationParams | None) -> ImageCalibration:
+    """The image pool (de-duplicated by content, checked against the evaluation images), the seeded sample and
+    the calibration arrays at every image size."""
+    if len(sources) != len(params.images):
+        raise StageError(f"calibration images: {len(sources)} source paths for {len(params.images)} configured sources")
+    rows, per_source = [], []
+    for source, path in zip(params.images, sources):
+        listed = image_files.list_images(source, Path(path))
+        rows += [(str(p), image_files.image_sha256(p), Path(path).as_posix()) for p in listed]
+        per_source.append({"path": Path(path).as_posix(), "format": source.format, "provenance": source.provenance,
+                           "images": len(listed)})
+    listed = pd.DataFrame(rows, columns=["path", "sha256", "source"])
+    pool = listed.drop_duplicates("sha256", keep="first").reset_index(drop=True)
+    if evaluation is not None:
+        refuse_evaluated_images(pool, evaluation)
+    if len(pool) < params.samples:
+        raise InputError(
+            f"calibration_data.images: only {len(pool)} distinct images for calibration_data.samples={params.samples}; "
+            "add images or lower samples"
+        )
+    order = np.random.default_rng(params.seed).permutation(len(pool))[: params.samples]
+    sample = pool.iloc[order].reset_index(drop=True)
+    sizes = [image_files.read_image(Path(p)).size for p in sample["path"]]
+    sample = sample.assign(width=[w for w, _ in sizes], height=[h for _, h in sizes])
+    preprocess = impl.load_preprocessor(Path(model_dir))
+    arrays = {size: impl.samples(preprocess, sample["path"].tolist(), size) for size in seq_lens}
+    payload = {
+        "samples": params.samples,
+        "seed": params.seed,
+        "sources": per_source,
+        "images_listed": int(len(listed)),
+        "unique_images": int(len(pool)),
+        "duplicates": int(len(listed) - len(pool)),
+        "image_sizes": {str(s): {"file": calib_name(s), "rows": params.samples} for s in seq_lens},
+        "sampled_sha256": sample["sha256"].tolist(),
+    }
+    return ImageCalibration(pool, sample, arrays, payload)
+
+
 def make(model_dir: Path, sources: list[Path], seq_lens: list[int], params: CalibrationDataParams,
-         family: FamilySettings, evaluation: EvaluationParams | None) -> Calibration:
+         family: FamilySettings, evaluation: EvaluationParams | None) -> Calibration | ImageCalibration:
     """`evaluation`: the sets no pool row may come from (None: not checked, for latency-only calibration
     made from a pool that was checked when the calibration_data stage made it)."""
     impl = FAMILIES.get(family.name)
+    if impl.modality == "image":
+        return make_images(model_dir, sources, seq_lens, params, impl, evaluation)
     if not seq_lens or any(L <= 2 for L in seq_lens):
         raise InputError(f"seq_lens: {seq_lens}: every sequence length must be > 2 tokens")
     pool, info = load_pool(params.sources, [Path(p) for p in sources])

@@ -58,8 +58,9 @@ def export(model_dir: Path, seq_len: int, params: ExportOnnxParams, family: Fami
     limit = impl.max_shape(loaded)
     if limit is not None and seq_len > limit:
         raise InputError(f"seq_lens: {seq_len} exceeds what the model takes ({limit}); lower it")
+    impl.check_shape(loaded, seq_len)
     module, spec = impl.export_module(loaded, family)
-    texts = list(impl.verify_texts())
+    texts = list(impl.verify_samples())  # raw samples: texts, or images for an image family
     samples = impl.samples(loaded.preprocessor, texts, seq_len)
     example = tuple(torch.from_numpy(samples[n][:1]) for n in spec.inputs)
     builds = [(out, None, [{n: samples[n][i : i + 1] for n in spec.inputs} for i in range(len(texts))])]

@@ -7,7 +7,13 @@ Formats (`evaluation.sets[].format` in params.yaml):
                   outputs (the model's class names map labels to output indices)
   retrieval       queries, a corpus and relevance judgements -> nDCG@10 or recall@10 x100 of the corpus
                   ranked by cosine to each query
-Every metric is higher-is-better, scaled to 0-100. `load` turns a set into `EvalData`: the unique texts
+  labelled_images a CSV of image paths and labels -> top-1 or top-5 accuracy % of the outputs (labels as for
+                  labelled_text)
+  image_folder    one sub-folder of images per class, named by the class name or index -> top-1 or top-5 accuracy %
+  images          images without labels (a folder, or a CSV of paths) -> top-1 agreement % with the fp32
+                  model's outputs (the reference stage's), never called accuracy
+Every metric is higher-is-better, scaled to 0-100. Image inputs are paths (relative to the project root or
+absolute) that the family reads. `load` turns a set into `EvalData`: the unique texts
 the model must run (in an order where the texts of the first N items are a prefix of all the texts, so a
 reference computed on a prefix lines up with any run row by row) and a scorer from outputs to the metric.
 """
@@ -15,20 +21,22 @@ reference computed on a prefix lines up with any run row by row) and a scorer fr
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import pandera.errors
 from pydantic import Field, model_validator
 
-from tasks.core.errors import InputError
+from tasks.core.errors import InputError, StageError
 from tasks.core.onnx_graph import row_cosines
 from tasks.core.params import StrictParams
 from tasks.core.schemas import LABELLED_TEXT, RETRIEVAL_QRELS, SENTENCE_PAIRS, describe
+from tasks.data import images as image_files
 from tasks.data import lee50, stsb
 from tasks.data.text import read_table, read_text_file
 
@@ -40,7 +48,9 @@ PAIR_READERS = {"stsb": stsb.read_pairs, "lee50": lee50.read_pairs}
 
 class _EvalSetBase(StrictParams):
     name: str = Field(pattern=r"^[a-z0-9_\-]+$", description="label in tables and MLflow (lower-case, digits, _ -)")
-    max_items: int | None = Field(None, ge=2, description="first N items (pairs, texts, queries); null = all")
+    max_items: int | None = Field(None, ge=2, description="first N items (pairs, texts, queries, images); null = all")
+    needs_reference: ClassVar[bool] = False
+    """Scored against the fp32 model's outputs (the reference stage runs every input of such a set)."""
 
 
 class SentencePairsSet(_EvalSetBase):
@@ -99,7 +109,55 @@ class RetrievalSet(_EvalSetBase):
         return self
 
 
-EvalSet = Annotated[SentencePairsSet | LabelledTextSet | RetrievalSet, Field(discriminator="format")]
+class LabelledImagesSet(_EvalSetBase):
+    format: Literal["labelled_images"] = "labelled_images"
+    path: Path = Field(description="CSV of image paths (relative to the project root) and labels")
+    image: str = Field("path", description="column holding the image path")
+    label: str = Field("label", description="column holding the label: a class name of the model or its index")
+    metric: Literal["top1", "top5"] = "top1"
+    reader: ClassVar[str] = "csv"
+
+    def files(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def columns(self) -> list[str]:
+        return [self.image, self.label]
+
+
+class ImageFolderSet(_EvalSetBase):
+    format: Literal["image_folder"] = "image_folder"
+    path: Path = Field(description="folder with one sub-folder of images per class (named by class name or index)")
+    metric: Literal["top1", "top5"] = "top1"
+    reader: ClassVar[str] = "folder"
+
+    def files(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def columns(self) -> list[str]:
+        return []
+
+
+class ImagesSet(_EvalSetBase):
+    format: Literal["images"] = "images"
+    path: Path = Field(description="folder of images, or CSV of image paths (relative to the project root)")
+    reader: Literal["folder", "csv"] = "folder"
+    image: str = Field("path", description="csv: column holding the image path")
+    metric: Literal["top1_agreement"] = "top1_agreement"
+    needs_reference: ClassVar[bool] = True
+
+    def files(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def columns(self) -> list[str]:
+        return [self.image] if self.reader == "csv" else []
+
+    def source(self) -> image_files.ImageSource:
+        return image_files.ImageSource(path=self.path, format=self.reader, column=self.image)
+
+
+IMAGE_SETS = (LabelledImagesSet, ImageFolderSet, ImagesSet)
+EvalSet = Annotated[SentencePairsSet | LabelledTextSet | RetrievalSet | LabelledImagesSet | ImageFolderSet | ImagesSet,
+                    Field(discriminator="format")]
 
 
 class EvaluationParams(StrictParams):
@@ -113,21 +171,40 @@ class EvaluationParams(StrictParams):
 
 @dataclass(frozen=True)
 class EvalData:
-    """One evaluation set ready to run: the texts, and how outputs for them become the metric."""
+    """One evaluation set ready to run: the inputs (texts, image paths), and how outputs for them become the metric."""
 
     name: str
     metric_name: str
     inputs: list[str]
     items: int
-    score: Callable[[np.ndarray], float]
+    score: Callable[..., float]
+    """score(outputs) -> metric; a set that `needs_reference` takes score(outputs, reference), where reference is
+    the fp32 model's outputs on the same inputs."""
     subset: Callable[[int], EvalData]
     """The same set cut to its first n items (for slow engines such as a simulator)."""
     total_items: int
     """Items in the whole file: more than `items` when the set was cut (max_items, quick mode)."""
     higher_is_better: bool = True
+    needs_reference: bool = False
 
 
 # --------------------------------------------------------------------------- checks before a run
+
+
+REFERENCE_SETS = "reference_sets.json"
+"""Beside the reference outputs: which rows belong to which evaluation set ({"sets": [[name, rows], ...]})."""
+
+
+def reference_plan(sets: list[EvalData], samples: int) -> list[tuple[str, list[str]]]:
+    """What the reference runs: the first `samples` inputs of the first set (the cosine columns), and every input
+    of each set scored against the fp32 outputs (`needs_reference`, the first set included)."""
+    return [(d.name, d.inputs if d.needs_reference else d.inputs[:samples]) for i, d in enumerate(sets)
+            if i == 0 or d.needs_reference]
+
+
+def write_reference_sets(folder: Path, plan: list[tuple[str, list[str]]]) -> None:
+    (Path(folder) / REFERENCE_SETS).write_text(json.dumps({"sets": [[n, len(i)] for n, i in plan]}) + "\n",
+                                               encoding="utf-8")
 
 
 class Scorer:
@@ -135,14 +212,36 @@ class Scorer:
 
     def __init__(self, sets: list[EvalData], reference: np.ndarray, reference_path: Path,
                  eval_sets: list[EvalSet]):
-        self.sets, self.reference, self.reference_path = sets, reference, reference_path
+        self.sets, self.reference, self.reference_path = sets, reference, Path(reference_path)
         self.stsb = [s.reader == "stsb" and s.metric == "spearman" for s in eval_sets]
         self.inputs = [text for data in sets for text in data.inputs]
         self.offsets = np.cumsum([0, *(len(d.inputs) for d in sets)])
+        blocks_file = self.reference_path.with_name(REFERENCE_SETS)
+        # Without the file (a reference of the first set only): all rows are the first set's.
+        blocks = json.loads(blocks_file.read_text(encoding="utf-8"))["sets"] if blocks_file.is_file() \
+            else [[sets[0].name, len(reference)]]
+        starts = np.cumsum([0, *(rows for _, rows in blocks)])
+        self.blocks = {name: (int(a), int(rows)) for (name, rows), a in zip(blocks, starts)}
+
+    def reference_of(self, data: EvalData) -> np.ndarray | None:
+        """The fp32 outputs of a set's inputs (a prefix of the set's reference rows); None when it needs none."""
+        if not data.needs_reference:
+            return None
+        start, rows = self.blocks.get(data.name, (0, 0))
+        if len(data.inputs) > rows:
+            raise InputError(
+                f"evaluation set {data.name!r}: {len(data.inputs)} inputs, but the fp32 reference ({self.reference_path}) "
+                f"holds {rows} of them; rerun the reference stage (or lower the set's max_items)"
+            )
+        return self.reference[start : start + len(data.inputs)]
+
+    def score(self, data: EvalData, outputs: np.ndarray) -> float:
+        """A set's metric from its outputs (rows in the set's input order), against the reference when it needs one."""
+        return data.score(outputs, self.reference_of(data)) if data.needs_reference else data.score(outputs)
 
     def evaluations(self, outputs: np.ndarray, source: str) -> list[dict]:
         return [
-            {"eval_set": data.name, "metric_name": data.metric_name, "metric_value": data.score(outputs[a:b]),
+            {"eval_set": data.name, "metric_name": data.metric_name, "metric_value": self.score(data, outputs[a:b]),
              "higher_is_better": data.higher_is_better, "items": data.items, "total_items": data.total_items,
              "accuracy_source": source}
             for data, a, b in zip(self.sets, self.offsets[:-1], self.offsets[1:])
@@ -151,7 +250,8 @@ class Scorer:
     def columns(self, outputs: np.ndarray, evaluations: list[dict]) -> dict:
         """The row's accuracy columns: the first set's metric and the cosine to the fp32 reference."""
         first = evaluations[0]
-        n = min(len(self.reference), len(outputs))  # both are prefixes of the first set's inputs
+        # Both are prefixes of the first set's inputs.
+        n = min(self.blocks[self.sets[0].name][1], self.offsets[1], len(outputs))
         if self.reference.shape[1:] != outputs.shape[1:]:
             raise InputError(
                 f"{self.reference_path}: output shape {self.reference.shape[1:]} differs from this model's "
@@ -168,6 +268,10 @@ def check_columns(eval_set: EvalSet) -> None:
     """Read only the header (or first line) of each file: a missing column is one line before any stage."""
     for field_name, path in eval_set.files().items():
         where = f"evaluation set {eval_set.name!r} ({field_name})"
+        if eval_set.reader == "folder":
+            if not Path(path).is_dir():
+                raise InputError(f"{path}: {where} is not a folder; fix its path under evaluation.sets in params.yaml")
+            continue
         if eval_set.reader in PAIR_READERS:
             PAIR_READERS[eval_set.reader](Path(path))  # small files, read whole: every error before any stage
             continue
@@ -216,6 +320,10 @@ def load(eval_set: EvalSet, class_names: list[str] | None = None, limit: int | N
         return _pairs(eval_set, cap, seed)
     if isinstance(eval_set, LabelledTextSet):
         return _labelled(eval_set, class_names, cap, seed)
+    if isinstance(eval_set, (LabelledImagesSet, ImageFolderSet)):
+        return _labelled_images(eval_set, class_names, cap, seed)
+    if isinstance(eval_set, ImagesSet):
+        return _agreement(eval_set, cap, seed)
     return _retrieval(eval_set, cap, seed)
 
 
@@ -308,6 +416,83 @@ def _labelled(s: LabelledTextSet, class_names: list[str] | None, cap: int | None
     return build(cap)
 
 
+def top_k_accuracy(outputs: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """% of rows whose true class is among the k highest outputs."""
+    top = np.argsort(-np.asarray(outputs).reshape(len(outputs), -1), axis=1, kind="stable")[:, :k]
+    return float(np.mean((top == np.asarray(truth)[:, None]).any(axis=1)) * 100)
+
+
+def image_labels(s: LabelledImagesSet | ImageFolderSet) -> pd.DataFrame:
+    """Columns path (as the family reads it) and label of a labelled image set, in file (or folder) order."""
+    if isinstance(s, LabelledImagesSet):
+        raw = read_table(s.path, "csv", [s.image, s.label], f"evaluation set {s.name!r}")
+        frame = pd.DataFrame({"path": raw[s.image].str.strip(), "label": raw[s.label].str.strip()})
+        blank = frame[(frame["path"] == "") | (frame["label"] == "")]
+        if not blank.empty:
+            raise InputError(f"{s.path}: row {blank.index[0] + 2} has no image path or label; fill or remove it")
+        return frame
+    root = image_files.resolve(s.path)
+    classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    rows = [(str(image), c.name) for c in classes for image in image_files.list_folder(c)]
+    if not rows:
+        raise InputError(f"{s.path}: no class sub-folders with images (ImageFolder layout: <class>/<image>); fix "
+                         f"evaluation set {s.name!r}")
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def _labelled_images(s: LabelledImagesSet | ImageFolderSet, class_names: list[str] | None, cap: int | None,
+                     seed: int | None = None) -> EvalData:
+    frame = _shuffled(image_labels(s), seed)
+    truth_all = class_index(frame["label"], class_names, s.path)
+    k = 5 if s.metric == "top5" else 1
+
+    def build(n: int | None) -> EvalData:
+        cut = _first(frame, n)
+        truth = truth_all[: len(cut)]
+        return EvalData(s.name, s.metric, cut["path"].tolist(), len(cut), lambda out: top_k_accuracy(out, truth, k),
+                        subset=lambda m: build(min(m, len(cut))), total_items=len(frame))
+
+    return build(cap)
+
+
+def top1_agreement(outputs: np.ndarray, reference: np.ndarray | None) -> float:
+    """% of rows whose highest output is the fp32 model's highest output."""
+    if reference is None or len(reference) != len(outputs):
+        raise StageError(f"top-1 agreement needs the fp32 outputs of the same {len(outputs)} inputs")
+    flat = np.asarray(outputs).reshape(len(outputs), -1)
+    return float(np.mean(flat.argmax(axis=1) == np.asarray(reference).reshape(len(reference), -1).argmax(axis=1)) * 100)
+
+
+def _agreement(s: ImagesSet, cap: int | None, seed: int | None = None) -> EvalData:
+    paths = [str(p) for p in image_files.list_images(s.source())]
+    frame = _shuffled(pd.DataFrame({"path": paths}), seed)
+
+    def build(n: int | None) -> EvalData:
+        cut = _first(frame, n)
+        return EvalData(s.name, s.metric, cut["path"].tolist(), len(cut), top1_agreement,
+                        subset=lambda m: build(min(m, len(cut))), total_items=len(frame), needs_reference=True)
+
+    return build(cap)
+
+
+def listed_images(eval_set: EvalSet, root: Path | None = None) -> list[Path]:
+    """The images a CSV-based image set names (each must exist), whose content its CSV's hash does not cover; []
+    for a folder or a text set. `root`: the project root (None: paths stay relative to the working directory)."""
+    if isinstance(eval_set, LabelledImagesSet):
+        return image_files.listed_images(
+            image_files.ImageSource(path=eval_set.path, format="csv", column=eval_set.image), root)
+    return image_files.listed_images(eval_set.source(), root) if isinstance(eval_set, ImagesSet) else []
+
+
+def image_hashes(eval_set: EvalSet) -> dict[str, str]:
+    """sha256 -> path of every image an image set evaluates on (what no calibration image may be)."""
+    if isinstance(eval_set, ImagesSet):
+        paths = image_files.list_images(eval_set.source())
+    else:
+        paths = [image_files.resolve(p) for p in image_labels(eval_set)["path"]]
+    return {image_files.image_sha256(p): str(p) for p in paths}
+
+
 def ranking_metric(similarity: np.ndarray, relevant: list[dict[int, float]], metric: str, k: int = TOP_K) -> float:
     """Mean nDCG@k (linear gain, as trec_eval) or recall@k over queries, x100."""
     values = []
@@ -364,6 +549,8 @@ def _retrieval(s: RetrievalSet, cap: int | None, seed: int | None = None) -> Eva
 def texts(eval_set: EvalSet) -> set[str]:
     """Every text the set evaluates on, stripped (no labels or scoring read): what no training text may be."""
     where = f"evaluation set {eval_set.name!r}"
+    if isinstance(eval_set, IMAGE_SETS):
+        return set()
     if isinstance(eval_set, SentencePairsSet):
         return set(unique_pair_texts(_pair_frame(eval_set))[0])
     if isinstance(eval_set, LabelledTextSet):
@@ -397,6 +584,9 @@ METRIC_LABELS = {
     "macro_f1": "macro F1 x100",
     "ndcg@10": "nDCG@10 x100",
     "recall@10": "recall@10 x100",
+    "top1": "top-1 accuracy %",
+    "top5": "top-5 accuracy %",
+    "top1_agreement": "top-1 agreement with fp32 (%)",
 }
 
 

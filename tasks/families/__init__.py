@@ -14,6 +14,7 @@ FAMILIES = Registry(
     {
         "sentence_encoder": "tasks.families.sentence_encoder:FAMILY",
         "text_classifier": "tasks.families.text_classifier:FAMILY",
+        "image_classifier": "tasks.families.image_classifier:FAMILY",
     },
 )
 

@@ -61,6 +61,8 @@ class ModelFamily(Protocol):
     """"text" (samples are strings) or "image"."""
     shape_axis: str
     """What `seq_lens` means for this family, for labels (e.g. "sequence length (tokens)")."""
+    shape_unit: str
+    """The unit of one shape in a sentence ("128 tokens", "224 px")."""
     dynamic_axis: int | None
     """The axis of every input that `seq_lens` sizes, freed in a dynamic export (`export_onnx.dynamic`);
     None: the family exports static shapes only. A row of a dynamic model's feeds is cut to `input_lengths`."""
@@ -68,12 +70,18 @@ class ModelFamily(Protocol):
     """"embedding" or "logits": what the exported graph's output is."""
     eval_formats: tuple[str, ...]
     """Evaluation set formats (tasks.data.evaluation) this family's output can be scored on."""
+    prunable: bool
+    """Whether `pruning_layout` gives a layout; without one the prune stage passes a model that prunes nothing
+    (dense) through unchanged."""
 
     def check_folder(self, folder: Path, config: dict, settings: FamilySettings) -> None:
         """InputError when the folder's model is not one this family supports (checked at fetch)."""
 
     def folder_files(self, folder: Path) -> list[Path]:
         """Files of a model folder the pipeline keeps (config, preprocessor, weights, pooling config...)."""
+
+    def prepare_folder(self, folder: Path) -> None:
+        """Write what the family derives from a fetched folder's files (image_classifier: preprocess.json)."""
 
     def load_preprocessor(self, model_dir: Path) -> Any: ...
 
@@ -85,6 +93,13 @@ class ModelFamily(Protocol):
     def max_shape(self, loaded: LoadedModel) -> int | None:
         """The largest shape the model accepts (e.g. max_position_embeddings), None if unbounded."""
 
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """InputError when the model cannot take `shape` below its max_shape (e.g. a ViT size that is not a
+        multiple of its patch size)."""
+
+    def folder_max_shape(self, folder: Path) -> int | None:
+        """`max_shape` read from a model folder's files before anything loads it (None if unbounded)."""
+
     def export_module(self, loaded: LoadedModel, settings: FamilySettings) -> tuple[Any, ExportSpec]:
         """A torch module whose forward takes the export inputs (in order) and returns the one output."""
 
@@ -95,8 +110,9 @@ class ModelFamily(Protocol):
         """Model inputs for raw samples at `shape`: [len(samples), ...] arrays named like the export inputs (a
         superset is fine: `tasks.core.feeds.build_feeds` passes on what a model declares)."""
 
-    def verify_texts(self) -> tuple[str, ...]:
-        """Fixed samples the export and compile checks run (short, long, truncated)."""
+    def verify_samples(self) -> tuple:
+        """Fixed raw samples the export and compile checks run (texts short to truncated; images of several
+        aspect ratios): at least `compile.verify_count` (8)."""
 
     def synthetic_samples(self, model, shape: int) -> dict[str, np.ndarray]:
         """Inputs made from the exported ONNX alone (no preprocessor), for checks on the graph."""

@@ -51,7 +51,9 @@ class HfTextFamily:
 
     modality = "text"
     shape_axis = "sequence length (tokens)"
+    shape_unit = "tokens"
     dynamic_axis = 1  # [batch, tokens]: a dynamic export frees the token axis
+    prunable = True
     auto_class = "AutoModel"
 
     # --------------------------------------------------------------- folders
@@ -74,6 +76,9 @@ class HfTextFamily:
         folder = Path(folder)
         top = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in KEPT_SUFFIXES]
         return top + [folder / f for f in SENTENCE_TRANSFORMERS_FILES if (folder / f).is_file()]
+
+    def prepare_folder(self, folder: Path) -> None:
+        """Nothing: a text folder is used as fetched."""
 
     # --------------------------------------------------------------- loading
 
@@ -112,6 +117,9 @@ class HfTextFamily:
     def max_shape(self, loaded: LoadedModel) -> int | None:
         return _max_tokens(loaded.config.to_dict())
 
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """Nothing: every length up to max_shape fits."""
+
     def folder_max_shape(self, folder: Path) -> int | None:
         """The largest sequence length a model folder's config.json allows (read before anything loads it)."""
         try:
@@ -144,7 +152,7 @@ class HfTextFamily:
             "token_type_ids": enc.get("token_type_ids", np.zeros_like(ids)).astype(np.int64),
         }
 
-    def verify_texts(self) -> tuple[str, ...]:
+    def verify_samples(self) -> tuple[str, ...]:
         return VERIFY_TEXTS
 
     def synthetic_samples(self, model, shape: int) -> dict[str, np.ndarray]:

@@ -204,7 +204,7 @@ def run(
                 agreement = row_cosines(sim_out.reshape(len(sim_out), -1), cpu_out[: len(sim_out)].reshape(len(sim_out), -1))
                 timing = timing_columns([measured], params.p50_spread_tolerance_pct)
                 add({**common, **files_columns(job.artifact, job.versions, timing["engine_version"]), **timing,
-                     "target": job.target, "sim_items": sub.items, "sim_metric_value": sub.score(sim_out),
+                     "target": job.target, "sim_items": sub.items, "sim_metric_value": scorer.score(sub, sim_out),
                      "sim_cosine_to_cpu_ep_mean": float(agreement.mean()),
                      "sim_cosine_to_cpu_ep_min": float(agreement.min())},
                     cpu_out, "cpu_ep_same_graph")

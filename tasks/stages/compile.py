@@ -91,7 +91,7 @@ def verification_feeds(model: Path, params: CompileCheckParams, family: FamilySe
         source = f"npz:{path.name}"
     elif model_dir is not None:
         impl = FAMILIES.get(family.name)
-        texts = impl.verify_texts()
+        texts = impl.verify_samples()
         if n > len(texts):
             raise InputError(
                 f"compile.verify_count={n} exceeds the family's {len(texts)} check samples; set compile.verify_inputs"

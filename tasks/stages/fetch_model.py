@@ -148,6 +148,7 @@ def run(source_dir: Path, params: FetchModelParams, family: FamilySettings, out_
             target = dest / item.relative_to(source_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, target)
+        FAMILIES.get(family.name).prepare_folder(dest)
         config = json.loads((dest / "config.json").read_text(encoding="utf-8"))
         payload = {
             "model_type": config["model_type"],

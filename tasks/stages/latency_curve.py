@@ -127,7 +127,7 @@ def run(
                 tmp = Path(tmp_name)
                 artifacts = build_variants(model_dir, sources, seq_len, variants, params, tmp)
                 preprocessor = impl.load_preprocessor(Path(model_dir))
-                feeds = impl.samples(preprocessor, list(impl.verify_texts()[:1]), seq_len)
+                feeds = impl.samples(preprocessor, list(impl.verify_samples()[:1]), seq_len)
                 workers = WorkerPool(tmp, feeds, bench.threads, bench.worker_timeout_s)
                 for target in targets:
                     cache = tmp / f"engine-cache-{target.variant}-{target.device}"

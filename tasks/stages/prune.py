@@ -295,6 +295,21 @@ def search_levels(impl, family: FamilySettings, teacher: LoadedModel, layout, se
     return student, plan, {**report, "search": search}
 
 
+def _pass_through(model_dir: Path, model: str, settings: PruneSettings, impl, out_dir: Path, key: str,
+                  started: float) -> dict:
+    """The model folder's files copied unchanged, for a family without pruning (the dense model)."""
+    payload = {"model": model, "settings": settings.model_dump(mode="json"), "distill": {"skipped": "nothing pruned"},
+               "copied": [p.relative_to(model_dir).as_posix() for p in impl.folder_files(model_dir)]}
+    with atomic_output_dir(out_dir) as scratch:
+        folder = scratch / MODEL_SUBDIR
+        folder.mkdir()
+        for name in payload["copied"]:
+            shutil.copy2(model_dir / name, folder / name)
+        payload["time_s"] = time.perf_counter() - started
+        write_stamp(scratch, key, payload)
+    return payload
+
+
 def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, family: FamilySettings,
         evaluation_params: EvaluationParams, accuracy_budget: float, seq_lens: list[int], out_dir: Path,
         key: str) -> dict:
@@ -304,6 +319,8 @@ def run(*, model_dir: Path, text: Path | None, model: str, params: PruneParams, 
     started = time.perf_counter()
     if encoder_pruning.read_spec(Path(model_dir)) is not None:
         raise InputError(f"{model_dir}: already pruned ({encoder_pruning.PRUNE_JSON}); prune the fetched model folder")
+    if not impl.prunable and not settings.prunes:
+        return _pass_through(Path(model_dir), model, settings, impl, out_dir, key, started)
     teacher = impl.load(Path(model_dir), family, "eager")
     layout = impl.pruning_layout(teacher.config)
     if any(level.head_ratio > 0 for level in settings.levels()) and layout.no_head_pruning:

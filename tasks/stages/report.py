@@ -120,8 +120,9 @@ def latency_by_length(table: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
                                         "measured_by", "simulated"])
 
 
-def choose(lengths: np.ndarray, latency: pd.DataFrame, coverage: float) -> tuple[pd.DataFrame, dict]:
-    """The candidate table (CHOICE_COLUMNS) and, per "device/target", the recommended length and why."""
+def choose(lengths: np.ndarray, latency: pd.DataFrame, coverage: float, unit: str = "tokens") -> tuple[pd.DataFrame, dict]:
+    """The candidate table (CHOICE_COLUMNS) and, per "device/target", the recommended length and why (a shape
+    in `unit`, the family's `shape_unit`)."""
     frames, choices = [], {}
     for (device, target), group in latency.groupby(["device", "target"], sort=True):
         group = group.sort_values("seq_len").copy()
@@ -133,7 +134,7 @@ def choose(lengths: np.ndarray, latency: pd.DataFrame, coverage: float) -> tuple
         frames.append(group)
         longest = group.iloc[-1]
         sim = " (simulated)" if pick["simulated"] else ""
-        kept = f"{int(pick['seq_len'])} tokens keep {pick['covered_share']:.1%} of {len(lengths)} inputs whole"
+        kept = f"{int(pick['seq_len'])} {unit} keep {pick['covered_share']:.1%} of {len(lengths)} inputs whole"
         fit = (f"{kept} (target {coverage:.1%})" if len(fits) else
                f"{kept}, short of the {coverage:.1%} target: the longest length measured; measure longer lengths")
         which = f"{pick['model']}/{pick['variant']}"
@@ -142,11 +143,11 @@ def choose(lengths: np.ndarray, latency: pd.DataFrame, coverage: float) -> tuple
         else:
             nearest = _nearest(sorted(int(x) for x in group.loc[group["measured_by"] == "benchmark", "seq_len"]),
                                int(pick["seq_len"]))
-            which += (f" is the fastest within the accuracy budget at {nearest} tokens (accuracy is measured at "
+            which += (f" is the fastest within the accuracy budget at {nearest} {unit} (accuracy is measured at "
                       f"deployed lengths), timed at {int(pick['seq_len'])} by the latency curve")
         speedup = float(longest["latency_p50_ms"]) / float(pick["latency_p50_ms"])
         cost = "" if longest["seq_len"] == pick["seq_len"] else (
-            f", {speedup:.1f}x faster than at {int(longest['seq_len'])} tokens ({float(longest['latency_p50_ms']):.2f} ms)")
+            f", {speedup:.1f}x faster than at {int(longest['seq_len'])} {unit} ({float(longest['latency_p50_ms']):.2f} ms)")
         choices[f"{device}/{target}"] = {
             "seq_len": int(pick["seq_len"]),
             "covered_share": float(pick["covered_share"]),
@@ -454,7 +455,8 @@ def run(
     sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))
     source = params.seq_len_choice.text.model_copy(update={"path": Path(text)})
     lengths = input_lengths(impl, impl.load_preprocessor(Path(model_dir)), source)
-    choice_table, choices = choose(lengths, latency_by_length(table, curve), params.seq_len_choice.coverage)
+    choice_table, choices = choose(lengths, latency_by_length(table, curve), params.seq_len_choice.coverage,
+                                   impl.shape_unit)
     summary = {
         f"{r.model}/{r.variant}/{r.device}/{r.target}/{r.seq_len}": {m: float(getattr(r, m)) for m in SUMMARY_METRICS}
         for r in table.itertuples()

@@ -32,7 +32,7 @@ _spec.loader.exec_module(qnn_models)
 @pytest.fixture(scope="module")
 def reference16(tiny_onnx, tiny_bert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    reference_run(model=tiny_onnx, model_dir=tiny_bert, eval_set=STSB, seq_len=16, params=ReferenceParams(samples=40),
+    reference_run(model=tiny_onnx, model_dir=tiny_bert, evaluation_params=EvaluationParams(sets=[STSB]), seq_len=16, params=ReferenceParams(samples=40),
                   family=SENTENCE_ENCODER, out_dir=out, key="r")
     return out / "outputs.npy"
 

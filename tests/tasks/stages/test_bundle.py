@@ -38,7 +38,7 @@ def test_route_picks_the_smallest_bucket_holding_each_input_and_truncates_beyond
 @pytest.fixture(scope="module")
 def reference32(tiny_onnx32, tiny_bert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference32")
-    reference_run(model=tiny_onnx32, model_dir=tiny_bert, eval_set=STSB, seq_len=32, params=ReferenceParams(samples=40),
+    reference_run(model=tiny_onnx32, model_dir=tiny_bert, evaluation_params=EvaluationParams(sets=[STSB]), seq_len=32, params=ReferenceParams(samples=40),
                   family=SENTENCE_ENCODER, out_dir=out, key="r")
     return out / "outputs.npy"
 

@@ -71,7 +71,7 @@ def test_defaults_and_the_project_never_calibrates_on_an_evaluation_set():
     # Sources have no default any more: params.yaml names them (STS-B train + dev, never the test split).
     with pytest.raises(ValidationError, match="sources"):
         CalibrationDataParams()
-    with pytest.raises(ValidationError, match="at least 1"):
+    with pytest.raises(ValidationError, match="give either sources \(text\) or images"):
         CalibrationDataParams(sources=[])
     params = load_config(REPO / "params.yaml").calibration_data
     assert [(s.path.as_posix(), s.format) for s in params.sources] == [("data/wikipedia/summaries_en-us.json", "json")]

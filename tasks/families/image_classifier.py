@@ -1,0 +1,298 @@
+"""Family `image_classifier`: a Hugging Face image classifier (`AutoModelForImageClassification`: ResNet,
+MobileNetV2, EfficientNet, ConvNeXt, ViT, ...).
+
+The exported graph takes `pixel_values` float32 [1, 3, S, S] (NCHW) and gives the class logits; `seq_lens`
+are square image sizes S in pixels. Preprocessing is edgeopt's own spec, `preprocess.json` in the model
+folder (converted from the folder's Hugging Face `preprocessor_config.json` when the model is fetched), applied
+with PIL and numpy at any S: resize (the short side to floor(S / crop_pct), then a centre crop of S; or
+`squash` to S x S), scale to 0-1, normalise by mean/std, CHW. The same spec runs in calibration, evaluation,
+benchmark and the deployed bundle, which therefore needs no transformers. Shapes are static only; images are
+resized, never truncated, so every image has input length 0 (no shape routes by size). Scored on labelled
+images (top-1/top-5 accuracy) or, without labels, on top-1 agreement with the fp32 model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tasks.core.errors import InputError
+from tasks.families.base import ExportSpec, FamilySettings, LoadedModel
+
+PREPROCESS = "preprocess.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
+INPUT = "pixel_values"
+OUTPUT = "logits"
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+KEPT_SUFFIXES = {".json", ".safetensors"}
+
+
+class ImageClassifierSettings(FamilySettings):
+    name: Literal["image_classifier"] = "image_classifier"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes `pixel_values` at any square size S (the contents of preprocess.json)."""
+
+    resize: Literal["shortest_edge", "squash"]
+    """shortest_edge: the short side to floor(S / crop_pct) (aspect kept), then a centre crop S x S;
+    squash: straight to S x S (aspect not kept, no crop)."""
+    crop_pct: float
+    resample: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    """On the 0-1 scale (pixel / 255)."""
+    channel_order: Literal["RGB"] = "RGB"
+
+    def resized_short_side(self, size: int) -> int:
+        return int(math.floor(size / self.crop_pct + 1e-6))
+
+    def apply(self, image, size: int) -> np.ndarray:
+        """float32 [3, S, S] of an RGB PIL image."""
+        from PIL import Image
+
+        method = getattr(Image.Resampling, self.resample.upper())
+        if self.resize == "squash":
+            image = image.resize((size, size), method)
+        else:
+            short = self.resized_short_side(size)
+            width, height = image.size
+            if width <= height:
+                target = (short, int(short * height / width))
+            else:
+                target = (int(short * width / height), short)
+            if target != image.size:
+                image = image.resize(target, method)
+            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        pixels = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+def from_hf(config: dict, path: Path) -> Preprocess:
+    """The spec of a Hugging Face image processor config (ViT, ConvNeXt, MobileNet, EfficientNet, ResNet...)."""
+    where = f"{path}: image processor"
+    if config.get("do_rescale", True) and not math.isclose(config.get("rescale_factor", 1 / 255), 1 / 255):
+        raise InputError(f"{where} rescales by {config['rescale_factor']} (not 1/255); write {PREPROCESS} by hand")
+    if not config.get("do_normalize", True):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean, std = tuple(config.get("image_mean", ())), tuple(config.get("image_std", ()))
+    if len(mean) != 3 or len(std) != 3:
+        raise InputError(f"{where} has no 3-channel image_mean/image_std; write {PREPROCESS} by hand")
+    size = config.get("size") or {}
+    resample = _RESAMPLE.get(config.get("resample", 2), "bilinear")
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        crop = config.get("crop_size") or {}
+        if "crop_pct" in config and config["crop_pct"] is not None:  # ConvNeXt: crop the short side's centre...
+            if edge >= 384:  # ... below 384 px; from 384 up it resizes straight to the square
+                return Preprocess("squash", 1.0, resample, mean, std)
+            crop_pct = float(config["crop_pct"])
+        elif config.get("do_center_crop") and crop.get("height") == crop.get("width") and crop.get("height"):
+            crop_pct = int(crop["height"]) / edge
+        else:
+            crop_pct = 1.0
+        return Preprocess("shortest_edge", crop_pct, resample, mean, std)
+    if "height" in size and size.get("height") == size.get("width"):
+        crop = config.get("crop_size") or {}
+        if config.get("do_center_crop") and (crop.get("height"), crop.get("width")) != (size["height"], size["width"]):
+            raise InputError(f"{where} crops {crop} out of the resized {size}; write {PREPROCESS} by hand")
+        return Preprocess("squash", 1.0, resample, mean, std)
+    raise InputError(f"{where} size {size} is neither a shortest edge nor a square; write {PREPROCESS} by hand")
+
+
+def read_spec(path: Path) -> Preprocess:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        spec = Preprocess(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: not a preprocessing spec ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                         "fix it or delete it to convert preprocessor_config.json again") from exc
+    if spec.resize not in ("shortest_edge", "squash") or not 0 < spec.crop_pct <= 1 or spec.resample not in _RESAMPLE.values():
+        raise InputError(f"{path}: resize must be shortest_edge or squash, crop_pct in (0, 1] and resample one of "
+                         f"{sorted(_RESAMPLE.values())}")
+    return spec
+
+
+@cache
+def _classifier_class():
+    import torch
+
+    class ImageClassifier(torch.nn.Module):
+        """HF image classifier returning its logits only (a ViT at another size interpolates its positions)."""
+
+        def __init__(self, model, native_size: int | None, interpolates: bool):
+            super().__init__()
+            self.model = model
+            self.native_size = native_size
+            self.interpolates = interpolates
+
+        def forward(self, pixel_values):
+            extra = {}
+            if self.interpolates and pixel_values.shape[-1] != self.native_size:
+                extra["interpolate_pos_encoding"] = True
+            return self.model(pixel_values=pixel_values, **extra).logits
+
+    return ImageClassifier
+
+
+def _verify_images() -> list:
+    """12 deterministic RGB images of several aspect ratios (gradients plus seeded noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(13)
+    images = []
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (40, 80), (33, 47), (128, 72), (50, 50),
+                                (81, 61), (24, 90), (70, 35), (45, 45), (100, 100), (37, 29)]):
+        x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+        base = np.stack([x, y, (x + y) / 2 if i % 2 else 1 - x * y], axis=-1) * 255
+        pixels = np.clip(base + rng.normal(0, 20 + 5 * i, size=base.shape), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels, "RGB"))
+    return images
+
+
+class ImageClassifierFamily:
+    name = "image_classifier"
+    settings = ImageClassifierSettings
+    modality = "image"
+    shape_axis = "image size (pixels, square)"
+    shape_unit = "px"
+    dynamic_axis = None
+    output_kind = "logits"
+    eval_formats = ("image_folder", "labelled_images", "images")
+    prunable = False
+
+    # --------------------------------------------------------------- folders
+
+    def check_folder(self, folder: Path, config: dict, settings: FamilySettings) -> None:
+        """An image classifier transformers knows, with a preprocessing spec (ours or the HF processor's)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+        model_type = config.get("model_type")
+        heads = [a for a in config.get("architectures") or [] if a.endswith("ForImageClassification")]
+        if model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or not heads:
+            raise InputError(
+                f"{folder / 'config.json'}: model_type {model_type!r} with architectures {config.get('architectures')} "
+                "is not an image classifier transformers knows (a ...ForImageClassification of resnet, mobilenet_v2, "
+                "efficientnet, convnext, vit, ...)"
+            )
+        self.load_preprocessor(folder)
+
+    def folder_files(self, folder: Path) -> list[Path]:
+        return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix in KEPT_SUFFIXES]
+
+    def prepare_folder(self, folder: Path) -> None:
+        """Record the preprocessing as preprocess.json in a fetched folder (converted once from the HF config)."""
+        self.save_preprocessor(self.load_preprocessor(folder), folder)
+
+    # --------------------------------------------------------------- loading
+
+    def load_preprocessor(self, model_dir: Path) -> Preprocess:
+        """preprocess.json, else the spec converted from the HF processor's preprocessor_config.json."""
+        model_dir = Path(model_dir)
+        if (model_dir / PREPROCESS).is_file():
+            return read_spec(model_dir / PREPROCESS)
+        hf = model_dir / HF_PREPROCESSOR
+        if not hf.is_file():
+            raise InputError(f"{model_dir}: no {PREPROCESS} or {HF_PREPROCESSOR}; add the model's image processor config")
+        try:
+            config = json.loads(hf.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(f"{hf}: not valid JSON") from exc
+        return from_hf(config, hf)
+
+    def save_preprocessor(self, preprocess: Preprocess, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)  # as save_pretrained does
+        (Path(folder) / PREPROCESS).write_text(json.dumps(asdict(preprocess), indent=2) + "\n", encoding="utf-8")
+
+    def load(self, model_dir: Path, settings: FamilySettings, attn_implementation: str = "eager") -> LoadedModel:
+        from transformers import AutoModelForImageClassification
+
+        model_dir = Path(model_dir)
+        preprocess = self.load_preprocessor(model_dir)
+        try:
+            model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+            raise InputError(f"{model_dir}: cannot load the image classifier ({first}); fix the model folder that "
+                             "fetch_model reads") from exc
+        return LoadedModel(folder=model_dir, preprocessor=preprocess, model=model.eval(), config=model.config)
+
+    def max_shape(self, loaded: LoadedModel) -> int | None:
+        return None
+
+    def check_shape(self, loaded: LoadedModel, shape: int) -> None:
+        """A patch model (ViT, ...) takes sizes that are multiples of its patch size."""
+        patch = getattr(loaded.config, "patch_size", None)
+        if isinstance(patch, int) and shape % patch:
+            raise InputError(f"seq_lens: {shape} px is not a multiple of the {loaded.config.model_type} patch size "
+                             f"{patch}; use a multiple of {patch}")
+
+    def folder_max_shape(self, folder: Path) -> int | None:
+        return None
+
+    def export_module(self, loaded: LoadedModel, settings: FamilySettings) -> tuple[Any, ExportSpec]:
+        """Logits of `pixel_values`; `.eval()` on the wrapper too (the ONNX export restores the wrapper's training
+        flag recursively, which would switch batch norm to batch statistics)."""
+        model = loaded.model
+        interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        native = getattr(loaded.config, "image_size", None)
+        return _classifier_class()(model, native, interpolates).eval(), ExportSpec((INPUT,), OUTPUT)
+
+    def describe_export(self, model_dir: Path, settings: FamilySettings) -> dict:
+        return {"classes": self.class_names(model_dir), "preprocess": asdict(self.load_preprocessor(model_dir))}
+
+    # --------------------------------------------------------------- samples
+
+    def samples(self, preprocess: Preprocess, samples: list, shape: int) -> dict[str, np.ndarray]:
+        """`pixel_values` float32 [N, 3, S, S] of image paths (relative to the project root) or PIL images."""
+        from PIL import Image
+
+        from tasks.data.images import read_image, resolve
+
+        rows = []
+        for sample in samples:
+            if isinstance(sample, Image.Image):
+                image = sample.convert("RGB")
+            else:
+                image = read_image(resolve(sample))
+            rows.append(preprocess.apply(image, shape))
+        return {INPUT: np.stack(rows) if rows else np.zeros((0, 3, shape, shape), dtype=np.float32)}
+
+    def verify_samples(self) -> tuple:
+        return tuple(_verify_images())
+
+    def synthetic_samples(self, model, shape: int) -> dict[str, np.ndarray]:
+        """Seeded standard-normal images (what normalised pixels look like), named as the graph's input."""
+        rng = np.random.default_rng(0)
+        return {model.graph.input[0].name: rng.standard_normal((4, 3, shape, shape)).astype(np.float32)}
+
+    def class_names(self, model_dir: Path) -> list[str]:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        id2label = config.get("id2label") or {}
+        return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
+
+    def input_lengths(self, preprocess: Preprocess, samples: list) -> np.ndarray:
+        """Zero for every image: images are resized to any size, never truncated."""
+        return np.zeros(len(samples), dtype=np.int64)
+
+    # --------------------------------------------------------------- pruning (not yet: no encode/collate/distill_loss)
+
+    def pruning_layout(self, config: Any):
+        raise InputError("pruning image classifiers is not supported yet; use models: [dense]")
+
+    def quantization_hints(self) -> None:
+        return None
+
+
+FAMILY = ImageClassifierFamily()
