@@ -149,20 +149,28 @@ print(json.dumps({"dynamic": bundle.manifest.dynamic, "shapes": bundle.routes(te
 """
 
 
+DYNAMIC_TEXTS = ["a dog", "two men are playing chess in the park", LONG, "the cat sat on the mat while the rain fell"]
+
+
+def _bundle_dynamic(tiny_dynamic: Path, tiny_bert: Path, reference32: Path, tmp_path: Path, device: str,
+                    params: BundleParams) -> dict:
+    """The bundle stage on the tiny BERT's dynamic export (any length up to 32), timed on DYNAMIC_TEXTS."""
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(DYNAMIC_TEXTS) + "\n")
+    return bundle_run(
+        sources={32: tiny_dynamic / "model_dynamic.onnx"}, compiled={}, model_dir=tiny_bert, text=inputs,
+        reference_outputs=reference32, model="dense", variant="fp32_dynamic", device=device, params=params,
+        text_source=TextSource(path=inputs, format="txt"), timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=tmp_path / "out", key="k",
+        dynamic=True,
+    )
+
+
 def test_a_dynamic_bundle_runs_each_input_at_its_own_length(tiny_dynamic, tiny_bert, reference32, tmp_path):
     """One artifact with a free token axis: every input at its own length (capped at 32, the longer one cut and
     counted), timed and scored that way; its outputs are the static 32-token model's (padding is masked out)."""
-    texts = ["a dog", "two men are playing chess in the park", LONG, "the cat sat on the mat while the rain fell"]
-    inputs = tmp_path / "inputs.txt"
-    inputs.write_text("\n".join(texts) + "\n")
-    out = tmp_path / "out"
-    payload = bundle_run(
-        sources={32: tiny_dynamic / "model_dynamic.onnx"}, compiled={}, model_dir=tiny_bert, text=inputs,
-        reference_outputs=reference32, model="dense", variant="fp32_dynamic", device="ort_cpu",
-        params=BundleParams(mix_samples=10), text_source=TextSource(path=inputs, format="txt"),
-        timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
-        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=out, key="k", dynamic=True,
-    )
+    texts, out = DYNAMIC_TEXTS, tmp_path / "out"
+    payload = _bundle_dynamic(tiny_dynamic, tiny_bert, reference32, tmp_path, "ort_cpu", BundleParams(mix_samples=10))
     (row,) = payload["rows"]
     BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
     lengths = FAMILIES.get("sentence_encoder").input_lengths(
@@ -188,17 +196,9 @@ def test_a_pinned_dynamic_bundle_routes_to_its_pinned_lengths_beside_the_free_ar
     """`bundle.pinned` on OpenVINO CPU: the one dynamic artifact compiled at 8/16/32 when the bundle loads, each input
     to the smallest length that holds it (a `pinned` row), timed interleaved with the same artifact at each input's
     own length (a `dynamic` row); both scored, and both give the static 32-token reference's outputs."""
-    texts = ["a dog", "two men are playing chess in the park", LONG, "the cat sat on the mat while the rain fell"]
-    inputs = tmp_path / "inputs.txt"
-    inputs.write_text("\n".join(texts) + "\n")
-    out = tmp_path / "out"
-    payload = bundle_run(
-        sources={32: tiny_dynamic / "model_dynamic.onnx"}, compiled={}, model_dir=tiny_bert, text=inputs,
-        reference_outputs=reference32, model="dense", variant="fp32_dynamic", device="openvino_cpu",
-        params=BundleParams(mix_samples=10, pinned={"openvino_cpu": [8, 16, 32]}),
-        text_source=TextSource(path=inputs, format="txt"), timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
-        evaluation_params=EvaluationParams(sets=[STSB]), family=SENTENCE_ENCODER, out_dir=out, key="k", dynamic=True,
-    )
+    texts, out = DYNAMIC_TEXTS, tmp_path / "out"
+    payload = _bundle_dynamic(tiny_dynamic, tiny_bert, reference32, tmp_path, "openvino_cpu",
+                              BundleParams(mix_samples=10, pinned={"openvino_cpu": [8, 16, 32]}))
     BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
     rows = {r["policy"]: r for r in payload["rows"]}
     assert sorted(rows) == ["dynamic", "pinned"]
