@@ -28,8 +28,8 @@ from tasks.backends import BACKENDS
 from tasks.config import CompileJob, EdgeoptConfig, Target
 from tasks.core import catalog, fingerprint
 from tasks.core.catalog import MAIN, Catalog
-from tasks.core.code_deps import code_files
-from tasks.core.errors import ConfigError, InputError
+from tasks.core.code_deps import PACKAGES, code_files, project_root
+from tasks.core.errors import ConfigError, InputError, StageError
 from tasks.core.fingerprint import STAMP, is_current, link_output, stage_key, tool_versions
 from tasks.core.params import path_fields
 from tasks.data import evaluation
@@ -70,17 +70,36 @@ STAGE_MODULES = {
 
 
 _run_closures: ContextVar[dict[tuple[str, ...], tuple[str, ...]] | None] = ContextVar("run_closures", default=None)
+_run_code: ContextVar[dict[str, str] | None] = ContextVar("run_code", default=None)
+"""Within a run: every project source file's sha256 when the run started."""
 
 
 @contextlib.contextmanager
 def one_closure_per_stage() -> Iterator[None]:
     """Within one run, compute each stage's code closure once: a closure stats ~100 modules, and a run asks
-    for each ~3 times per stage instance (dvc.yaml's check, the stage calls). Outside, always fresh."""
+    for each ~3 times per stage instance (dvc.yaml's check, the stage calls). Outside, always fresh.
+    The project's source is also hashed once here: a stage whose code is edited while the run goes would
+    otherwise be stamped with the edited code's key after running what this process loaded at the start."""
+    root = project_root()
     token = _run_closures.set({})
+    code_token = _run_code.set({f.relative_to(root).as_posix(): fingerprint.file_sha256(f)
+                                for package in PACKAGES for f in sorted((root / package).rglob("*.py"))})
     try:
         yield
     finally:
         _run_closures.reset(token)
+        _run_code.reset(code_token)
+
+
+def check_code_unchanged(code: tuple[str, ...]) -> None:
+    """StageError naming the first of `code`'s files edited since the run started (nothing outside a run)."""
+    started = _run_code.get()
+    if started is None:
+        return
+    for name in code:
+        if started.get(name) != fingerprint.file_sha256(Path(name)):
+            raise StageError(f"{name} changed while this run was going: its stages would be recorded with code they "
+                             "did not run; let the run finish before editing, then run again")
 
 
 def stage_code(stage: str, *registry_modules: str) -> tuple[str, ...]:
@@ -125,6 +144,7 @@ class StageCall:
     def key(self) -> str:
         """Content of code, tools, params and inputs; paths inside the run folder count relative to it, so the
         same stage has the same key in every run folder."""
+        check_code_unchanged(self.code)
         code = [Path(f) for f in self.code]
         inputs = {**{k: v for k, v in self.inputs.items() if v is not None}, **self.watch}
         params = {name: model.model_dump(mode="json") for name, model in sorted(self.params.items())}

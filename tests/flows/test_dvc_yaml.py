@@ -3,6 +3,7 @@ is its import closure: computed, never listed by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from dvc.repo import Repo
 from flows import dvc_yaml, stages
 from tasks.backends import BACKENDS
 from tasks.config import load_config
+from tasks.core import fingerprint
 from tasks.core.code_deps import code_files
+from tasks.core.errors import StageError
 from tasks.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,3 +133,19 @@ def test_the_committed_params_set_every_key_dvc_yaml_reads(cfg):
     """A settings field added without its params.yaml line passes validation (pydantic fills the default) and
     fails `edgeopt run`'s DVC check (sensitivity.rank_by did, in the slow pipeline test)."""
     dvc_yaml.check(cfg, REPO)
+
+
+def test_a_stage_whose_code_was_edited_during_the_run_is_refused_before_it_runs(flow_calls, monkeypatch):
+    """A run hashes the project's source when it starts; a stage whose code differs by the time its key is taken
+    (edited mid-run: this process still runs what it loaded) stops in one line instead of being recorded with code it
+    did not run. Outside a run nothing is checked."""
+    call = next(c for c in flow_calls.values() if c.stage == "bundle")
+    edited = call.code[0]
+    with stages.one_closure_per_stage():
+        assert stages._run_code.get()[edited] == fingerprint.file_sha256(Path(edited))
+        stages.check_code_unchanged(call.code)  # unchanged: nothing to say
+        monkeypatch.setitem(stages._run_code.get(), edited, "0" * 64)  # as if the file changed after the start
+        fresh = dataclasses.replace(call)
+        with pytest.raises(StageError, match=f"^{edited} changed while this run was going"):
+            fresh.key  # noqa: B018 (the property is the check)
+    stages.check_code_unchanged(call.code)
