@@ -227,7 +227,8 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
 
 def model_label(cfg: EdgeoptConfig) -> str:
     p = cfg.fetch_model
-    return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}"}[p.source]
+    return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}",
+            "torch_package": p.weights_package}[p.source]
 
 
 def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
