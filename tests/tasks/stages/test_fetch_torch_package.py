@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import make_distribution
 from pydantic import ValidationError
 from tiny_torch_arch import TinyConvNet
 
@@ -30,11 +31,7 @@ def _params(**kw) -> FetchModelParams:
 @pytest.fixture
 def weights_dist(tmp_path, monkeypatch):
     """An installed distribution `tiny-weights` (dist-info on sys.path) shipping tiny_weights/net.pth."""
-    site = tmp_path / "site"
-    info = site / "tiny_weights-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-weights\nVersion: 0.1.0\n")
-    (info / "RECORD").write_text(f"{WEIGHTS},,\n")
+    site = make_distribution(tmp_path / "site", "tiny-weights", [WEIGHTS])
     (site / "tiny_weights").mkdir()
     torch.manual_seed(0)
     model = TinyConvNet(width=4).eval()
