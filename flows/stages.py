@@ -244,7 +244,7 @@ def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         inputs={"source_dir": fetch_stage.resolve_source(cfg.fetch_model)},
         params={"params": cfg.fetch_model, "family": cfg.family},
         code=stage_code("fetch_model", family_module(cfg)),
-        tools=fetch_stage.TOOLS,
+        tools=fetch_stage.tools(cfg.fetch_model),
     )
 
 

@@ -12,6 +12,7 @@ imports that module, which runs its code: params name it explicitly (`fetch_mode
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ def architecture_callable(spec: str, where: str):
     if not callable(target):
         raise InputError(f"{where}: {spec} is not callable; name a class or function that builds the model")
     return target
+
+
+def architecture_distributions(spec: str) -> list[str]:
+    """The installed distributions providing the architecture's top-level module (their versions are what the
+    built model depends on besides its weights); [] when it is not installed."""
+    return sorted(metadata.packages_distributions().get(spec.partition(":")[0].split(".")[0], []))
 
 
 def build(architecture: str, args: dict[str, Any], where: str):

@@ -70,6 +70,13 @@ class FetchModelParams(StrictParams):
         return self
 
 
+def tools(params: FetchModelParams) -> tuple[str, ...]:
+    """The packages whose versions the fetched folder depends on: for torch_package also the architecture's."""
+    if params.source != "torch_package":
+        return TOOLS
+    return (*TOOLS, *torch_package.architecture_distributions(params.architecture))
+
+
 def resolve_source(params: FetchModelParams) -> Path:
     """Return the local folder the params point at (the weights file for `source: torch_package`), downloading
     only for `source: hub`."""
@@ -208,6 +215,8 @@ def _torch_package_folder(weights_path: Path, params: FetchModelParams, family: 
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dest / torch_package.WEIGHTS))
     config = {"model_type": torch_package.MODEL_TYPE, "architecture": params.architecture,
               "architecture_args": params.architecture_args, "shape_multiple": params.shape_multiple,
+              "architecture_packages": {d: metadata.version(d) for d in
+                                        torch_package.architecture_distributions(params.architecture)},
               "weights_package": params.weights_package,
               "weights_package_version": metadata.version(params.weights_package),
               "weights_file": params.weights_file, "weights_file_sha256": file_sha256(weights_path)}

@@ -16,7 +16,7 @@ from tiny_torch_arch import TinyConvNet
 
 from tasks.core.errors import InputError
 from tasks.families.image_classifier import FAMILY, ImageClassifierSettings
-from tasks.stages.fetch_model import FetchModelParams, resolve_source, run
+from tasks.stages.fetch_model import FetchModelParams, resolve_source, run, tools
 
 WEIGHTS = "tiny_weights/net.pth"
 SETTINGS = ImageClassifierSettings(preprocess={"resample": "bicubic", "mean": [0.498] * 3, "std": [0.502] * 3})
@@ -32,6 +32,7 @@ def _params(**kw) -> FetchModelParams:
 def weights_dist(tmp_path, monkeypatch):
     """An installed distribution `tiny-weights` (dist-info on sys.path) shipping tiny_weights/net.pth."""
     site = make_distribution(tmp_path / "site", "tiny-weights", [WEIGHTS])
+    make_distribution(site, "tiny-arch", ["tiny_torch_arch.py"])  # as if the architecture were installed
     (site / "tiny_weights").mkdir()
     torch.manual_seed(0)
     model = TinyConvNet(width=4).eval()
@@ -51,6 +52,7 @@ def test_writes_a_model_folder_the_family_loads_and_exports(weights_dist, tmp_pa
     config = json.loads((folder / "config.json").read_text())
     assert (config["architecture"], config["architecture_args"], config["shape_multiple"]) == (
         "tiny_torch_arch:TinyConvNet", {"width": 4}, 16)
+    assert config["architecture_packages"] == {"tiny-arch": "0.1.0"} and "tiny-arch" in tools(_params())
     assert json.loads((folder / "preprocess.json").read_text())["resample"] == "bicubic"
     assert payload["model_type"] == "edgeopt_torch" and payload["source"] == "torch_package"
 
