@@ -230,13 +230,16 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
             raise InputError(f"{path}: not found; fix {field_name} in params.yaml (relative to the project root)")
     for eval_set in cfg.evaluation.sets:
         check_columns(eval_set)
-    # The images a CSV names are read like files params name: inside the project or a read root.
-    listed = [*((f"evaluation.sets[{i}] ({s.name})", p) for i, s in enumerate(cfg.evaluation.sets)
-                for p in evaluation.listed_images(s, root)),
-              *((f"calibration_data.images[{i}]", p) for i, s in enumerate(cfg.calibration_data.images)
+    # The images a CSV names are read like files params name: inside the project or a read root, or inside the
+    # installed package the CSV names them in.
+    listed = [*((f"evaluation.sets[{i}] ({s.name})", getattr(s, "package", None), p)
+                for i, s in enumerate(cfg.evaluation.sets) for p in evaluation.listed_images(s, root)),
+              *((f"calibration_data.images[{i}]", s.package, p) for i, s in enumerate(cfg.calibration_data.images)
                 for p in image_files.listed_images(s, root))]
-    for where, image in listed:
-        if not any(image.resolve().is_relative_to(a) for a in allowed):
+    for where, package, image in listed:
+        if package and not image.resolve().is_relative_to(image_files.package_root(package)):
+            raise ConfigError(f"{where}: its CSV names {image}, outside package {package}; name files inside it")
+        if not package and not any(image.resolve().is_relative_to(a) for a in allowed):
             raise ConfigError(f"{where}: its CSV names {image}, outside the project; add its folder to "
                               "paths.read_roots in params.yaml to allow reading it")
     limit = FAMILIES.get(cfg.family.name).folder_max_shape(fetch_stage.config_folder(cfg.fetch_model))
@@ -247,7 +250,8 @@ def preflight(cfg: EdgeoptConfig, root: Path | None = None) -> None:
 
 def model_label(cfg: EdgeoptConfig) -> str:
     p = cfg.fetch_model
-    return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}"}[p.source]
+    return {"package": p.package, "path": Path(p.path or ".").name, "hub": f"{p.hub_id}@{p.revision}",
+            "torch_package": p.weights_package}[p.source]
 
 
 def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
@@ -260,7 +264,7 @@ def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
         inputs={"source_dir": fetch_stage.resolve_source(cfg.fetch_model)},
         params={"params": cfg.fetch_model, "family": cfg.family},
         code=stage_code("fetch_model", family_module(cfg)),
-        tools=fetch_stage.TOOLS,
+        tools=fetch_stage.tools(cfg.fetch_model),
     )
 
 

@@ -409,14 +409,20 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
 
 
 def merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied: mappings merge key by key, anything else is replaced."""
+    """`base` with `overrides` applied: mappings merge key by key, anything else is replaced. A mapping of another
+    kind (its `name` or `method` differs, e.g. another family or recipe) replaces the base's whole, since the old
+    kind's options would not fit it."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _other_kind(merged[key], value):
             merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _other_kind(base: dict, override: dict) -> bool:
+    return any(k in base and k in override and base[k] != override[k] for k in ("name", "method"))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

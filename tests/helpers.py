@@ -1,4 +1,5 @@
-"""What many tests share: sentences from the tiny vocabulary, running an ONNX model, quantizing a variant."""
+"""What many tests share: sentences from the tiny vocabulary, running an ONNX model, quantizing a variant, an
+installed distribution made on the spot."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ from pathlib import Path
 
 import numpy as np
 from tiny_models import WORDS
+
+
+def make_distribution(site: Path, name: str, files: list[str]) -> Path:
+    """A distribution `name` 0.1.0 (its dist-info in `site`, whose RECORD lists `files`) that importlib.metadata
+    finds once `site` is on sys.path (monkeypatch.syspath_prepend); the files themselves are the caller's."""
+    info = Path(site) / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    return Path(site)
 
 
 def sentences(n: int, seed: int, end: str = "") -> list[str]:

@@ -115,6 +115,7 @@ class LabelledImagesSet(_EvalSetBase):
     image: str = Field("path", description="column holding the image path")
     label: str = Field("label", description="column holding the label: a class name of the model or its index")
     metric: Literal["top1", "top5"] = "top1"
+    package: str | None = Field(None, description="the installed distribution the image paths are relative to")
     reader: ClassVar[str] = "csv"
 
     def files(self) -> dict[str, Path]:
@@ -143,6 +144,7 @@ class ImagesSet(_EvalSetBase):
     reader: Literal["folder", "csv"] = "folder"
     image: str = Field("path", description="csv: column holding the image path")
     metric: Literal["top1_agreement"] = "top1_agreement"
+    package: str | None = Field(None, description="csv: the installed distribution the image paths are relative to")
     needs_reference: ClassVar[bool] = True
 
     def files(self) -> dict[str, Path]:
@@ -152,7 +154,13 @@ class ImagesSet(_EvalSetBase):
         return [self.image] if self.reader == "csv" else []
 
     def source(self) -> image_files.ImageSource:
-        return image_files.ImageSource(path=self.path, format=self.reader, column=self.image)
+        return image_files.ImageSource(path=self.path, format=self.reader, column=self.image, package=self.package)
+
+    @model_validator(mode="after")
+    def _package_csv(self) -> ImagesSet:
+        if self.package and self.reader != "csv":
+            raise ValueError(f"{self.name}: package {self.package!r} needs reader: csv (a CSV of paths inside it)")
+        return self
 
 
 IMAGE_SETS = (LabelledImagesSet, ImageFolderSet, ImagesSet)
@@ -430,6 +438,9 @@ def image_labels(s: LabelledImagesSet | ImageFolderSet) -> pd.DataFrame:
         blank = frame[(frame["path"] == "") | (frame["label"] == "")]
         if not blank.empty:
             raise InputError(f"{s.path}: row {blank.index[0] + 2} has no image path or label; fill or remove it")
+        if s.package:
+            base = image_files.package_root(s.package)
+            frame["path"] = [str(image_files.resolve(p, base)) for p in frame["path"]]
         return frame
     root = image_files.resolve(s.path)
     classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -479,8 +490,8 @@ def listed_images(eval_set: EvalSet, root: Path | None = None) -> list[Path]:
     """The images a CSV-based image set names (each must exist), whose content its CSV's hash does not cover; []
     for a folder or a text set. `root`: the project root (None: paths stay relative to the working directory)."""
     if isinstance(eval_set, LabelledImagesSet):
-        return image_files.listed_images(
-            image_files.ImageSource(path=eval_set.path, format="csv", column=eval_set.image), root)
+        return image_files.listed_images(image_files.ImageSource(path=eval_set.path, format="csv",
+                                                                 column=eval_set.image, package=eval_set.package), root)
     return image_files.listed_images(eval_set.source(), root) if isinstance(eval_set, ImagesSet) else []
 
 

@@ -1,7 +1,9 @@
 """Image sources named in params (calibration images, evaluation images): listing, reading, content hashes.
 
 A source is a folder (every image file under it, sorted by relative path) or a CSV with a column of image
-paths. Paths in params and in a CSV are relative to the project root (or absolute). Reading applies the
+paths. Paths in params and in a CSV are relative to the project root (or absolute); with `package` set, a CSV's
+paths are relative to that installed distribution's root instead (found with importlib.metadata; the package is
+never imported), so a committed CSV can name photos a registry package ships without copying them. Reading applies the
 EXIF orientation and converts to RGB; a missing, truncated or unreadable file, or a pixel format an RGB
 model cannot take (CMYK, 16-bit, float), stops with a one-line `InputError` naming the file. Images are
 compared by the sha256 of their bytes (`image_sha256`), never by path: the same photo under two names is
@@ -10,6 +12,7 @@ the same image.
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -32,13 +35,31 @@ class ImageSource(StrictParams):
     recursive: bool = Field(True, description="folder: include images in sub-folders")
     extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, min_length=1, description="folder: file suffixes read")
     provenance: str | None = Field(None, description="where the images come from and their licence (recorded)")
+    package: str | None = Field(None, description="csv: the installed distribution the paths are relative to "
+                                "(e.g. ai-benchmark; never imported)")
 
     @model_validator(mode="after")
     def _extensions(self) -> ImageSource:
         bad = [e for e in self.extensions if not e.startswith(".") or e != e.lower()]
         if bad:
             raise ValueError(f"{self.path}: extensions {bad} must be lower-case suffixes with a dot, e.g. .jpg")
+        if self.package and self.format != "csv":
+            raise ValueError(f"{self.path}: package {self.package!r} needs format: csv (a CSV of paths inside it)")
         return self
+
+    def image_root(self, root: Path | None = None) -> Path | None:
+        """What the CSV's paths are relative to: the package's root, else the project root."""
+        return package_root(self.package) if self.package else root
+
+
+def package_root(package: str) -> Path:
+    """The folder an installed distribution's files are relative to (its metadata only; never imported)."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError as exc:
+        raise InputError(f"image package {package!r} is not installed; `pip install {package}` (or the project "
+                         "extra that pins it, e.g. pip install -e '.[lite0]')") from exc
+    return Path(dist.locate_file("")).resolve()
 
 
 def resolve(path: str | Path, root: Path | None = None) -> Path:
@@ -71,7 +92,7 @@ def list_images(source: ImageSource, path: Path | None = None, root: Path | None
     if source.format == "folder":
         images = list_folder(path, source.extensions, source.recursive)
     else:
-        images = list_csv(path, source.column, root)
+        images = list_csv(path, source.column, source.image_root(root))
     if not images:
         what = f"no {'/'.join(source.extensions)} files" if source.format == "folder" else f"no paths in column {source.column!r}"
         raise InputError(f"{path}: {what}; point the image source at images")
@@ -83,11 +104,12 @@ def listed_images(source: ImageSource, root: Path | None = None) -> list[Path]:
     does not: what a stage's cache key must also hash); [] for a folder."""
     if source.format == "folder":
         return []
-    images = list_csv(resolve(source.path, root), source.column, root)
+    images = list_csv(resolve(source.path, root), source.column, source.image_root(root))
     missing = [p for p in images if not p.is_file()]
     if missing:
+        relative = f"to package {source.package}" if source.package else "to the project root"
         raise InputError(f"{source.path}: image {missing[0]} not found (+{len(missing) - 1} more); fix the paths "
-                         "(relative to the project root) or remove the rows")
+                         f"(relative {relative}) or remove the rows")
     return images
 
 

@@ -80,8 +80,9 @@ class ModelFamily(Protocol):
     def folder_files(self, folder: Path) -> list[Path]:
         """Files of a model folder the pipeline keeps (config, preprocessor, weights, pooling config...)."""
 
-    def prepare_folder(self, folder: Path) -> None:
-        """Write what the family derives from a fetched folder's files (image_classifier: preprocess.json)."""
+    def prepare_folder(self, folder: Path, settings: FamilySettings) -> None:
+        """Write what the family derives from a fetched folder's files or its settings (image_classifier:
+        preprocess.json)."""
 
     def load_preprocessor(self, model_dir: Path) -> Any: ...
 

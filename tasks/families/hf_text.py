@@ -77,7 +77,7 @@ class HfTextFamily:
         top = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in KEPT_SUFFIXES]
         return top + [folder / f for f in SENTENCE_TRANSFORMERS_FILES if (folder / f).is_file()]
 
-    def prepare_folder(self, folder: Path) -> None:
+    def prepare_folder(self, folder: Path, settings: FamilySettings) -> None:
         """Nothing: a text folder is used as fetched."""
 
     # --------------------------------------------------------------- loading

@@ -1,9 +1,11 @@
 """Family `image_classifier`: a Hugging Face image classifier (`AutoModelForImageClassification`: ResNet,
-MobileNetV2, EfficientNet, ConvNeXt, ViT, ...).
+MobileNetV2, EfficientNet, ConvNeXt, ViT, ...), or a plain-PyTorch classifier fetched with `source:
+torch_package` (built from its architecture callable, weights loaded strictly: tasks.families.torch_package).
 
 The exported graph takes `pixel_values` float32 [1, 3, S, S] (NCHW) and gives the class logits; `seq_lens`
 are square image sizes S in pixels. Preprocessing is edgeopt's own spec, `preprocess.json` in the model
-folder (converted from the folder's Hugging Face `preprocessor_config.json` when the model is fetched), applied
+folder (`family.preprocess` when set, else converted from the folder's Hugging Face `preprocessor_config.json`
+when the model is fetched), applied
 with PIL and numpy at any S: resize (the short side to floor(S / crop_pct), then a centre crop of S; or
 `squash` to S x S), scale to 0-1, normalise by mean/std, CHW. The same spec runs in calibration, evaluation,
 benchmark and the deployed bundle, which therefore needs no transformers. Shapes are static only; images are
@@ -19,11 +21,16 @@ import math
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 
+from pydantic import Field
+
 from tasks.core.errors import InputError
+from tasks.core.params import StrictParams
+from tasks.families import torch_package
 from tasks.families.base import ExportSpec, FamilySettings, LoadedModel
 
 PREPROCESS = "preprocess.json"
@@ -34,8 +41,24 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 
 KEPT_SUFFIXES = {".json", ".safetensors"}
 
 
+class PreprocessSettings(StrictParams):
+    """preprocess.json written at fetch (see Preprocess), for a folder without a Hugging Face image processor."""
+
+    resize: Literal["shortest_edge", "squash"] = "shortest_edge"
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    resample: Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"] = "bilinear"
+    mean: tuple[float, float, float] = Field(description="on the 0-1 scale; (x-127)/128 is mean 127/255, std 128/255")
+    std: tuple[float, float, float] = Field(description="on the 0-1 scale")
+
+    def spec(self) -> Preprocess:
+        return Preprocess(self.resize, self.crop_pct, self.resample, self.mean, self.std)
+
+
 class ImageClassifierSettings(FamilySettings):
     name: Literal["image_classifier"] = "image_classifier"
+    preprocess: PreprocessSettings | None = Field(
+        None, description="the preprocessing written to preprocess.json at fetch (needed for source: torch_package); "
+                          "null: converted from the folder's preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -129,15 +152,19 @@ def _classifier_class():
     import torch
 
     class ImageClassifier(torch.nn.Module):
-        """HF image classifier returning its logits only (a ViT at another size interpolates its positions)."""
+        """An image classifier returning its logits only: an HF model's `.logits` (a ViT at another size
+        interpolates its positions), or a plain torch model's output."""
 
-        def __init__(self, model, native_size: int | None, interpolates: bool):
+        def __init__(self, model, native_size: int | None, interpolates: bool, hf: bool):
             super().__init__()
             self.model = model
             self.native_size = native_size
             self.interpolates = interpolates
+            self.hf = hf
 
         def forward(self, pixel_values):
+            if not self.hf:
+                return self.model(pixel_values)
             extra = {}
             if self.interpolates and pixel_values.shape[-1] != self.native_size:
                 extra["interpolate_pos_encoding"] = True
@@ -175,10 +202,15 @@ class ImageClassifierFamily:
     # --------------------------------------------------------------- folders
 
     def check_folder(self, folder: Path, config: dict, settings: FamilySettings) -> None:
-        """An image classifier transformers knows, with a preprocessing spec (ours or the HF processor's)."""
+        """An image classifier transformers knows, or a torch_package folder, with a preprocessing spec (ours or
+        the HF processor's)."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
         model_type = config.get("model_type")
+        if model_type == torch_package.MODEL_TYPE:
+            torch_package.check_config(config, folder / "config.json")
+            self.load_preprocessor(folder)
+            return
         heads = [a for a in config.get("architectures") or [] if a.endswith("ForImageClassification")]
         if model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or not heads:
             raise InputError(
@@ -191,9 +223,11 @@ class ImageClassifierFamily:
     def folder_files(self, folder: Path) -> list[Path]:
         return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix in KEPT_SUFFIXES]
 
-    def prepare_folder(self, folder: Path) -> None:
-        """Record the preprocessing as preprocess.json in a fetched folder (converted once from the HF config)."""
-        self.save_preprocessor(self.load_preprocessor(folder), folder)
+    def prepare_folder(self, folder: Path, settings: FamilySettings) -> None:
+        """Record the preprocessing as preprocess.json in a fetched folder: `settings.preprocess`, else converted
+        once from the HF config."""
+        preprocess = settings.preprocess.spec() if settings.preprocess else None
+        self.save_preprocessor(preprocess or self.load_preprocessor(folder), folder)
 
     # --------------------------------------------------------------- loading
 
@@ -220,6 +254,10 @@ class ImageClassifierFamily:
 
         model_dir = Path(model_dir)
         preprocess = self.load_preprocessor(model_dir)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        if config.get("model_type") == torch_package.MODEL_TYPE:
+            model = torch_package.load_folder(model_dir, config)
+            return LoadedModel(folder=model_dir, preprocessor=preprocess, model=model, config=SimpleNamespace(**config))
         try:
             model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -232,11 +270,16 @@ class ImageClassifierFamily:
         return None
 
     def check_shape(self, loaded: LoadedModel, shape: int) -> None:
-        """A patch model (ViT, ...) takes sizes that are multiples of its patch size."""
+        """A patch model (ViT, ...) takes sizes that are multiples of its patch size; a torch_package model
+        multiples of its `shape_multiple` (EfficientNet-Lite: 32, whose static SAME padding is exact only there)."""
         patch = getattr(loaded.config, "patch_size", None)
         if isinstance(patch, int) and shape % patch:
             raise InputError(f"seq_lens: {shape} px is not a multiple of the {loaded.config.model_type} patch size "
                              f"{patch}; use a multiple of {patch}")
+        multiple = getattr(loaded.config, "shape_multiple", 1)
+        if shape % multiple:
+            raise InputError(f"seq_lens: {shape} px is not a multiple of {multiple}, which "
+                             f"{loaded.config.architecture} needs (fetch_model.shape_multiple); use a multiple of {multiple}")
 
     def folder_max_shape(self, folder: Path) -> int | None:
         return None
@@ -245,9 +288,10 @@ class ImageClassifierFamily:
         """Logits of `pixel_values`; `.eval()` on the wrapper too (the ONNX export restores the wrapper's training
         flag recursively, which would switch batch norm to batch statistics)."""
         model = loaded.model
-        interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        hf = loaded.config.model_type != torch_package.MODEL_TYPE
+        interpolates = hf and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         native = getattr(loaded.config, "image_size", None)
-        return _classifier_class()(model, native, interpolates).eval(), ExportSpec((INPUT,), OUTPUT)
+        return _classifier_class()(model, native, interpolates, hf).eval(), ExportSpec((INPUT,), OUTPUT)
 
     def describe_export(self, model_dir: Path, settings: FamilySettings) -> dict:
         return {"classes": self.class_names(model_dir), "preprocess": asdict(self.load_preprocessor(model_dir))}

@@ -134,3 +134,29 @@ def test_the_images_a_csv_names_are_part_of_the_stage_keys(tmp_path, monkeypatch
     photos[1].unlink()
     with pytest.raises(InputError, match=rf"photos.csv: image photos/{photos[1].name} not found \(\+0 more\)"):
         reference(cfg, 32)
+
+
+def test_a_package_list_may_name_only_files_inside_that_package(tmp_path, monkeypatch):
+    from helpers import make_distribution
+
+    from flows.stages import preflight
+    from tasks.config import load_config
+    from tasks.core.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site"
+    photos = make_images(site / "photo_pkg", 3, seed=2)
+    make_distribution(site, "photo-pkg", [p.relative_to(site).as_posix() for p in photos])
+    monkeypatch.syspath_prepend(str(site))
+    pd.DataFrame({"path": [p.relative_to(site).as_posix() for p in photos]}).to_csv(tmp_path / "photos.csv", index=False)
+    params = _params(tmp_path, make_tiny_image_classifier(tmp_path / "models" / "resnet"))
+    params["evaluation"] = {"sets": [{"name": "photos", "format": "images", "path": "photos.csv", "reader": "csv",
+                                      "package": "photo-pkg"}]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    preflight(load_config(tmp_path / "params.yaml"))  # site-packages-like folder, outside the project: allowed
+    escaped = make_images(tmp_path / "elsewhere", 1)[0]
+    pd.DataFrame({"path": ["photo_pkg/" + photos[0].name, "../elsewhere/" + escaped.name]}).to_csv(
+        tmp_path / "photos.csv", index=False)
+    with pytest.raises(ConfigError, match=r"evaluation.sets\[0\] \(photos\): its CSV names .*img_0_000.png, outside "
+                                          r"package photo-pkg; name files inside it"):
+        preflight(load_config(tmp_path / "params.yaml"))

@@ -157,3 +157,12 @@ def test_overrides_merge_into_params_before_validation(tmp_path):
     assert cfg.seq_lens == [64] and cfg.benchmark.threads == 1 and cfg.benchmark.timed_runs == 60
     with pytest.raises(ConfigError, match="benchmark.threads"):
         load_config(path, overrides={"benchmark": {"threads": 0}})
+
+
+def test_a_mapping_of_another_kind_replaces_the_base_whole():
+    base = {"family": {"name": "sentence_encoder", "pooling": "auto"},
+            "variants": {"v": {"method": "ort_static", "op_types": ["MatMul"]}, "w": {"method": "none", "x": 1}}}
+    merged = merge(base, {"family": {"name": "image_classifier"},
+                          "variants": {"v": {"method": "ort_qnn"}, "w": {"y": 2}}})
+    assert merged["family"] == {"name": "image_classifier"}
+    assert merged["variants"] == {"v": {"method": "ort_qnn"}, "w": {"method": "none", "x": 1, "y": 2}}

@@ -114,3 +114,39 @@ def test_the_scorer_gives_each_agreement_set_its_own_fp32_rows(tmp_path, monkeyp
     short = Scorer(sets, reference[:5], tmp_path / "outputs.npy", [labelled, photos])
     with pytest.raises(InputError, match=r"evaluation set 'photos': 4 inputs, but the fp32 reference .* holds 2"):
         short.evaluations(outputs, "artifact")
+
+
+def test_csvs_name_photos_inside_an_installed_package(tmp_path, monkeypatch):
+    from helpers import make_distribution
+    from pydantic import ValidationError
+
+    from tasks.data.evaluation import listed_images
+    from tasks.data.images import ImageSource, list_images
+
+    site = tmp_path / "site"
+    photos = make_images(site / "photo_pkg" / "data", 3)
+    names = [p.relative_to(site).as_posix() for p in photos]
+    make_distribution(site, "photo-pkg", names)
+    monkeypatch.syspath_prepend(str(site))
+    pd.DataFrame({"path": names[:2]}).to_csv(tmp_path / "eval.csv", index=False)
+    pd.DataFrame({"path": names[2:], "label": ["3"]}).to_csv(tmp_path / "labelled.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+
+    images = ImagesSet(name="photos", path="eval.csv", reader="csv", package="photo-pkg")
+    assert listed_images(images) == [site.resolve() / n for n in names[:2]]
+    assert list(image_hashes(images).values()) == [str(site.resolve() / n) for n in names[:2]]
+    labelled = LabelledImagesSet(name="labelled", path="labelled.csv", package="photo-pkg")
+    data = load(labelled, [])
+    assert data.inputs == [str(site.resolve() / names[2])] and data.score(_onehot([3])) == 100.0
+    calib = ImageSource(path="eval.csv", format="csv", package="photo-pkg")
+    assert list_images(calib) == [site.resolve() / n for n in names[:2]]
+
+    with pytest.raises(InputError, match=r"image package 'gone-pkg' is not installed; `pip install gone-pkg`"):
+        list_images(ImageSource(path="eval.csv", format="csv", package="gone-pkg"))
+    pd.DataFrame({"path": ["photo_pkg/data/missing.png"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match=r"missing.png not found .*\(relative to package photo-pkg\)"):
+        listed_images(ImagesSet(name="bad", path="bad.csv", reader="csv", package="photo-pkg"))
+    with pytest.raises(ValidationError, match="package 'photo-pkg' needs reader: csv"):
+        ImagesSet(name="f", path="photos", package="photo-pkg")
+    with pytest.raises(ValidationError, match="package 'photo-pkg' needs format: csv"):
+        ImageSource(path="photos", format="folder", package="photo-pkg")
