@@ -82,8 +82,9 @@ def one_closure_per_stage() -> Iterator[None]:
     otherwise be stamped with the edited code's key after running what this process loaded at the start."""
     root = project_root()
     token = _run_closures.set({})
-    code_token = _run_code.set({f.relative_to(root).as_posix(): fingerprint.file_sha256(f)
-                                for package in PACKAGES for f in sorted((root / package).rglob("*.py"))})
+    # Relative to the working directory, as the stage keys read them (a run chdirs to its project first).
+    names = [f.relative_to(root).as_posix() for package in PACKAGES for f in sorted((root / package).rglob("*.py"))]
+    code_token = _run_code.set({name: fingerprint.file_sha256(Path(name)) for name in names if Path(name).is_file()})
     try:
         yield
     finally:

@@ -3,6 +3,7 @@ never imported) plus an architecture callable params name; weights-only loading,
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import sys
@@ -40,6 +41,7 @@ def weights_dist(tmp_path, monkeypatch):
         model.bn.running_mean.uniform_(-1, 1)
     torch.save(model.state_dict(), site / WEIGHTS)
     monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()  # importlib.metadata caches what it found on sys.path earlier in the session
     return site / WEIGHTS, model
 
 
