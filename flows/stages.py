@@ -70,8 +70,13 @@ STAGE_MODULES = {
 
 
 _run_closures: ContextVar[dict[tuple[str, ...], tuple[str, ...]] | None] = ContextVar("run_closures", default=None)
-_run_code: ContextVar[dict[str, str] | None] = ContextVar("run_code", default=None)
-"""Within a run: every project source file's sha256 when the run started."""
+_run_code: ContextVar[dict[str, tuple[tuple[int, int], str]] | None] = ContextVar("run_code", default=None)
+"""Within a run: every project source file's (mtime_ns, size) and sha256 when the run started."""
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 @contextlib.contextmanager
@@ -84,7 +89,8 @@ def one_closure_per_stage() -> Iterator[None]:
     token = _run_closures.set({})
     # Relative to the working directory, as the stage keys read them (a run chdirs to its project first).
     names = [f.relative_to(root).as_posix() for package in PACKAGES for f in sorted((root / package).rglob("*.py"))]
-    code_token = _run_code.set({name: fingerprint.file_sha256(Path(name)) for name in names if Path(name).is_file()})
+    code_token = _run_code.set({name: (_stat(Path(name)), fingerprint.file_sha256(Path(name)))
+                                for name in names if Path(name).is_file()})
     try:
         yield
     finally:
@@ -98,7 +104,8 @@ def check_code_unchanged(code: tuple[str, ...]) -> None:
     if started is None:
         return
     for name in code:
-        if started.get(name) != fingerprint.file_sha256(Path(name)):
+        stat, sha = started.get(name, (None, None))
+        if _stat(Path(name)) != stat and fingerprint.file_sha256(Path(name)) != sha:  # hashed only when touched
             raise StageError(f"{name} changed while this run was going: its stages would be recorded with code they "
                              "did not run; let the run finish before editing, then run again")
 
@@ -487,6 +494,8 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
         for job_target, folder in compiled_for(cfg, model, target, shape, out).items():
             compiled.setdefault(job_target, {})[shape] = folder
     sources = {shape: variant_artifact(cfg, model, target.variant, shape, out) for shape in shapes}
+    # Only this target's pinning keys the stage (and only for a dynamic variant, the one thing pinned).
+    pinned = {target.device: cfg.bundle.pinned[target.device]} if dynamic and target.device in cfg.bundle.pinned else {}
     text = cfg.report.seq_len_choice.text
     return StageCall(
         stage="bundle",
@@ -501,9 +510,7 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
         },
         watch={**eval_files(cfg), **{f"source_{s}": path for s, path in sources.items()},
                **{f"compiled_{t}_{s}": d for t, by_shape in compiled.items() for s, d in by_shape.items()}},
-        params={"params": cfg.bundle.model_copy(update={
-                    "buckets": {target.device: shapes},
-                    "pinned": {target.device: cfg.bundle.pinned[target.device]} if dynamic and target.device in cfg.bundle.pinned else {}}),
+        params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}, "pinned": pinned}),
                 "text_source": text,
                 "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),
                 "evaluation_params": cfg.evaluation, "family": cfg.family},

@@ -46,8 +46,8 @@ def measure(request: dict) -> dict:
     # the inputs at it only).
     runs_on = {p: Bundle.load(request["bundle"], threads, cache_dir=cache_dir, pinned=False) if p == FREE else bundle
                for p in policies}
-    shapes = {p: runs_on[p].routes(samples).shapes if p in (BUCKETS, FREE) else np.full(len(samples), p)
-              for p in policies}
+    shapes = {p: routes.shapes if p == BUCKETS else runs_on[p].routes(samples).shapes if p == FREE
+              else np.full(len(samples), p) for p in policies}
     feeds = {p: bundle.feeds_at(samples, shapes[p]) for p in policies}
     models = {(p, int(s)): runs_on[p].model(int(s)) for p in policies for s in np.unique(shapes[p])}
     firsts: dict[object, tuple] = {}  # model -> (policy, input) of its first feed: what warms it up

@@ -142,9 +142,12 @@ def test_a_stage_whose_code_was_edited_during_the_run_is_refused_before_it_runs(
     call = next(c for c in flow_calls.values() if c.stage == "bundle")
     edited = call.code[0]
     with stages.one_closure_per_stage():
-        assert stages._run_code.get()[edited] == fingerprint.file_sha256(Path(edited))
+        sha = fingerprint.file_sha256(Path(edited))
+        assert stages._run_code.get()[edited][1] == sha
         stages.check_code_unchanged(call.code)  # unchanged: nothing to say
-        monkeypatch.setitem(stages._run_code.get(), edited, "0" * 64)  # as if the file changed after the start
+        monkeypatch.setitem(stages._run_code.get(), edited, ((0, 0), sha))  # touched, same content: still the code
+        stages.check_code_unchanged(call.code)
+        monkeypatch.setitem(stages._run_code.get(), edited, ((0, 0), "0" * 64))  # as if edited after the start
         fresh = dataclasses.replace(call)
         with pytest.raises(StageError, match=f"^{edited} changed while this run was going"):
             fresh.key  # noqa: B018 (the property is the check)
