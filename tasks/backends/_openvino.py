@@ -231,7 +231,9 @@ class OpenVinoModel:
         # Casts int64 token arrays to the declared dtypes and builds attention_bias / pooling_mask
         # when graph surgery replaced the mask chain by float inputs.
         tensors = build_feeds(self.args, feed, mask_fill_value=self.mask_fill_value)
-        result = self.request.infer({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        # Shared, not copied: infer is synchronous and the output is copied out before the next call.
+        result = self.request.infer({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                    share_inputs=True, share_outputs=True)
         return np.array(result[self.output], copy=True)
 
 
