@@ -18,6 +18,9 @@
    multiple of `multiple` (CPU convolution kernels block channels by 8 or 16) and at least `multiple`.
 5. Slicing (ours, not torch-pruning's, so a saved model reloads without it): each convolution, BatchNorm and
    linear layer keeps the recorded original indices of its output and input channels, in order.
+6. BatchNorm recalibration (the stage's `distill.recalibrate_bn`): a layer that lost input channels no longer
+   produces the dense statistics its BatchNorm holds; re-estimating them on the training images recovers most
+   of what slicing loses before any distillation.
 
 A pruned model is saved with the dense model's `config.json`, its pruned weights and `prune.json`: per
 layer (dotted module name) the original indices of the kept output (`out`) and input (`in`) channels.
@@ -236,6 +239,27 @@ def apply_plan(model, plan: dict) -> None:
         raise InputError(f"prune.json: no layer {missing[0]!r} in the model; re-run the prune stage")
     for name, sides in plan.items():
         _slice(modules[name], sides.get("out"), sides.get("in"))
+
+
+def recalibrate_bn(module, batches) -> None:
+    """Every BatchNorm's running mean and variance re-estimated as the plain average over `batches` (dicts of
+    the module's inputs), weights unchanged; the module is left in eval mode."""
+    import torch
+
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+    module.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(**batch)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        module.eval()
 
 
 def shapes(model) -> dict[str, list[int]]:

@@ -42,6 +42,9 @@ class DistillSettings(StrictParams):
     augment_views: int = Field(0, ge=0, le=64, description="images: seeded random views (crop of 35-100 % of the area, "
                                "horizontal flip) of every training image added to it, the teacher's outputs on each")
     image_size: int | None = Field(None, ge=8, description="images: distil at this size (null: the first of seq_lens)")
+    recalibrate_bn: bool = Field(True, description="images: after slicing, re-estimate every BatchNorm's running "
+                                 "statistics on the training images (and views) before distilling; a pruned "
+                                 "layer's inputs no longer have the dense statistics")
     train_embeddings: bool = Field(
         False,
         description="also train the (unpruned) embedding tables; off: the 30k-row word table would dominate "

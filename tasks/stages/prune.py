@@ -53,7 +53,7 @@ MODEL_SUBDIR = "model"
 ENCODER_ONLY = ("head_ratio", "ffn_ratio", "importance", "importance_sentences", "ffn_multiple")
 ENCODER_ONLY_DISTILL = ("max_tokens", "train_embeddings", "cosine_weight", "mse_weight")
 IMAGE_ONLY = ("channel_ratio", "channel_multiple", "residual")
-IMAGE_ONLY_DISTILL = ("augment_views", "image_size")
+IMAGE_ONLY_DISTILL = ("augment_views", "image_size", "recalibrate_bn")
 
 
 class PruneLevel(StrictParams):
@@ -331,6 +331,10 @@ def prune_channels(impl, family: FamilySettings, teacher: LoadedModel, student: 
     plan = channel_pruning.select(student.model, chosen, settings.channel_ratio, settings.scope, settings.channel_multiple)
     channel_pruning.apply_plan(student.model, plan)
     importance_s = time.perf_counter() - t0
+    held_sliced = embed_all(student_out, heldout, collate, d.batch_size)
+    if d.recalibrate_bn:
+        channel_pruning.recalibrate_bn(student_out, [collate(train[i : i + d.batch_size]) for i in
+                                                     range(0, len(train), d.batch_size)])
 
     t0 = time.perf_counter()
     if "heldout" not in cached:
@@ -369,6 +373,7 @@ def prune_channels(impl, family: FamilySettings, teacher: LoadedModel, student: 
             "threads": torch.get_num_threads(),
         },
         "heldout_agreement_with_dense": {
+            "sliced": {**_agreement(held_sliced, held_teacher), "top1": _top1(held_sliced, held_teacher)},
             "before_distill": {**_agreement(held_before, held_teacher), "top1": _top1(held_before, held_teacher)},
             "after_distill": {**_agreement(held_after, held_teacher), "top1": _top1(held_after, held_teacher)},
         },

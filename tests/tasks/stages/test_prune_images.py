@@ -71,7 +71,9 @@ def test_channels_shrink_by_the_ratio_and_the_folder_reloads_and_exports(tmp_pat
     assert payload["groups"]["left_whole"], "residual groups stay whole by default"
     # The classifier keeps its classes; the folder exports and ONNX Runtime agrees with torch.
     assert FAMILY.class_names(folder) == FAMILY.class_names(model)
-    record = export(folder, 32, ExportOnnxParams(), SETTINGS, tmp_path / "model.onnx")
+    # Random weights and BatchNorm statistics re-estimated on 8 random images give large logits: the absolute bar
+    # is loosened, the cosine bar (0.9999) is not.
+    record = export(folder, 32, ExportOnnxParams(verify_max_abs_err=1e-3), SETTINGS, tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx").is_file() and record
 
 
