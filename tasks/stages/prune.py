@@ -325,9 +325,13 @@ def prune_channels(impl, family: FamilySettings, teacher: LoadedModel, student: 
     example = next(iter(collate(train[:1]).values()))
     groups = channel_pruning.analyse(student_out, student.model, example)
     chosen = channel_pruning.prunable(groups, settings.residual)
+    if not groups:
+        raise InputError("prune: this model has no convolution whose output channels can be pruned (e.g. a ViT: its "
+                         "only convolution feeds the residual stream through LayerNorms); use models: [dense]")
     if not chosen:
-        raise InputError(f"prune: no convolution channel group of this model can be pruned ({len(groups)} groups, "
-                         f"{sum(g.residual for g in groups)} shared by residual adds); set residual: true or use models: [dense]")
+        raise InputError(f"prune: none of the model's {len(groups)} convolution channel groups can be pruned "
+                         f"({sum(g.residual for g in groups)} shared by residual adds, the rest hold layers this "
+                         "cannot slice); set residual: true or use models: [dense]")
     plan = channel_pruning.select(student.model, chosen, settings.channel_ratio, settings.scope, settings.channel_multiple)
     channel_pruning.apply_plan(student.model, plan)
     importance_s = time.perf_counter() - t0

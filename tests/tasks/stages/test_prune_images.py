@@ -143,6 +143,12 @@ def test_pruning_settings_of_the_other_kind_of_model_are_one_line(tmp_path, monk
                         evaluation_params=EVAL, accuracy_budget=1.0, seq_lens=[16], out_dir=tmp_path / "o", key="k")
 
 
+def test_a_model_without_prunable_convolution_channels_is_one_line(tmp_path):
+    model = make_tiny_image_classifier(tmp_path / "m", "vit")
+    with pytest.raises(InputError, match=r"^prune: this model has no convolution whose output channels can be pruned \(e.g. a ViT"):
+        _run(tmp_path, model, "pruned", PRUNE, _pool(tmp_path))
+
+
 def test_too_few_images_for_the_heldout_share_is_one_line(tmp_path):
     model = make_tiny_image_classifier(tmp_path / "m", "resnet")
     settings = PRUNE.model_copy(update={"distill": PRUNE.distill.model_copy(update={"heldout_sentences": 10})})
