@@ -227,7 +227,9 @@ def plot_prune_search(searched: pd.DataFrame, budget: float) -> str:
             ax.axvline(100 * r.encoder_weights_kept, color="#55a868", linewidth=1, label="kept level")
         ax.axhline(budget, color="#c44e52", linestyle="--", linewidth=1.2, label=f"accuracy budget ({budget:g})")
         for r in rows.drop_duplicates("level").itertuples():
-            ax.annotate(f"heads -{r.head_ratio:.0%}\nFFN -{r.ffn_ratio:.0%}",
+            label = (f"channels -{r.channel_ratio:.0%}" if getattr(r, "channel_ratio", 0) > 0
+                     else f"heads -{r.head_ratio:.0%}\nFFN -{r.ffn_ratio:.0%}")
+            ax.annotate(label,
                         (100 * r.encoder_weights_kept, rows[rows["level"] == r.level]["drop"].max()),
                         textcoords="offset points", xytext=(4, 6), fontsize=7)
         ax.set_xlabel("encoder weights kept, % (fewer = faster)")
@@ -397,8 +399,12 @@ def prune_search_table(searched: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, level), group in searched.groupby(["model", "level"], sort=False):
         first = group.iloc[0]
-        row = {"model": model, "level": int(level), "heads removed": f"{first['head_ratio']:.0%}",
-               "FFN removed": f"{first['ffn_ratio']:.0%}", "encoder weights kept": f"{first['encoder_weights_kept']:.0%}"}
+        if first.get("channel_ratio", 0) > 0:  # an image classifier: convolution channels, all its weights
+            row = {"model": model, "level": int(level), "channels removed": f"{first['channel_ratio']:.0%}",
+                   "weights kept": f"{first['encoder_weights_kept']:.0%}"}
+        else:
+            row = {"model": model, "level": int(level), "heads removed": f"{first['head_ratio']:.0%}",
+                   "FFN removed": f"{first['ffn_ratio']:.0%}", "encoder weights kept": f"{first['encoder_weights_kept']:.0%}"}
         for r in group.itertuples():
             row[f"{r.eval_set} @ {r.seq_len}"] = f"{r.metric_value:.2f} ({-r.drop:+.2f})"
         row["within budget on every set"] = _fmt(bool(first["level_within_budget"]))

@@ -59,6 +59,7 @@ def document(cfg: EdgeoptConfig) -> dict:
     compilers = [BACKENDS.module_of(name) for name in compile_devices()]
     fetched = "artifacts/fetch_model/model"
     family = FAMILIES.get(cfg.family.name)
+    pool = "image_pool.csv" if family.modality == "image" else "text_pool.csv"
     # The images a CSV names are deps of their own (the CSV's hash does not cover them).
     eval_files = [Path(p).as_posix() for s in cfg.evaluation.sets for p in [*s.files().values(), *listed_images(s)]]
     first_set = [Path(p).as_posix() for p in cfg.evaluation.sets[0].files().values()]
@@ -90,9 +91,9 @@ def document(cfg: EdgeoptConfig) -> dict:
             "foreach": "${models}",
             "do": {
                 "cmd": "edgeopt stage prune --model ${item}",
-                # Every model but dense (which prunes nothing) distils on the text pool; DVC cannot pick
-                # deps per item, so dense lists it too. A family without pruning passes dense through.
-                "deps": [fetched, *(["artifacts/calibration_data/text_pool.csv"] if family.prunable else []),
+                # Every model but dense (which prunes nothing) distils on the text (or image) pool; DVC cannot
+                # pick deps per item, so dense lists it too. A family without pruning passes dense through.
+                "deps": [fetched, *([f"artifacts/calibration_data/{pool}"] if family.prunable else []),
                          *eval_files, *_code("prune", families)],
                 # A search scores each level on the evaluation sets against the budget, at every length.
                 "params": ["prune.models.${item}", "family", "evaluation", "report.accuracy_budget", "seq_lens"],

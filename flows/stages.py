@@ -278,7 +278,8 @@ def fetch_model(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
 
 def prune(cfg: EdgeoptConfig, model: str, out: Catalog = MAIN) -> StageCall:
     settings = cfg.prune.model(model)
-    text = out.calibration_data_dir() / calibration_stage.TEXT_POOL if prune_stage.needs_text(settings) else None
+    pool = calibration_stage.IMAGE_POOL if FAMILIES.get(cfg.family.name).modality == "image" else calibration_stage.TEXT_POOL
+    text = out.calibration_data_dir() / pool if prune_stage.needs_text(settings) else None
     return StageCall(
         stage="prune",
         name=catalog.dvc_stage_name("prune", model=model),

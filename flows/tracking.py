@@ -371,6 +371,7 @@ def headline_metrics(rows: list[dict], summary: dict, seconds: float) -> dict[st
         if verdict["chosen"]:
             metrics[f"prune/{model}/head_ratio"] = verdict["chosen"]["head_ratio"]
             metrics[f"prune/{model}/ffn_ratio"] = verdict["chosen"]["ffn_ratio"]
+            metrics[f"prune/{model}/channel_ratio"] = verdict["chosen"].get("channel_ratio", 0.0)
     for r in rows:
         path = f"{r['model']}/{r['variant']}/{r['device']}/{r['target']}/{r['seq_len']}"
         metrics[f"p50_ms/{path}"] = r["latency_p50_ms"]

@@ -31,7 +31,7 @@ from tasks.stages.export_onnx import ExportOnnxParams
 from tasks.stages.fetch_model import FetchModelParams
 from tasks.stages.graph_surgery import GraphSurgeryParams
 from tasks.stages.latency_curve import LatencyCurveParams, Target
-from tasks.stages.prune import PruneParams
+from tasks.stages.prune import PruneParams, misplaced_message
 from tasks.stages.quantize import QuantizeParams
 from tasks.stages.reference import ReferenceParams
 from tasks.stages.report import ReportParams
@@ -358,7 +358,7 @@ class EdgeoptConfig(StrictParams):
 
     @model_validator(mode="after")
     def _inputs_fit_family(self) -> EdgeoptConfig:
-        """The family's modality decides what calibrates it; pruning is for text families only (for now)."""
+        """The family's modality decides what calibrates it and which prune settings apply."""
         modality = FAMILIES.get(self.family.name).modality
         if modality == "image" and self.calibration_data.sources:
             raise ValueError(f"calibration_data.sources: family {self.family.name} calibrates on images; replace "
@@ -366,10 +366,10 @@ class EdgeoptConfig(StrictParams):
         if modality != "image" and self.calibration_data.images:
             raise ValueError(f"calibration_data.images: family {self.family.name} calibrates on text; replace images "
                              "by calibration_data.sources (text files)")
-        pruned = [m for m in self.models if self.prune.model(m).prunes]
-        if modality == "image" and pruned:
-            raise ValueError(f"models: {pruned} are pruned; pruning image classifiers is not supported yet; use "
-                             "models: [dense]")
+        for model in self.models:  # the models run (an unused entry may be inherited from another family's params)
+            misplaced = self.prune.model(model).misplaced(modality)
+            if misplaced:
+                raise ValueError(misplaced_message(model, misplaced, self.family.name, modality))
         return self
 
     @model_validator(mode="after")

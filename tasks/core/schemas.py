@@ -264,6 +264,7 @@ PRUNE_SEARCH = pa.DataFrameSchema(
         "level": pa.Column(int, pa.Check.ge(1)),
         "head_ratio": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
         "ffn_ratio": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "channel_ratio": pa.Column(float, pa.Check.in_range(0.0, 1.0)),  # image classifiers: convolution channels
         "distill_steps": pa.Column(float, nullable=True),
         "encoder_weights_kept": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
         "eval_set": pa.Column(str),

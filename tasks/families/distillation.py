@@ -35,7 +35,16 @@ class DistillSettings(StrictParams):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (L2 norm over all weights)")
     cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cos(student, teacher)")
     mse_weight: float = Field(0.0, ge=0, description="weight of the MSE between the normalised embeddings")
-    heldout_sentences: int = Field(500, ge=1, description="text rows kept out of training for the cosine check")
+    heldout_sentences: int = Field(500, ge=1, description="samples (text rows, images) kept out of training for the "
+                                   "agreement check")
+    temperature: float = Field(1.0, gt=0, le=20, description="classifiers: the KL divergence compares the class "
+                               "distributions of logits / temperature (scaled by temperature^2)")
+    augment_views: int = Field(0, ge=0, le=64, description="images: seeded random views (crop of 35-100 % of the area, "
+                               "horizontal flip) of every training image added to it, the teacher's outputs on each")
+    image_size: int | None = Field(None, ge=8, description="images: distil at this size (null: the first of seq_lens)")
+    recalibrate_bn: bool = Field(True, description="images: after slicing, re-estimate every BatchNorm's running "
+                                 "statistics on the training images (and views) before distilling; a pruned "
+                                 "layer's inputs no longer have the dense statistics")
     train_embeddings: bool = Field(
         False,
         description="also train the (unpruned) embedding tables; off: the 30k-row word table would dominate "
@@ -130,6 +139,22 @@ def distill(
         for weight in student.parameters():
             weight.requires_grad_(True)
     return losses
+
+
+def kl_loss(temperature: float) -> Loss:
+    """KL divergence of the student's class distribution from the teacher's, both softened by `temperature`,
+    scaled by temperature^2 (Hinton et al. 2015: the gradients keep their size)."""
+    import torch
+
+    def loss(student, teacher):
+        if temperature == 1.0:  # as before temperatures existed, bit for bit
+            return torch.nn.functional.kl_div(torch.log_softmax(student, dim=1), torch.log_softmax(teacher, dim=1),
+                                              log_target=True, reduction="batchmean")
+        return torch.nn.functional.kl_div(
+            torch.log_softmax(student / temperature, dim=1), torch.log_softmax(teacher / temperature, dim=1),
+            log_target=True, reduction="batchmean") * temperature**2
+
+    return loss
 
 
 def curve(losses: list[float]) -> list[dict]:

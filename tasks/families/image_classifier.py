@@ -11,6 +11,11 @@ with PIL and numpy at any S: resize (the short side to floor(S / crop_pct), then
 benchmark and the deployed bundle, which therefore needs no transformers. Shapes are static only; images are
 resized, never truncated, so every image has input length 0 (no shape routes by size). Scored on labelled
 images (top-1/top-5 accuracy) or, without labels, on top-1 agreement with the fp32 model.
+
+Pruning removes whole convolution output channels (tasks.families.channel_pruning); a pruned folder holds the
+dense config.json, the pruned weights and prune.json, and loads by rebuilding the dense architecture, slicing
+it to the recorded channels and loading the weights strictly. Recovery distils the class distribution (KL
+divergence at a temperature) on the calibration images, optionally on seeded random views of them (`augment`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pydantic import Field
 
 from tasks.core.errors import InputError
 from tasks.core.params import StrictParams
-from tasks.families import torch_package
+from tasks.families import channel_pruning, torch_package
 from tasks.families.base import ExportSpec, FamilySettings, LoadedModel
 
 PREPROCESS = "preprocess.json"
@@ -39,6 +44,12 @@ INPUT = "pixel_values"
 OUTPUT = "logits"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 KEPT_SUFFIXES = {".json", ".safetensors"}
+# Distillation views (`augment`): a crop of this share of the image's area (uniform), of an aspect ratio between
+# these (log-uniform), flipped left-right with probability FLIP (the usual Inception-style crop, made gentler).
+VIEW_AREA = (0.35, 1.0)
+VIEW_ASPECT = (3 / 4, 4 / 3)
+VIEW_FLIP = 0.5
+VIEW_TRIES = 10
 
 
 class PreprocessSettings(StrictParams):
@@ -197,7 +208,7 @@ class ImageClassifierFamily:
     dynamic_axis = None
     output_kind = "logits"
     eval_formats = ("image_folder", "labelled_images", "images")
-    prunable = False
+    prunable = True
 
     # --------------------------------------------------------------- folders
 
@@ -255,9 +266,14 @@ class ImageClassifierFamily:
         model_dir = Path(model_dir)
         preprocess = self.load_preprocessor(model_dir)
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        plan = channel_pruning.read_spec(model_dir)
+        reshape = None if plan is None else (lambda model: channel_pruning.apply_plan(model, plan))
         if config.get("model_type") == torch_package.MODEL_TYPE:
-            model = torch_package.load_folder(model_dir, config)
+            model = torch_package.load_folder(model_dir, config, reshape)
             return LoadedModel(folder=model_dir, preprocessor=preprocess, model=model, config=SimpleNamespace(**config))
+        if plan is not None:
+            model = self._load_pruned_hf(model_dir, plan, attn_implementation)
+            return LoadedModel(folder=model_dir, preprocessor=preprocess, model=model, config=model.config)
         try:
             model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -265,6 +281,24 @@ class ImageClassifierFamily:
             raise InputError(f"{model_dir}: cannot load the image classifier ({first}); fix the model folder that "
                              "fetch_model reads") from exc
         return LoadedModel(folder=model_dir, preprocessor=preprocess, model=model.eval(), config=model.config)
+
+    @staticmethod
+    def _load_pruned_hf(model_dir: Path, plan: dict, attn_implementation: str):
+        """A pruned HF folder: the architecture from config.json, sliced per prune.json, weights loaded strictly."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(model_dir),
+                                                            attn_implementation=attn_implementation)
+        channel_pruning.apply_plan(model, plan)
+        path = model_dir / channel_pruning.WEIGHTS
+        try:
+            model.load_state_dict(load_file(str(path)), strict=True)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise InputError(f"{path}: does not match {channel_pruning.PRUNE_JSON} ({first}); re-run the prune stage") from exc
+        return model.eval()
 
     def max_shape(self, loaded: LoadedModel) -> int | None:
         return None
@@ -330,10 +364,53 @@ class ImageClassifierFamily:
         """Zero for every image: images are resized to any size, never truncated."""
         return np.zeros(len(samples), dtype=np.int64)
 
-    # --------------------------------------------------------------- pruning (not yet: no encode/collate/distill_loss)
+    # --------------------------------------------------------------- pruning
 
-    def pruning_layout(self, config: Any):
-        raise InputError("pruning image classifiers is not supported yet; use models: [dense]")
+    def pruning_layout(self, config: Any) -> channel_pruning.ChannelLayout:
+        """Convolution output channels (any CNN torch-pruning can trace; tasks.families.channel_pruning)."""
+        return channel_pruning.ChannelLayout()
+
+    def encode(self, preprocess: Preprocess, samples: list, max_shape: int) -> list:
+        """`pixel_values` rows [3, S, S] of the images at S = `max_shape`."""
+        return list(self.samples(preprocess, samples, max_shape)[INPUT])
+
+    def augment(self, preprocess: Preprocess, samples: list, size: int, views: int, seed: int) -> list:
+        """`views` seeded random views of every image (module constants VIEW_*), preprocessed like the originals."""
+        from PIL import Image
+
+        from tasks.data.images import read_image, resolve
+
+        rng = np.random.default_rng(seed)
+        rows = []
+        for sample in samples:
+            image = sample.convert("RGB") if isinstance(sample, Image.Image) else read_image(resolve(sample))
+            width, height = image.size
+            for _ in range(views):
+                box = (0, 0, width, height)
+                for _ in range(VIEW_TRIES):
+                    area = width * height * rng.uniform(*VIEW_AREA)
+                    aspect = math.exp(rng.uniform(math.log(VIEW_ASPECT[0]), math.log(VIEW_ASPECT[1])))
+                    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+                    if 0 < w <= width and 0 < h <= height:
+                        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                        box = (left, top, left + w, top + h)
+                        break
+                view = image.crop(box)
+                if rng.uniform() < VIEW_FLIP:
+                    view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                rows.append(preprocess.apply(view, size))
+        return rows
+
+    def collate(self, encoded: list, pad_id: int | None = None) -> dict:
+        import torch
+
+        return {INPUT: torch.from_numpy(np.stack(encoded))}
+
+    def distill_loss(self, settings, module):
+        """KL divergence of the student's class distribution from the teacher's, at `settings.temperature`."""
+        from tasks.families.distillation import kl_loss
+
+        return kl_loss(settings.temperature)
 
     def quantization_hints(self) -> None:
         return None

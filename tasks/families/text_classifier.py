@@ -14,6 +14,7 @@ from typing import Literal
 
 from tasks.core.errors import InputError
 from tasks.families.base import ExportSpec, FamilySettings, LoadedModel
+from tasks.families.distillation import kl_loss
 from tasks.families.hf_text import HfTextFamily
 
 
@@ -72,16 +73,8 @@ class TextClassifierFamily(HfTextFamily):
         return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
 
     def distill_loss(self, settings, module):
-        """KL divergence of the student's class distribution from the teacher's."""
-        import torch
-
-        def loss(student, teacher):
-            return torch.nn.functional.kl_div(
-                torch.log_softmax(student, dim=1), torch.log_softmax(teacher, dim=1), log_target=True,
-                reduction="batchmean",
-            )
-
-        return loss
+        """KL divergence of the student's class distribution from the teacher's (at `settings.temperature`)."""
+        return kl_loss(settings.temperature)
 
 
 FAMILY = TextClassifierFamily()

@@ -87,14 +87,17 @@ def check_config(config: dict, path: Path) -> None:
                          "'architecture_args' (an object); fetch the model again")
 
 
-def load_folder(folder: Path, config: dict):
-    """The model of a torch_package folder: built from its config, weights loaded strictly (eval mode)."""
+def load_folder(folder: Path, config: dict, reshape=None):
+    """The model of a torch_package folder: built from its config, weights loaded strictly (eval mode).
+    `reshape(model)`: changes the built model's shapes before the weights load (a pruned folder's channels)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     check_config(config, folder / "config.json")
     model = build(config["architecture"], config.get("architecture_args", {}), f"{folder / 'config.json'}")
+    if reshape is not None:
+        reshape(model)
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:

@@ -276,7 +276,8 @@ def collect_prune_search(prune_dirs: list[Path]) -> tuple[pd.DataFrame, dict]:
                 eval_set, seq_len = where.rsplit("@", 1)
                 rows.append({
                     "model": stamp["model"], "level": i + 1, "head_ratio": level["head_ratio"],
-                    "ffn_ratio": level["ffn_ratio"], "distill_steps": level["distill_steps"],
+                    "ffn_ratio": level["ffn_ratio"], "channel_ratio": level.get("channel_ratio", 0.0),
+                    "distill_steps": level["distill_steps"],
                     "encoder_weights_kept": level["encoder_weights_kept"], "eval_set": eval_set,
                     "seq_len": int(seq_len), "dense_value": search["dense"][where], "metric_value": value,
                     "drop": level["drops"][where], "level_within_budget": level["within_budget"], "chosen": i == chosen,

@@ -8,6 +8,7 @@ A full flow per architecture takes about a minute on 2 cores: slow tests, run in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,11 @@ def _labels(model, images) -> list[str]:
     return [IMAGE_CLASSES[i] for i in picks]
 
 
-def _params(tmp_path, model) -> dict:
+PRUNED = {"channel_ratio": 0.5, "channel_multiple": 1, "seed": 0,
+          "distill": {"steps": 4, "batch_size": 4, "heldout_sentences": 2, "temperature": 2.0, "augment_views": 1}}
+
+
+def _params(tmp_path, model, pruned: bool = False) -> dict:
     data = tmp_path / "data"
     make_images(data / "calib", 10, seed=1)
     make_images(data / "photos", 12, seed=2)
@@ -47,13 +52,18 @@ def _params(tmp_path, model) -> dict:
         data / "labelled.csv", index=False)
     params = tiny_params(model)
     params.update(
-        seq_lens=[32], models=["dense"], variants=["fp32", INT8], family={"name": "image_classifier"},
+        seq_lens=[32], models=["dense", "pruned"] if pruned else ["dense"], variants=["fp32", INT8],
+        family={"name": "image_classifier"},
         targets=[{"variant": "fp32", "device": "ort_cpu"}, {"variant": INT8, "device": "ort_cpu"}],
         evaluation={"sets": [{"name": "photos", "format": "images", "path": str(data / "photos")},
                              {"name": "labelled", "format": "labelled_images", "path": str(data / "labelled.csv")}]},
         calibration_data={"images": [{"path": str(data / "calib"), "format": "folder"}], "samples": 8, "seed": 0},
     )
     params["paths"]["read_roots"].append(str(data))
+    params["prune"] = {"models": {"dense": {}, "pruned": PRUNED}}
+    # The pruned random MobileNetV2's BatchNorm statistics, re-estimated on 8 random images, give large logits:
+    # ONNX Runtime and torch differ by ~1e-4 absolute (cosine 1.0).
+    params["export_onnx"]["verify_max_abs_err"] = 1e-3
     params["quantize"]["variants"][INT8] = {"method": "ort_static", "activation_type": "uint8", "weight_type": "int8",
                                             "per_channel": True, "calibrate_method": "MinMax"}
     params["compile"]["jobs"] = [{"variant": INT8, "device": "ort_cpu", "target": "host"}]
@@ -66,8 +76,10 @@ def _params(tmp_path, model) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", IMAGE_ARCHITECTURES)
 def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architecture):
+    """The CNNs also run a channel-pruned copy (`pruned`) through the DAG; a ViT has no convolution channels to prune."""
     model = make_tiny_image_classifier(tmp_path / "models" / architecture, architecture)
-    workspace = make_workspace(tmp_path, _params(tmp_path, model), monkeypatch)
+    pruned = architecture != "vit"
+    workspace = make_workspace(tmp_path, _params(tmp_path, model, pruned), monkeypatch)
     result = pipeline(project_dir=str(workspace))
     assert all(state != "Failed" for state in result["stages"].values()), result["stages"]
 
@@ -77,9 +89,17 @@ def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architectu
         assert npz["pixel_values"].shape == (8, 3, 32, 32) and npz["pixel_values"].dtype == np.float32
     assert len(pd.read_csv(artifacts / "calibration_data" / "image_pool.csv")) == 10
     compiled = COMPILE_ROWS.validate(pd.read_csv(workspace / "metrics" / "compile.csv"))
-    assert list(compiled["status"]) == ["compiled"] and (compiled["verify_min_cosine"] >= 0.999).all()
+    assert list(compiled["status"]) == ["compiled"] * (2 if pruned else 1) and (compiled["verify_min_cosine"] >= 0.999).all()
 
     table = REPORT_TABLE.validate(pd.read_csv(workspace / "metrics" / "benchmark.csv"))
+    assert set(table["model"]) == ({"dense", "pruned"} if pruned else {"dense"})
+    if pruned:
+        stamp = json.loads((artifacts / "prune" / "pruned" / "stage.json").read_text())
+        assert stamp["macs_after"] < stamp["macs_before"] and stamp["distill"]["loss_curve"]
+        assert (artifacts / "prune" / "pruned" / "model" / "prune.json").is_file()
+        row = table[(table["model"] == "pruned") & (table["variant"] == "fp32")].iloc[0]
+        assert 0.0 <= row["metric_value"] <= 100.0 and row["eval_items"] == 12
+    table = table[table["model"] == "dense"]
     assert set(table["variant"]) == {"fp32", INT8}
     assert (table["eval_set"] == "photos").all() and (table["metric_name"] == "top1_agreement").all()
     fp32 = table[table["variant"] == "fp32"].iloc[0]
@@ -88,7 +108,7 @@ def test_every_image_architecture_runs_the_dag(tmp_path, monkeypatch, architectu
     assert 50.0 <= int8["metric_value"] <= 100.0 and int8["cosine_to_fp32_mean"] > 0.9
 
     scores = EVALUATION_ROWS.validate(pd.read_csv(workspace / "metrics" / "evaluation.csv"))
-    labelled = scores[scores["eval_set"] == "labelled"].set_index("variant")
+    labelled = scores[(scores["eval_set"] == "labelled") & (scores["model"] == "dense")].set_index("variant")
     assert set(labelled["metric_name"]) == {"top1"} and (labelled["items"] == 6).all()
     assert labelled.loc["fp32", "metric_value"] == pytest.approx(400 / 6)
     assert labelled.loc[INT8, "metric_value"] in (pytest.approx(300 / 6), pytest.approx(400 / 6), pytest.approx(500 / 6))

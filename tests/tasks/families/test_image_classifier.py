@@ -70,8 +70,7 @@ def test_what_the_family_refuses(folder, tmp_path):
                                              r"multiple of 8"):
             export(folder, 36, ExportOnnxParams(), SETTINGS, tmp_path / "model.onnx")
 
-    with pytest.raises(InputError, match=r"pruning image classifiers is not supported yet; use models: \[dense\]"):
-        FAMILY.pruning_layout(AutoConfig.from_pretrained(folder))
+    assert FAMILY.pruning_layout(AutoConfig.from_pretrained(folder)).kind == "conv_channels"  # tests/tasks/stages/test_prune_images.py
     config = json.loads((folder / "config.json").read_text())
     with pytest.raises(InputError, match=r"config.json: model_type 'bert' .* is not an image classifier"):
         FAMILY.check_folder(folder, {**config, "model_type": "bert"}, SETTINGS)

@@ -105,6 +105,6 @@ def test_config_checks_the_family_modality(tmp_path, model):
         load_config(tmp_path / "params.yaml")
     _params(tmp_path, model, models=["dense", "small"],
             prune={"models": {"dense": {}, "small": {"head_ratio": 0.5, "ffn_ratio": 0.5}}})
-    with pytest.raises(ConfigError, match=r"models: \['small'\] are pruned; pruning image classifiers is not "
-                                          r"supported yet; use models: \[dense\]"):
+    with pytest.raises(ConfigError, match=r"prune.models.small.head_ratio: a transformer-encoder setting, but family "
+                                          r"image_classifier prunes convolution channels"):
         load_config(tmp_path / "params.yaml")
