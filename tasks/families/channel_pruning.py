@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.core.errors import InputError
+from tasks.families.encoder_pruning import keep_counts
 
 PRUNE_JSON = "prune.json"
 WEIGHTS = "model.safetensors"
@@ -134,21 +135,6 @@ def prunable(groups: list[ChannelGroup], residual: bool) -> list[ChannelGroup]:
     return [g for g in groups if g.unsupported is None and (residual or not g.residual) and g.scores is not None]
 
 
-def keep_counts(scores: list, ratio: float, scope: str, multiple: int) -> list[int]:
-    """How many channels each group keeps (module docstring, step 4)."""
-    import torch
-
-    sizes = [len(s) for s in scores]
-    if scope == "layer":
-        kept = [n - math.floor(ratio * n + 0.5) for n in sizes]
-    else:
-        flat = torch.cat([s.double() / s.double().norm().clamp(min=1e-30) for s in scores])
-        layer_of = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
-        removed = layer_of[torch.argsort(flat, stable=True)[: math.floor(ratio * len(flat) + 0.5)]]
-        kept = [n - int((removed == i).sum()) for i, n in enumerate(sizes)]
-    return [min(n, max(multiple, math.ceil(k / multiple) * multiple)) for k, n in zip(kept, sizes)]
-
-
 def _channels(module, side: str) -> int:
     import torch
 
@@ -165,7 +151,8 @@ def select(model, groups: list[ChannelGroup], ratio: float, scope: str, multiple
     import torch
 
     modules = dict(model.named_modules())
-    counts = keep_counts([g.scores for g in groups], ratio, scope, multiple)
+    # The encoders' count rule (round(ratio * n) per group, or ranked globally), at least `multiple` kept.
+    counts = keep_counts([g.scores for g in groups], ratio, scope, minimum=multiple, multiple=multiple)
     removed: dict[tuple[str, str], set[int]] = {}
     for group, count in zip(groups, counts):
         order = torch.argsort(-group.scores, stable=True)
