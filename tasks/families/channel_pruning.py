@@ -180,6 +180,16 @@ def _slice(module, out: list[int] | None, inp: list[int] | None) -> None:
     def as_index(kept):
         return torch.tensor(kept, dtype=torch.long)
 
+    def weight_axes(out_attr: str, in_attr: str) -> None:
+        """A convolution's or linear layer's weight: outputs on axis 0 (and the bias), inputs on axis 1."""
+        if out is not None:
+            param("weight", as_index(out), 0)
+            param("bias", as_index(out), 0)
+            setattr(module, out_attr, len(out))
+        if inp is not None:
+            param("weight", as_index(inp), 1)
+            setattr(module, in_attr, len(inp))
+
     if isinstance(module, torch.nn.Conv2d):
         if _depthwise(module):
             kept = out if out is not None else inp
@@ -191,13 +201,7 @@ def _slice(module, out: list[int] | None, inp: list[int] | None) -> None:
             param("bias", index, 0)
             module.in_channels = module.out_channels = module.groups = len(kept)
             return
-        if out is not None:
-            param("weight", as_index(out), 0)
-            param("bias", as_index(out), 0)
-            module.out_channels = len(out)
-        if inp is not None:
-            param("weight", as_index(inp), 1)
-            module.in_channels = len(inp)
+        weight_axes("out_channels", "in_channels")
     elif isinstance(module, torch.nn.BatchNorm2d):
         kept = out if out is not None else inp
         index = as_index(kept)
@@ -207,13 +211,7 @@ def _slice(module, out: list[int] | None, inp: list[int] | None) -> None:
         module.running_var = _take(module.running_var, index, 0)
         module.num_features = len(kept)
     elif isinstance(module, torch.nn.Linear):
-        if out is not None:
-            param("weight", as_index(out), 0)
-            param("bias", as_index(out), 0)
-            module.out_features = len(out)
-        if inp is not None:
-            param("weight", as_index(inp), 1)
-            module.in_features = len(inp)
+        weight_axes("out_features", "in_features")
     else:
         raise InputError(f"prune.json: cannot slice a {type(module).__name__}; re-run the prune stage")
 
