@@ -344,6 +344,7 @@ def stage(
             "benchmark": lambda: stages.benchmark(cfg, model, *_target(cfg, variant, device), seq_len),
             "compile": lambda: stages.compile_device(cfg, model, *_job(cfg, variant, device, target), seq_len),
             "bundle": lambda: stages.bundle(cfg, model, *_target(cfg, variant, device)),
+            "race": lambda: stages.race(cfg),
             "latency_curve": lambda: stages.latency_curve(cfg, model),
             "sensitivity": lambda: stages.sensitivity(cfg, model, variant),
             "report": lambda: stages.report(cfg),

@@ -375,6 +375,7 @@ def bundle_table(bundles: pd.DataFrame) -> pd.DataFrame:
     order = bundles.sort_values(["device", "target", "latency_mix_mean_ms"])
     return pd.DataFrame({
         "device": order["device"], "target": order["target"], "deploy": order["model"] + "/" + order["variant"],
+        "precision": order["precision"].fillna(""),
         "shapes": order["policy"] + " " + order["shapes"].astype(str),  # one length alone reads back as a number
         "mean ms": [f"{_fmt(v)}{' (sim: not timed)' if s else ''}"
                     for v, s in zip(order["latency_mix_mean_ms"], order["simulated"].astype(bool))],

@@ -28,7 +28,8 @@ from tasks.data import images as image_files
 from tasks.data.evaluation import listed_images
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
-from tasks.stages.bundle import MixTiming
+from tasks.backends.worker import MixTiming
+from tasks.data.text import MixSample
 from tasks.stages.reference import served_sets
 from tasks.stages.sensitivity import SensitivityParams
 
@@ -178,6 +179,14 @@ def document(cfg: EdgeoptConfig) -> dict:
                        *(f"benchmark.{k}" for k in MixTiming.model_fields), "evaluation", "family"],
             "outs": ["artifacts/bundle/${item.model}/${item.target.variant}-${item.target.device}"],
         },
+        "race": {
+            "cmd": "edgeopt stage race",
+            "deps": ["artifacts/bundle", Path(cfg.report.seq_len_choice.text.path).as_posix(),
+                     *_code("race", families, backends)],
+            "params": ["race", *(f"bundle.{k}" for k in MixSample.model_fields), "report.seq_len_choice.text",
+                       *(f"benchmark.{k}" for k in MixTiming.model_fields), "family"],
+            "outs": ["artifacts/race"],
+        },
         "latency_curve": {
             "foreach": "${models}",
             "do": {
@@ -191,7 +200,8 @@ def document(cfg: EdgeoptConfig) -> dict:
         },
         "report": {
             "cmd": "edgeopt stage report",
-            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/bundle", "artifacts/latency_curve", "artifacts/prune",
+            "deps": ["artifacts/benchmark", "artifacts/compile", "artifacts/bundle", "artifacts/race", "artifacts/latency_curve",
+                     "artifacts/prune",
                      *(["artifacts/sensitivity"] if cfg.sensitivity.variants else []), fetched,
                      Path(cfg.report.seq_len_choice.text.path).as_posix(), *_code("report", families)],
             "params": ["models", "seq_lens", "targets", "compile.jobs", "report", "family",

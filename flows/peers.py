@@ -34,6 +34,7 @@ from tasks.core.schemas import DYNAMIC, PEER_ROWS, STATIC
 from tasks.data import evaluation
 from tasks.runtime import peer_worker
 from tasks.runtime.bundle import read_manifest
+from tasks.stages.bundle import HOST
 
 PEER_FILE = "peer.json"
 ENGINE_DEVICES = {"onnxruntime": "ort_cpu", "openvino": "openvino_cpu"}
@@ -106,13 +107,15 @@ def recommended(summary: dict, outputs: Catalog, device: str) -> tuple[dict, int
     if not picks:
         raise InputError(f"summary.json has no shape_choice for {device}; run a job whose targets include {device} "
                          "(e.g. --params params.buckets.yaml)")
-    key, pick = sorted(picks.items())[0]
+    # One choice per compile target (e.g. host and host_bf16): the fastest on the user's inputs goes up against the peers.
+    key, pick = min(sorted(picks.items()), key=lambda kv: kv[1]["latency_mix_mean_ms"])
     target = key.split("/", 1)[1]
     folder = outputs.bundle_dir(pick["model"], pick["variant"], device) / target
     read_manifest(folder)  # one line when the bundle is gone
     policy = int(pick["shapes"]) if pick["policy"] == STATIC else "buckets"
     # A dynamic row of a pinned bundle is its artifact at each input's own length, i.e. the bundle loaded unpinned.
-    return ({"label": f"{EDGEOPT} {pick['model']}/{pick['variant']} {pick['policy']} {pick['shapes']}",
+    at = "" if target == HOST else f" {target}"
+    return ({"label": f"{EDGEOPT} {pick['model']}/{pick['variant']}{at} {pick['policy']} {pick['shapes']}",
              "bundle": str(folder.resolve()), "policy": policy, "pinned": pick["policy"] != DYNAMIC}, max(int(s) for s in pick["shapes"].removeprefix("<=").split("/")))
 
 

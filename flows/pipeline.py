@@ -1,7 +1,7 @@
 """The edgeopt Prefect flow, wiring only:
 fetch → calibration data → per model and length: export → reference → graph surgery → quantize →
 per-layer sensitivity (when asked) → quantize of auto_mixed variants → compile (fanned out over jobs) → benchmark (fanned out over targets) →
-bundle (per target: its lengths as buckets, timed on the user's inputs) → latency curve (extra lengths, when asked) → report → the HTML/Markdown report in reports/<run>/."""
+bundle (per target: its lengths as buckets, timed on the user's inputs) → race (every device's bundles timed side by side) → latency curve (extra lengths, when asked) → report → the HTML/Markdown report in reports/<run>/."""
 
 from __future__ import annotations
 
@@ -148,11 +148,11 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
             if out.is_main:  # the run dvc.lock will describe: dvc.yaml must be the one params.yaml makes
                 dvc_yaml.check(cfg, root)
             with workspace_lock(root):
-                prepare, probes, compiles, benchmarks, bundles, curves, report_call = (
+                prepare, probes, compiles, benchmarks, bundles, race_call, curves, report_call = (
                     stages.prepare_calls(cfg, out),
                     [*stages.sensitivity_calls(cfg, out), *stages.mixed_quantize_calls(cfg, out)],
                     stages.compile_calls(cfg, out), stages.benchmark_calls(cfg, out), stages.bundle_calls(cfg, out),
-                    stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
+                    stages.race(cfg, out), stages.latency_curve_calls(cfg, out), stages.report(cfg, out),
                 )
                 for call in [*prepare, *probes]:  # one at a time: the sensitivity probes use both cores
                     _run(call, states)
@@ -161,6 +161,7 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
                     _fan_out(runner, benchmarks, states)
                     _fan_out(runner, bundles, states)
                     _fan_out(runner, curves, states)
+                _run(race_call, states)  # alone: it times every device's bundles side by side
                 report = _run(report_call, states)
                 rows, compiled = report["rows"], report["compile_rows"]
                 # Logged before the DVC sync, so a failing sync cannot lose the run; under the lock too: two runs
@@ -178,7 +179,7 @@ def pipeline(project_dir: str = ".", params_file: str = DEFAULT_PARAMS, override
                 get_run_logger().info("MLflow run %s (%s); report %s", tracked_run.url, redact(tracked_run.uri),
                                       root / report_files[0])
                 dvc_synced = out.is_main and dvc_yaml.sync_lock(
-                    root, [c.out_dir for c in (*prepare, *probes, *compiles, *benchmarks, *bundles, *curves, report_call)]
+                    root, [c.out_dir for c in (*prepare, *probes, *compiles, *benchmarks, *bundles, race_call, *curves, report_call)]
                 )
     except (_Stop, EdgeoptError) as exc:
         return Failed(name=USER_ERROR, message=str(exc))

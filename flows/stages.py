@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from flows.key_memo import remembered_key
 from tasks.backends import BACKENDS
+from tasks.backends.worker import MixTiming
 from tasks.config import CompileJob, EdgeoptConfig, Target
 from tasks.core import catalog, fingerprint
 from tasks.core.catalog import MAIN, Catalog
@@ -35,6 +36,7 @@ from tasks.core.params import path_fields
 from tasks.data import evaluation
 from tasks.data import images as image_files
 from tasks.data.evaluation import EvaluationParams, check_columns
+from tasks.data.text import MixSample
 from tasks.families import FAMILIES
 from tasks.recipes import RECIPES
 from tasks.recipes.auto_mixed import ASSIGNMENT
@@ -48,6 +50,7 @@ from tasks.stages import graph_surgery as surgery_stage
 from tasks.stages import latency_curve as latency_curve_stage
 from tasks.stages import prune as prune_stage
 from tasks.stages import quantize as quantize_stage
+from tasks.stages import race as race_stage
 from tasks.stages import reference as reference_stage
 from tasks.stages import report as report_stage
 from tasks.stages import sensitivity as sensitivity_stage
@@ -63,6 +66,7 @@ STAGE_MODULES = {
     "compile": compile_stage,
     "benchmark": benchmark_stage,
     "bundle": bundle_stage,
+    "race": race_stage,
     "latency_curve": latency_curve_stage,
     "sensitivity": sensitivity_stage,
     "report": report_stage,
@@ -497,6 +501,8 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
     sources = {shape: variant_artifact(cfg, model, target.variant, shape, out) for shape in shapes}
     # Only this target's pinning keys the stage (and only for a dynamic variant, the one thing pinned).
     pinned = {target.device: cfg.bundle.pinned[target.device]} if dynamic and target.device in cfg.bundle.pinned else {}
+    precisions = ({target.device: cfg.bundle.precisions[target.device]}
+                  if dynamic and target.device in cfg.bundle.precisions else {})
     text = cfg.report.seq_len_choice.text
     return StageCall(
         stage="bundle",
@@ -511,9 +517,10 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
         },
         watch={**eval_files(cfg), **{f"source_{s}": path for s, path in sources.items()},
                **{f"compiled_{t}_{s}": d for t, by_shape in compiled.items() for s, d in by_shape.items()}},
-        params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}, "pinned": pinned}),
+        params={"params": cfg.bundle.model_copy(update={"buckets": {target.device: shapes}, "pinned": pinned,
+                                                           "precisions": precisions}),
                 "text_source": text,
-                "timing": bundle_stage.MixTiming(**{k: getattr(cfg.benchmark, k) for k in bundle_stage.MixTiming.model_fields}),
+                "timing": MixTiming(**{k: getattr(cfg.benchmark, k) for k in MixTiming.model_fields}),
                 "evaluation_params": cfg.evaluation, "family": cfg.family},
         args={"sources": sources, "compiled": compiled, "model": model, "variant": target.variant,
               "device": target.device, "eval_limit": cfg.benchmark.quick_eval_items if cfg.benchmark.quick else None,
@@ -526,6 +533,27 @@ def bundle(cfg: EdgeoptConfig, model: str, index: int, target: Target, out: Cata
 
 def bundle_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     return [bundle(cfg, m, i, t, out) for m in cfg.models for i, t in enumerate(cfg.targets)]
+
+
+def race(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
+    bundles = [c.out_dir for c in bundle_calls(cfg, out)]
+    text = cfg.report.seq_len_choice.text
+    return StageCall(
+        stage="race",
+        name="race",
+        fn=race_stage.run,
+        base=out.base,
+        out_dir=out.race_dir(),
+        inputs={"text": out.rebase(Path(text.path))},
+        watch={f"bundle_{i}": d for i, d in enumerate(bundles)},
+        params={"params": cfg.race, "text_source": text,
+                "sample": MixSample(**{k: getattr(cfg.bundle, k) for k in MixSample.model_fields}),
+                "timing": MixTiming(**{k: getattr(cfg.benchmark, k) for k in MixTiming.model_fields}),
+                "family": cfg.family},
+        args={"bundle_dirs": bundles},
+        code=stage_code("race", family_module(cfg), *sorted({BACKENDS.module_of(t.device) for t in cfg.targets})),
+        tools=race_stage.TOOLS,
+    )
 
 
 def compile_device(cfg: EdgeoptConfig, model: str, index: int, job: CompileJob, seq_len: int, out: Catalog = MAIN) -> StageCall:
@@ -641,6 +669,7 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
     compiled = [c.out_dir for c in compile_calls(cfg, out)]
     curves = [c.out_dir for c in latency_curve_calls(cfg, out)]
     bundles = [c.out_dir for c in bundle_calls(cfg, out)]
+    raced = out.race_dir()
     sensitive = [c.out_dir for c in sensitivity_calls(cfg, out)]
     pruned = [out.prune_dir(model) for model in cfg.models]
     return StageCall(
@@ -659,11 +688,12 @@ def report(cfg: EdgeoptConfig, out: Catalog = MAIN) -> StageCall:
             **{f"compile_{i}": d for i, d in enumerate(compiled)},
             **{f"latency_curve_{i}": d for i, d in enumerate(curves)},
             **{f"bundle_{i}": d for i, d in enumerate(bundles)},
+            "race": raced,
             **{f"sensitivity_{i}": d for i, d in enumerate(sensitive)},
             **{f"prune_{i}": d / STAMP for i, d in enumerate(pruned)},
         },
         params={"params": cfg.report, "family": cfg.family},
-        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "bundle_dirs": bundles, "prune_dirs": pruned,
+        args={"benchmark_dirs": dirs, "compile_dirs": compiled, "curve_dirs": curves, "bundle_dirs": bundles, "race_dir": raced, "prune_dirs": pruned,
               "sensitivity_dirs": sensitive},
         code=stage_code("report", family_module(cfg)),
         tools=report_stage.TOOLS,
@@ -693,5 +723,5 @@ def mixed_quantize_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageC
 def all_calls(cfg: EdgeoptConfig, out: Catalog = MAIN) -> list[StageCall]:
     """The whole DAG, one StageCall per DVC stage instance."""
     return [*prepare_calls(cfg, out), *sensitivity_calls(cfg, out), *mixed_quantize_calls(cfg, out),
-            *compile_calls(cfg, out), *benchmark_calls(cfg, out), *bundle_calls(cfg, out), *latency_curve_calls(cfg, out),
-            report(cfg, out)]
+            *compile_calls(cfg, out), *benchmark_calls(cfg, out), *bundle_calls(cfg, out), race(cfg, out),
+            *latency_curve_calls(cfg, out), report(cfg, out)]

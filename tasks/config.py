@@ -9,6 +9,7 @@ here, so a bad config stops before the first stage.
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from tasks.data.evaluation import EvaluationParams
 from tasks.families import FAMILIES, family_settings
 from tasks.recipes import recipe_for
 from tasks.stages.benchmark import BenchmarkParams
-from tasks.stages.bundle import BundleParams
+from tasks.stages.bundle import BundleParams, precision_target
 from tasks.stages.calibration_data import CalibrationDataParams
 from tasks.stages.compile import CompileCheckParams
 from tasks.stages.export_onnx import ExportOnnxParams
@@ -33,6 +34,7 @@ from tasks.stages.graph_surgery import GraphSurgeryParams
 from tasks.stages.latency_curve import LatencyCurveParams, Target
 from tasks.stages.prune import PruneParams, misplaced_message
 from tasks.stages.quantize import QuantizeParams
+from tasks.stages.race import RaceParams
 from tasks.stages.reference import ReferenceParams
 from tasks.stages.report import ReportParams
 from tasks.stages.sensitivity import SensitivityParams, check_probeable
@@ -129,6 +131,7 @@ class EdgeoptConfig(StrictParams):
     compile: CompileParams = Field(default_factory=CompileParams)
     benchmark: BenchmarkParams = BenchmarkParams()
     bundle: BundleParams = BundleParams()
+    race: RaceParams = RaceParams()
     latency_curve: LatencyCurveParams = LatencyCurveParams()
     sensitivity: SensitivityParams = SensitivityParams()
     report: ReportParams = ReportParams()
@@ -289,6 +292,25 @@ class EdgeoptConfig(StrictParams):
             if lengths != sorted(set(lengths)) or not lengths or lengths[0] < 1 or lengths[-1] != top:
                 raise ValueError(f"{where}: {lengths} must be distinct, ascending lengths ending at {top} (the "
                                  f"dynamic artifact's maximum: the largest bucket length of {device})")
+        return self
+
+    @model_validator(mode="after")
+    def _precisions(self) -> EdgeoptConfig:
+        for device, precisions in self.bundle.precisions.items():
+            where = f"bundle.precisions.{device}"
+            if not any(t.device == device and self.is_dynamic(t.variant) for t in self.targets):
+                raise ValueError(f"{where}: no target runs a shape: dynamic variant on {device}; a static variant's "
+                                 "engine precision is a compile.jobs target (host_<precision>)")
+            backend = BACKENDS.get(device)
+            if backend.compile_params is None or "inference_precision" not in inspect.signature(backend.load).parameters:
+                raise ValueError(f"{where}: {device} takes no engine precision; remove it")
+            if len(set(precisions)) != len(precisions):
+                raise ValueError(f"{where}: a precision is listed twice")
+            for precision in precisions:
+                try:
+                    backend.compile_params().check_target(precision_target(precision))
+                except ConfigError as exc:
+                    raise ValueError(f"{where}: {precision!r} is not a precision of {device} ({exc})") from None
         return self
 
     def bucket_shapes(self, device: str) -> list[int]:

@@ -25,8 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from pydantic import Field
+
 from tasks.backends import get_backend
 from tasks.core.errors import BenchmarkError
+from tasks.core.params import StrictParams
+
+
+class MixTiming(StrictParams):
+    """The benchmark's settings a timing of the user's inputs uses (one timed run per input and arm)."""
+
+    threads: int = Field(ge=1)
+    warmup_runs: int = Field(ge=1)
+    worker_timeout_s: float = Field(gt=0)
 
 
 def peak_rss_mb() -> float:

@@ -86,6 +86,10 @@ class Catalog:
         """A target's deployable bundles (one folder per compile target) and their input-mix timings."""
         return self.artifacts / "bundle" / model / f"{variant}-{device}"
 
+    def race_dir(self) -> Path:
+        """Every device's bundle rows timed side by side on the user's inputs (what the recommendation ranks)."""
+        return self.artifacts / "race"
+
     def latency_curve_dir(self, model: str) -> Path:
         """Latency at the extra lengths asked for in latency_curve, for the seq-len choice."""
         return self.artifacts / "latency_curve" / model

@@ -326,6 +326,8 @@ BUNDLE_ROWS = pa.DataFrameSchema(
         "variant": pa.Column(str),
         "device": pa.Column(str),
         "target": pa.Column(str),
+        # As the engine reports it (a bf16 hint on a CPU without bf16 runs f32); none for simulated rows.
+        "precision": pa.Column(str, nullable=True),
         "policy": pa.Column(str, pa.Check.isin([BUCKETS, STATIC, DYNAMIC, PINNED])),
         "shapes": pa.Column(str, pa.Check.str_matches(r"^(\d+(/\d+)*|<=\d+)$")),  # lengths, or dynamic up to one
         "contexts": pa.Column(int, pa.Check.ge(1)),
@@ -355,11 +357,16 @@ BUNDLE_ROWS = pa.DataFrameSchema(
 )
 # The report adds each row's verdict: drop against the dense fp32 with the same policy and shapes (buckets) or
 # the benchmark row at its length (static), and the share of the user's inputs kept whole.
-BUNDLE_REPORT_ROWS = BUNDLE_ROWS.add_columns({
+BUNDLE_VERDICT_ROWS = BUNDLE_ROWS.add_columns({
     "metric_drop": pa.Column(float, nullable=True),
     "within_budget": pa.Column(bool),
     "covered_share": pa.Column(float, pa.Check.in_range(0, 1)),
     "compile_s": pa.Column(float, pa.Check.ge(0), nullable=True),
+})
+# Then the race's timings of the row (stage race: every row of its device timed side by side; none when not raced).
+BUNDLE_REPORT_ROWS = BUNDLE_VERDICT_ROWS.add_columns({
+    "race_mean_ms": pa.Column(float, pa.Check.gt(0), nullable=True),
+    "race_p99_ms": pa.Column(float, pa.Check.gt(0), nullable=True),
 })
 
 

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import pandera.errors
 from pydantic import Field, model_validator
@@ -185,3 +186,19 @@ def load_pool(sources: list[TextSource], paths: list[Path]) -> tuple[pd.DataFram
         raise InputError(f"text sources: {str(exc).splitlines()[0]}") from exc
     info = {"sources": per_source, "unique_sentences": int(len(pool)), "cross_source_duplicates": before - len(pool)}
     return pool, info
+
+
+class MixSample(StrictParams):
+    """Which of the user's inputs bundles are timed on (the bundle stage, then the race, on the same sample)."""
+
+    mix_samples: int = Field(300, ge=10, description="inputs sampled from report.seq_len_choice.text for the mix")
+    seed: int = 0
+
+
+def mix_sample(source: TextSource, path: Path, count: int, seed: int) -> list[str]:
+    """A seeded sample of the distinct non-blank inputs of `path` (all of them when there are fewer): the user's
+    inputs that bundles are timed on (the bundle stage, then the race, on the same sample)."""
+    texts = distinct_texts(source, Path(path), "the inputs to time bundles on", "report.seq_len_choice.text")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(texts), size=min(count, len(texts)), replace=False)
+    return [texts[i] for i in sorted(picked)]

@@ -24,6 +24,7 @@ Folder layout: `manifest.json` (`Manifest`), `preprocessor/` (e.g. the tokenizer
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class Manifest(StrictParams):
     pinned: list[int] = Field([], description="dynamic only: the static lengths its artifact is compiled at when "
                               "loaded, each input routed to the smallest that holds it; empty: each at its own length")
     routing: str = "smallest bucket that holds the input whole; longer inputs truncated to the largest"
+    engine_options: dict[str, str] = Field(
+        {}, description="options of the device backend's `load` the artifacts run with (e.g. inference_precision: bf16 "
+        "on OpenVINO CPU: an engine precision is a deployment of its own, measured and judged as one)")
 
     @model_validator(mode="after")
     def _one_dynamic_artifact(self) -> Manifest:
@@ -142,7 +146,7 @@ class Bundle:
         # Several sessions in one process: engines with per-session thread pools share one (ONNX Runtime's per-session
         # pools spin after each run and starve the next bucket's: 4-5x slower on 2 cores). ORT then refuses sessions of
         # this process made elsewhere with a pool of their own (use_per_session_threads must be False for them).
-        options = load_options(backend, cache_dir=cache_dir, shared_threads=True)
+        options = {**load_options(backend, cache_dir=cache_dir, shared_threads=True), **engine_options(folder, manifest)}
         if manifest.pinned and pinned:
             if not getattr(backend, "pins_shapes", False):
                 raise InputError(f"{folder / MANIFEST}: {manifest.device} cannot pin a dynamic artifact's shapes; "
@@ -153,6 +157,12 @@ class Bundle:
             models = {b.shape: backend.load(folder / b.artifact, threads, **options) for b in manifest.buckets}
         preprocessor = FAMILIES.get(manifest.family).load_preprocessor(folder / PREPROCESSOR)
         return cls(folder, manifest, preprocessor, models, free=manifest.dynamic and not (manifest.pinned and pinned))
+
+    @property
+    def precision(self) -> str:
+        """The numeric precision the engine runs the artifacts at (as it reports it: a bf16 hint on a CPU without
+        bf16 runs f32)."""
+        return next(iter(self.models.values())).precision
 
     @property
     def shapes(self) -> list[int]:
@@ -189,6 +199,16 @@ class Bundle:
         feeds = self.feeds_at(samples, routes.shapes)
         outputs = [self.model(int(shape)).run(feed)[0] for shape, feed in zip(routes.shapes, feeds, strict=True)]
         return np.stack(outputs)
+
+
+def engine_options(folder: Path, manifest: Manifest) -> dict[str, str]:
+    """The manifest's `engine_options`, refused in one line when the device's backend does not take them."""
+    accepted = inspect.signature(get_backend(manifest.device).load).parameters
+    unknown = sorted(set(manifest.engine_options) - set(accepted))
+    if unknown:
+        raise InputError(f"{Path(folder) / MANIFEST}: engine_options {unknown} are not options {manifest.device} loads "
+                         "with; remove them")
+    return dict(manifest.engine_options)
 
 
 def read_manifest(folder: Path) -> Manifest:

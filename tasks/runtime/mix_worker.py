@@ -11,7 +11,7 @@ moment of a shared CPU hits all of them alike and their ratio holds. Preparing t
 is done once before timing and not counted: every policy would pay the same for it.
 
 Result: per policy `latencies_ms` (one per input, in order); the routes (`lengths`, `bucket_shapes`,
-`truncated` per input) and `peak_rss_mb`, `engine_version`.
+`truncated` per input) and `peak_rss_mb`, `precision` (as the engine reports it), `engine_version`.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def measure(request: dict) -> dict:
         "bucket_shapes": routes.shapes.tolist(),
         "truncated": routes.truncated.tolist(),
         "peak_rss_mb": peak_rss_mb(),
+        "precision": bundle.precision,
         "engine_version": metadata.version(get_backend(bundle.manifest.device).engine_package),
     }
 

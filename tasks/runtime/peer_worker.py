@@ -1,5 +1,5 @@
-"""Peer-comparison worker: edgeopt's deployed bundle and other tools' exports of the same model, timed input by
-input in one process on the same inputs and threads.
+"""Side-by-side timing worker: edgeopt's deployed bundles and other tools' exports of the same model, timed input by
+input in one process on the same inputs and threads (`edgeopt peers`; the race stage, with bundles only).
 
 Request (JSON): arms, preprocessor (a bundle folder: its preprocessor tokenizes for every arm), family, samples
 (JSON file: a list of raw samples), threads, warmup_runs, outputs (folder: `<index>.npy` per arm), cache_dir,
@@ -55,6 +55,9 @@ class _Export:
         self.feeds = prepare(family, preprocessor, samples,
                              np.minimum(family.input_lengths(preprocessor, samples), int(arm["max_tokens"])))
 
+    def warm_inputs(self) -> list[int]:
+        return [0]
+
     def run(self, i: int) -> np.ndarray:
         out = self.model.run(self.feeds[i])
         return mean_pool_normalise(out, self.feeds[i][MASK])[0] if self.pooling == "mean" else out[0]
@@ -68,6 +71,14 @@ class _Deployed:
         routes = self.bundle.routes(samples)
         self.shapes = routes.shapes if arm["policy"] == "buckets" else np.full(len(samples), int(arm["policy"]))
         self.feeds = self.bundle.feeds_at(samples, self.shapes)
+
+    def warm_inputs(self) -> list[int]:
+        """The first input of each session it runs (every bucket's warmed, not only the first input's; a free
+        artifact is one session, warmed once, as the bundle stage's mix timing warms it)."""
+        firsts: dict[int, int] = {}
+        for i, shape in enumerate(self.shapes):
+            firsts.setdefault(id(self.bundle.model(int(shape))), i)
+        return list(firsts.values())
 
     def run(self, i: int) -> np.ndarray:
         return self.bundle.model(int(self.shapes[i])).run(self.feeds[i])[0]
@@ -85,8 +96,9 @@ def measure(request: dict) -> dict:
     arms = [_Deployed(a, threads, cache_dir, samples) if "bundle" in a
             else _Export(a, threads, cache_dir, family, preprocessor, samples) for a in request["arms"]]
     for arm in arms:
-        for _ in range(int(request.get("warmup_runs", 0))):
-            arm.run(0)
+        for i in arm.warm_inputs():
+            for _ in range(int(request.get("warmup_runs", 0))):
+                arm.run(i)
     latencies = [[] for _ in arms]
     outputs = [[] for _ in arms]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -17,7 +17,9 @@ largest bucket length, every input runs at its own length (longer ones truncated
 (`policy` dynamic) is timed and scored that way. With `bundle.pinned` lengths for its device (engines that run a
 static graph faster, `Backend.pins_shapes`), the bundle deploys that artifact compiled at each of them when loaded,
 routed like buckets: a `pinned` row, timed and scored interleaved with the `dynamic` row (the same artifact at each
-input's own length, `Bundle.load(..., pinned=False)`).
+input's own length, `Bundle.load(..., pinned=False)`). With `bundle.precisions` for its device, the same artifact
+is also deployed at each engine precision (target `host_<precision>`, the manifest's `engine_options`): rows of
+their own, timed and scored like host's, so e.g. OpenVINO's bf16 execution wins only where it is within budget.
 On a simulator (QNN HTP on x86-64) the bundle holds the compiled contexts, but nothing is timed (simulator
 time is not device latency) and the accuracy comes from the same QDQ graphs on the ONNX Runtime CPU EP,
 routed the same way (`accuracy_source` cpu_ep_same_graph).
@@ -40,15 +42,14 @@ from pydantic import Field
 
 from tasks.backends import get_backend
 from tasks.backends.measure import model_files
-from tasks.backends.worker import launch_worker
+from tasks.backends.worker import MixTiming, launch_worker
 from tasks.core.errors import BackendUnavailableError
 from tasks.core.fingerprint import atomic_output_dir, finished_compile, link_or_copy, tool_versions, write_stamp
 from tasks.core.machine import host_cpu
-from tasks.core.params import StrictParams
 from tasks.core.schemas import BUCKETS, DYNAMIC, PINNED, STATIC
 from tasks.data import evaluation
 from tasks.data.evaluation import EvaluationParams
-from tasks.data.text import TextSource, distinct_texts
+from tasks.data.text import MixSample, TextSource, mix_sample
 from tasks.families import FAMILIES
 from tasks.families.base import FamilySettings
 from tasks.runtime import mix_worker
@@ -59,7 +60,7 @@ HOST = "host"
 CPU_EP_DEVICE = "ort_cpu"
 
 
-class BundleParams(StrictParams):
+class BundleParams(MixSample):
     buckets: dict[str, list[int]] = Field(
         {}, description="device -> the seq_lens its bundles route to; a device not named: every seq_len"
     )
@@ -67,24 +68,16 @@ class BundleParams(StrictParams):
         {}, description="device -> lengths a dynamic variant's one artifact is compiled at when its bundle loads "
         "(ascending, ending at the largest bucket length); the device's backend must pin shapes (openvino_cpu)"
     )
-    mix_samples: int = Field(300, ge=10, description="inputs sampled from report.seq_len_choice.text for the mix")
-    seed: int = 0
+    precisions: dict[str, list[str]] = Field(
+        {}, description="device -> engine precisions a dynamic variant is also deployed at, each a bundle of its own "
+        "(compile target host_<precision>) timed and scored beside host's (e.g. openvino_cpu: [bf16] on CPUs with "
+        "AMX/avx512_bf16); static variants get theirs from compile.jobs targets"
+    )
 
 
-class MixTiming(StrictParams):
-    """The benchmark's settings a mix timing uses (one timed run per input and shape policy)."""
-
-    threads: int = Field(ge=1)
-    warmup_runs: int = Field(ge=1)
-    worker_timeout_s: float = Field(gt=0)
-
-
-def mix_sample(source: TextSource, path: Path, count: int, seed: int) -> list[str]:
-    """A seeded sample of the distinct non-blank inputs of `path` (all of them when there are fewer)."""
-    texts = distinct_texts(source, Path(path), "the inputs to time bundles on", "report.seq_len_choice.text")
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(texts), size=min(count, len(texts)), replace=False)
-    return [texts[i] for i in sorted(picked)]
+def precision_target(precision: str) -> str:
+    """The target name of a dynamic variant deployed at an engine precision (as compile targets name it)."""
+    return f"{HOST}_{precision}"
 
 
 def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, dict[int, Path]], list[dict]]:
@@ -104,7 +97,8 @@ def compiled_artifacts(compiled: dict[str, dict[int, Path]]) -> tuple[dict[str, 
 
 
 def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: str, family: str,
-                 preprocessor, dynamic: bool = False, pinned: list[int] | None = None) -> float:
+                 preprocessor, dynamic: bool = False, pinned: list[int] | None = None,
+                 engine_options: dict[str, str] | None = None) -> float:
     """A bundle folder for `artifacts` (shape -> artifact); returns the artifacts' size in MB."""
     buckets, size = [], 0.0
     for shape, artifact in sorted(artifacts.items()):
@@ -118,7 +112,7 @@ def write_bundle(folder: Path, artifacts: dict[int, Path], device: str, target: 
                            "longer inputs truncated to the largest"} if pinned else
                {"routing": "each input at its own length; longer inputs truncated to the maximum"} if dynamic else {})
     manifest = Manifest(family=family, device=device, target=target, buckets=buckets, dynamic=dynamic,
-                        pinned=pinned or [], **routing)
+                        pinned=pinned or [], engine_options=engine_options or {}, **routing)
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return size
 
@@ -178,10 +172,14 @@ def run(
     impl = FAMILIES.get(family.name)
     preprocessor = impl.load_preprocessor(Path(model_dir))
     shapes = sorted(sources)
+    engine_options: dict[str, dict[str, str]] = {}  # target -> the options its bundle loads with
     if compiled:
         bundles, skipped = compiled_artifacts(compiled)
     else:
         bundles, skipped = {HOST: dict(sources)}, []
+        for precision in params.precisions.get(device, []) if dynamic else []:
+            bundles[precision_target(precision)] = dict(sources)
+            engine_options[precision_target(precision)] = {"inference_precision": precision}
     if bundles and not simulated:
         reason = backend.unavailable_reason()
         if reason:
@@ -228,7 +226,8 @@ def run(
         pinned = params.pinned.get(device, []) if dynamic and not simulated else []
         for target, artifacts in bundles.items():
             folder = scratch / target
-            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor, dynamic, pinned)
+            size = write_bundle(folder, artifacts, device, target, family.name, preprocessor, dynamic, pinned,
+                                engine_options.get(target))
             label = f"{model} {variant} {device} {target}"
             if simulated:
                 mix, latencies, scored = cpu_routes, {}, cpu_scored
@@ -239,7 +238,7 @@ def run(
                 latencies = mix["latencies_ms"]
                 scored = routed(folder, scratch / f"outputs-{target}.npy", label) if routing else None
             lengths, truncated = np.asarray(mix["lengths"]), np.asarray(mix["truncated"], dtype=bool)
-            base = {**common, "target": target, "engine_version": mix["engine_version"],
+            base = {**common, "target": target, "precision": None if simulated else mix["precision"], "engine_version": mix["engine_version"],
                     "tool_versions": "; ".join(f"{k} {v}" for k, v in sorted(tool_versions(TOOLS).items()))}
             routed_to = np.asarray(mix["bucket_shapes"])
             if pinned:

@@ -1,13 +1,14 @@
 """Stage report: collect benchmark rows into the results contract, judge the accuracy budget on every
 evaluation set and choose a sequence length per device.
 
-Reads: the `stage.json` of each benchmark, compile and latency_curve output named in the config, the
-model folder's preprocessor and the text the seq-len choice is about (`report.seq_len_choice.text`).
+Reads: the `stage.json` of each benchmark, compile, bundle and latency_curve output named in the config and of
+the race (its side-by-side timings rank the bundle rows for `shape_choice`), the model folder's preprocessor and the text the seq-len choice is about (`report.seq_len_choice.text`).
 Writes: `<out>/benchmark.csv` (`REPORT_TABLE`: every benchmark row plus `metric_drop` and
 `within_budget` against the dense model's fp32 row at the same sequence length, and the compile columns
 `npu_nodes, cpu_fallback_nodes, compile_s` of the compile job that built the measured artifact),
 `<out>/evaluation.csv` (`EVALUATION_ROWS`: every evaluation set's metric per row and its own verdict),
-`<out>/compile.csv` (`COMPILE_ROWS`: every compile job, skipped ones included), `<out>/latency_curve.csv`
+`<out>/compile.csv` (`COMPILE_ROWS`: every compile job, skipped ones included), `<out>/bundles.csv`
+(`BUNDLE_REPORT_ROWS`: every bundle row, its verdict and its race timings), `<out>/latency_curve.csv`
 (latency at the extra lengths), `<out>/sensitivity.csv` (`SENSITIVITY_ROWS`: every sensitivity stage's probes),
 `<out>/auto_mixed.json` (the layer groups each auto_mixed variant keeps float, and its measured loss),
 `<out>/prune_search.csv` (`PRUNE_SEARCH`: each searched model's levels
@@ -53,8 +54,10 @@ from tasks.core.schemas import (
     PINNED,
     STATIC,
     BENCHMARK_ROWS,
+    BUNDLE_KEY,
     BUNDLE_REPORT_ROWS,
     BUNDLE_ROWS,
+    BUNDLE_VERDICT_ROWS,
     COMPILE_ROWS,
     EVALUATION_ROWS,
     PRUNE_SEARCH,
@@ -376,28 +379,41 @@ def judge_bundles(bundles: pd.DataFrame, scores: pd.DataFrame, table: pd.DataFra
     judged["compile_s"] = [
         built.reindex([(r.model, r.variant, r.device, r.target, int(s)) for s in r.shapes.removeprefix("<=").split("/")]).sum(min_count=1)
         for r in judged.itertuples()]
-    return BUNDLE_REPORT_ROWS.validate(judged[list(BUNDLE_REPORT_ROWS.columns)])
+    return BUNDLE_VERDICT_ROWS.validate(judged[list(BUNDLE_VERDICT_ROWS.columns)])
+
+
+def add_race(bundles: pd.DataFrame, race_dir: Path | None) -> pd.DataFrame:
+    """The bundle rows with the race's side-by-side timings (`race_mean_ms`, `race_p99_ms`; none for rows it did
+    not time: simulated ones, or all of them without a race)."""
+    stamp = read_stamp(race_dir) if race_dir else None
+    raced = pd.DataFrame((stamp or {}).get("rows", []), columns=[*BUNDLE_KEY, "race_mean_ms", "race_p99_ms"])
+    joined = bundles.join(raced.astype({"shapes": str}).set_index(BUNDLE_KEY)[["race_mean_ms", "race_p99_ms"]],
+                          on=BUNDLE_KEY)
+    return BUNDLE_REPORT_ROWS.validate(joined[list(BUNDLE_REPORT_ROWS.columns)])
 
 
 def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None = None) -> dict:
     """Per device and compile target: the bundle row fastest on the user's inputs among those within budget that
     keep `coverage` of them whole (and no larger than `max_mb`), against the fastest such static row, with the
-    reason in one line."""
+    reason in one line. Ranked on the race's timings (every row of the device timed side by side) where it has
+    them, else on each bundle stage's own."""
     choices = {}
     timed = bundles[~bundles["simulated"] & bundles["within_budget"] & (bundles["covered_share"] >= coverage)
                     & ((bundles["size_mb"] <= max_mb) if max_mb else True)]
+    raced = "race_mean_ms" in timed and timed["race_mean_ms"].notna().all()
+    mean, p99 = ("race_mean_ms", "race_p99_ms") if raced else ("latency_mix_mean_ms", "latency_mix_p99_ms")
     for (device, target), group in timed.groupby(["device", "target"]):
-        ranked = group.sort_values("latency_mix_mean_ms")
+        ranked = group.sort_values(mean)
         best, static = ranked.iloc[0], ranked[ranked["policy"] == STATIC]
         pick = {"policy": best["policy"], "shapes": best["shapes"], "model": best["model"], "variant": best["variant"],
-                "latency_mix_mean_ms": float(best["latency_mix_mean_ms"]),
-                "latency_mix_p99_ms": float(best["latency_mix_p99_ms"])}
+                "latency_mix_mean_ms": float(best[mean]), "latency_mix_p99_ms": float(best[p99]),
+                "timed_by": "race" if raced else "bundle"}
         if best["policy"] == STATIC or static.empty:
             pick["reason"] = (f"{best['policy']} {best['shapes']}: fastest on your inputs within budget, keeping "
                               f"{best['covered_share']:.1%} of them whole")
         else:
             other = static.iloc[0]
-            speedup = float(other["latency_mix_mean_ms"]) / float(best["latency_mix_mean_ms"])
+            speedup = float(other[mean]) / float(best[mean])
             cost = (f"one artifact, {best['size_mb'] - other['size_mb']:+.0f} MB" if best["policy"] == DYNAMIC else
                     f"one artifact compiled at {int(best['contexts'])} lengths when loaded, "
                     f"{best['size_mb'] - other['size_mb']:+.0f} MB" if best["policy"] == PINNED else
@@ -405,7 +421,7 @@ def choose_shapes(bundles: pd.DataFrame, coverage: float, max_mb: float | None =
             pick["reason"] = (f"{best['policy']} {best['shapes']}: {speedup:.2f}x faster on your inputs than static "
                               f"{other['shapes']} ({other['model']} {other['variant']}); {cost}")
             pick["vs_static"] = {"shapes": other["shapes"], "model": other["model"], "variant": other["variant"],
-                                 "latency_mix_mean_ms": float(other["latency_mix_mean_ms"]), "speedup": speedup}
+                                 "latency_mix_mean_ms": float(other[mean]), "speedup": speedup}
         choices[f"{device}/{target}"] = pick
     return choices
 
@@ -439,6 +455,7 @@ def run(
     compile_dirs: list[Path] = (),
     curve_dirs: list[Path] = (),
     bundle_dirs: list[Path] = (),
+    race_dir: Path | None = None,
     prune_dirs: list[Path] = (),
     sensitivity_dirs: list[Path] = (),
 ) -> dict:
@@ -450,7 +467,8 @@ def run(
     judged = judge(scores, params.accuracy_budget)
     table = add_compile_columns(judge_budget(rows, judged), compiled)
     curve = collect_curve(list(curve_dirs))
-    bundles = judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget, scores)
+    bundles = add_race(judge_bundles(*collect_bundles(list(bundle_dirs)), table, params.accuracy_budget, scores),
+                       race_dir)
     shape_choice = choose_shapes(bundles, params.seq_len_choice.coverage, params.max_bundle_mb)
     searched, prune_verdicts = collect_prune_search(list(prune_dirs))
     sensitivity, assignments = collect_sensitivity(list(sensitivity_dirs))

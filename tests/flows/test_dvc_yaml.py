@@ -117,6 +117,9 @@ def test_params_section_per_stage(dvc_stages, flow_calls):
         elif call.stage == "bundle":  # its buckets are lengths of seq_lens; it times the report's text sample
             assert declared == {"bundle", "seq_lens", "report.seq_len_choice.text", "benchmark.threads",
                                 "benchmark.warmup_runs", "benchmark.worker_timeout_s", "evaluation", "family"}
+        elif call.stage == "race":  # the bundle stage's sample of the report's text, the benchmark's timing
+            assert declared == {"race", "bundle.mix_samples", "bundle.seed", "report.seq_len_choice.text",
+                                "benchmark.threads", "benchmark.warmup_runs", "benchmark.worker_timeout_s", "family"}
         elif call.stage in ("benchmark", "reference"):
             assert declared == {call.stage, "evaluation", "family"}
         else:

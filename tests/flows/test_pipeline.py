@@ -42,6 +42,7 @@ ALL_STAGES = {
     "benchmark@dense-target0-16",
     "benchmark@dense-target0-32",
     "bundle@dense-target0",
+    "race",
     "latency_curve@dense",
     "report",
 }
@@ -267,7 +268,7 @@ def test_quantize_param_change_reruns_that_variant_and_downstream_only(workspace
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     downstream = {"quantize@dense-ort_dynamic_int8-16", "quantize@dense-ort_dynamic_int8-32",
                   "benchmark@dense-target1-16", "benchmark@dense-target1-32", "bundle@dense-target1",
-                  "latency_curve@dense", "report"}
+                  "race", "latency_curve@dense", "report"}
     assert executed(pipeline(project_dir=str(workspace))) == downstream
 
     params["quantize"]["variants"]["ort_dynamic_int8"]["per_channel"] = False

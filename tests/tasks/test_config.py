@@ -114,6 +114,13 @@ def test_a_classifier_family_takes_labelled_text(tmp_path):
         (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: openvino_cpu}], "
                        "seq_lens: [128], bundle: {pinned: {openvino_cpu: [16, 64]}}"),
          "bundle.pinned.openvino_cpu: [16, 64] must be distinct, ascending lengths ending at 128"),
+        (_dynamic(DYN, "bundle: {precisions: {openvino_cpu: [bf16]}}"),
+         "bundle.precisions.openvino_cpu: no target runs a shape: dynamic variant on openvino_cpu"),
+        (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: ort_cpu}], "
+                       "bundle: {precisions: {ort_cpu: [bf16]}}"), "bundle.precisions.ort_cpu: ort_cpu takes no engine precision"),
+        (_dynamic(DYN, "targets: [{variant: fp32, device: ort_cpu}, {variant: dyn, device: openvino_cpu}], "
+                       "bundle: {precisions: {openvino_cpu: [int3]}}"),
+         "bundle.precisions.openvino_cpu: 'int3' is not a precision of openvino_cpu"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_field(tmp_path, yaml_text, expected):

@@ -13,14 +13,19 @@ import pandas as pd
 import pytest
 from conftest import SENTENCE_ENCODER, STSB_TEST
 
-from tasks.core.errors import InputError
-from tasks.core.schemas import BUNDLE_ROWS
+from tasks.core.errors import InputError, StageError
+from tasks.core.machine import host_cpu
+from tasks.core.schemas import BUNDLE_KEY, BUNDLE_ROWS
 from tasks.data.evaluation import EvaluationParams, SentencePairsSet
-from tasks.data.text import TextSource
+from tasks.data.text import MixSample, TextSource
 from tasks.families import FAMILIES
 from tasks.runtime.bundle import Bundle, read_manifest, route
-from tasks.stages.bundle import BundleParams, MixTiming
+from tasks.backends.worker import MixTiming
+from tasks.stages.bundle import BundleParams
 from tasks.stages.bundle import run as bundle_run
+from tasks.stages.race import RaceParams
+from tasks.stages.race import arms as race_arms
+from tasks.stages.race import run as race_run
 from tasks.stages.reference import ReferenceParams
 from tasks.stages.reference import run as reference_run
 
@@ -235,3 +240,67 @@ def test_a_manifest_pins_only_a_dynamic_artifact_up_to_its_maximum(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps({**common, **fields}))
         with pytest.raises(InputError, match=message):
             read_manifest(tmp_path)
+
+
+def test_an_engine_precision_is_a_bundle_of_its_own_timed_and_scored_beside_host(
+        tiny_dynamic, tiny_bert, reference32, tmp_path):
+    """`bundle.precisions` on OpenVINO CPU: the dynamic artifact is also deployed with INFERENCE_PRECISION_HINT bf16
+    (target host_bf16, the hint in its manifest, so a deployment loads it the same): rows of its own with the
+    precision the engine reports, scored through that bundle. On CPUs with avx512_bf16 or AMX its outputs are bf16's
+    (near f32's, not equal); elsewhere the plugin keeps f32 and the row says so."""
+    out = tmp_path / "out"
+    payload = _bundle_dynamic(tiny_dynamic, tiny_bert, reference32, tmp_path, "openvino_cpu",
+                              BundleParams(mix_samples=10, precisions={"openvino_cpu": ["bf16"]}))
+    BUNDLE_ROWS.validate(pd.DataFrame(payload["rows"], columns=list(BUNDLE_ROWS.columns)))
+    rows = {r["target"]: r for r in payload["rows"]}
+    assert sorted(rows) == ["host", "host_bf16"] and rows["host"]["precision"] == "f32"
+    assert {e["target"] for e in payload["evaluations"]} == {"host", "host_bf16"}
+    assert read_manifest(out / "host").engine_options == {}
+    assert read_manifest(out / "host_bf16").engine_options == {"inference_precision": "bf16"}
+    deployed = Bundle.load(out / "host_bf16", threads=1)
+    assert deployed.precision == rows["host_bf16"]["precision"]
+    f32, bf16 = np.load(out / "outputs-host.npy"), np.load(out / "outputs-host_bf16.npy")
+    flags = (host_cpu()[1] or "").split()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert rows["host_bf16"]["precision"] == "bf16"
+        assert not np.array_equal(bf16, f32)  # the hint reached the engine (f32 runs are deterministic)
+        np.testing.assert_allclose(bf16, f32, atol=0.05)
+    else:
+        assert rows["host_bf16"]["precision"] == "f32"
+        np.testing.assert_allclose(bf16, f32, atol=1e-5)
+
+
+def test_a_manifest_with_options_its_backend_does_not_load_with_is_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "family": "sentence_encoder", "device": "ort_cpu", "target": "host_bf16", "dynamic": True,
+        "buckets": [{"shape": 32, "artifact": "seq32/model.onnx"}], "engine_options": {"inference_precision": "bf16"}}))
+    with pytest.raises(InputError, match=r"engine_options \['inference_precision'\] are not options ort_cpu loads"):
+        Bundle.load(tmp_path, threads=1)
+
+
+def test_the_race_times_every_devices_bundle_rows_side_by_side(tiny_dynamic, tiny_bert, reference32, tmp_path):
+    """Two bundle stage outputs (ORT CPU dynamic; OpenVINO CPU pinned and dynamic): the race times each device's
+    rows in one process, interleaved, on the same inputs, over two rounds, and names each row by its bundle key."""
+    (tmp_path / "ort").mkdir(), (tmp_path / "ov").mkdir()
+    ort = _bundle_dynamic(tiny_dynamic, tiny_bert, reference32, tmp_path / "ort", "ort_cpu", BundleParams(mix_samples=10))
+    ov = _bundle_dynamic(tiny_dynamic, tiny_bert, reference32, tmp_path / "ov", "openvino_cpu",
+                         BundleParams(mix_samples=10, pinned={"openvino_cpu": [8, 16, 32]}))
+    payload = race_run(bundle_dirs=[tmp_path / "ort" / "out", tmp_path / "ov" / "out"], text=tmp_path / "ort" / "inputs.txt",
+                       text_source=TextSource(path=tmp_path / "ort" / "inputs.txt", format="txt"), sample=MixSample(mix_samples=10),
+                       params=RaceParams(rounds=2), timing=MixTiming(threads=1, warmup_runs=2, worker_timeout_s=600),
+                       family=SENTENCE_ENCODER, out_dir=tmp_path / "race", key="k")
+    raced = {(r["device"], r["policy"]): r for r in payload["rows"]}
+    bundled = {(r["device"], r["policy"]): r for r in [*ort["rows"], *ov["rows"]]}
+    assert sorted(raced) == sorted(bundled) == [("openvino_cpu", "dynamic"), ("openvino_cpu", "pinned"),
+                                                 ("ort_cpu", "dynamic")]
+    for key, row in raced.items():
+        assert {k: row[k] for k in BUNDLE_KEY} == {k: bundled[key][k] for k in BUNDLE_KEY}
+        assert row["race_mean_ms"] > 0 and row["race_p99_ms"] >= row["race_p50_ms"] > 0
+        assert (row["race_rounds"], row["race_inputs"]) == (2, len(DYNAMIC_TEXTS))
+    assert raced["ort_cpu", "dynamic"]["race_arms"] == 1 and raced["openvino_cpu", "pinned"]["race_arms"] == 2
+    assert (tmp_path / "race" / "stage.json").is_file()
+
+
+def test_the_race_refuses_a_bundle_folder_without_its_stage_output(tmp_path):
+    with pytest.raises(StageError, match="no finished bundle stage output; run the bundle stages first"):
+        race_arms([tmp_path])

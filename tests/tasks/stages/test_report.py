@@ -334,6 +334,35 @@ def test_a_pinned_artifact_is_judged_like_its_dynamic_row_and_wins_when_faster(t
     assert choice["reason"].startswith("pinned 16/32/64/128: fastest on your inputs within budget")
 
 
+def test_the_race_timings_rank_the_rows_when_there_is_a_race(tmp_path, tiny_bert, inputs_txt):
+    """Each bundle stage timed its own rows (int8 2.0 ms, int8_b 2.5 ms, in different processes); the race timed
+    them side by side (3.0 and 2.2 ms): the choice and its reason follow the race, the bundle timings stay."""
+    bench = [_bench_dir(tmp_path, "a", _row())]
+    bundles = [
+        _bundle_dir(tmp_path, "fp32", 82.03, _bundle_row("fp32", "static", "128", 12.0)),
+        _bundle_dir(tmp_path, "int8", 81.9, _bundle_row("int8", "dynamic", "<=128", 2.0, metric=81.9)),
+        _bundle_dir(tmp_path, "int8_b", 81.95, _bundle_row("int8_b", "dynamic", "<=128", 2.5, metric=81.95)),
+    ]
+    race = tmp_path / "race"
+    race.mkdir()
+    key = {"model": "dense", "device": "ort_cpu", "target": "host"}
+    (race / "stage.json").write_text(json.dumps({"key": "k", "files": [], "rows": [
+        {**key, "variant": "fp32", "policy": "static", "shapes": "128", "race_mean_ms": 11.0, "race_p99_ms": 20.0},
+        {**key, "variant": "int8", "policy": "dynamic", "shapes": "<=128", "race_mean_ms": 3.0, "race_p99_ms": 6.0},
+        {**key, "variant": "int8_b", "policy": "dynamic", "shapes": "<=128", "race_mean_ms": 2.2, "race_p99_ms": 4.0}]}))
+    params = ReportParams(accuracy_budget=0.5, seq_len_choice=_txt(inputs_txt))
+    _report(bench, params, tmp_path / "metrics", inputs_txt, tiny_bert, bundle_dirs=bundles, race_dir=race)
+    table = pd.read_csv(tmp_path / "metrics" / "bundles.csv").set_index(["variant", "policy", "shapes"])
+    assert table.loc[("int8", "dynamic", "<=128"), ["latency_mix_mean_ms", "race_mean_ms"]].tolist() == [2.0, 3.0]
+    choice = json.loads((tmp_path / "metrics" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
+    assert (choice["variant"], choice["latency_mix_mean_ms"], choice["timed_by"]) == ("int8_b", 2.2, "race")
+    assert choice["reason"].startswith("dynamic <=128: 5.00x faster on your inputs than static 128 (dense fp32)")
+    # Without a race the bundle stages' own timings rank them.
+    _report(bench, params, tmp_path / "alone", inputs_txt, tiny_bert, bundle_dirs=bundles)
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["shape_choice"]["ort_cpu/host"]
+    assert (alone["variant"], alone["timed_by"]) == ("int8", "bundle")
+
+
 def test_static_only_bundles_take_the_benchmark_accuracy(tmp_path, tiny_bert, inputs_txt):
     bench = [_bench_dir(tmp_path, "a", _row(seq_len=16, metric_value=60.0))]
     bundles = [_stage_only(tmp_path / "fp32", _bundle_row("fp32", "static", "16", 2.0, truncated=1))]
