@@ -66,8 +66,12 @@ class _Export:
 class _Deployed:
     """An edgeopt bundle, routed as its policy says."""
 
-    def __init__(self, arm: dict, threads: int, cache_dir: Path | None, samples: list):
-        self.bundle = Bundle.load(arm["bundle"], threads, cache_dir=cache_dir, pinned=arm.get("pinned", True))
+    def __init__(self, arm: dict, threads: int, cache_dir: Path | None, samples: list, loaded: dict):
+        # Arms of one bundle (its static rows beside its routed one) share its sessions: loaded once per process.
+        where = (arm["bundle"], arm.get("pinned", True))
+        if where not in loaded:
+            loaded[where] = Bundle.load(arm["bundle"], threads, cache_dir=cache_dir, pinned=where[1])
+        self.bundle = loaded[where]
         routes = self.bundle.routes(samples)
         self.shapes = routes.shapes if arm["policy"] == "buckets" else np.full(len(samples), int(arm["policy"]))
         self.feeds = self.bundle.feeds_at(samples, self.shapes)
@@ -93,7 +97,8 @@ def measure(request: dict) -> dict:
     samples = json.loads(Path(request["samples"]).read_text(encoding="utf-8"))
     family = FAMILIES.get(request["family"])
     preprocessor = family.load_preprocessor(Path(request["preprocessor"]) / PREPROCESSOR)
-    arms = [_Deployed(a, threads, cache_dir, samples) if "bundle" in a
+    loaded: dict[tuple[str, bool], Bundle] = {}
+    arms = [_Deployed(a, threads, cache_dir, samples, loaded) if "bundle" in a
             else _Export(a, threads, cache_dir, family, preprocessor, samples) for a in request["arms"]]
     for arm in arms:
         for i in arm.warm_inputs():
