@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from pydantic import Field
 
 from tasks.backends.worker import MixTiming, launch_worker
