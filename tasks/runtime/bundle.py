@@ -147,6 +147,8 @@ class Bundle:
         # pools spin after each run and starve the next bucket's: 4-5x slower on 2 cores). ORT then refuses sessions of
         # this process made elsewhere with a pool of their own (use_per_session_threads must be False for them).
         options = {**load_options(backend, cache_dir=cache_dir, shared_threads=True), **engine_options(folder, manifest)}
+        if options.get("cache_dir") is not None:
+            options["cache_dir"] = Path(options["cache_dir"]) / engine_cache_folder(manifest.engine_options)
         if manifest.pinned and pinned:
             if not getattr(backend, "pins_shapes", False):
                 raise InputError(f"{folder / MANIFEST}: {manifest.device} cannot pin a dynamic artifact's shapes; "
@@ -199,6 +201,15 @@ class Bundle:
         feeds = self.feeds_at(samples, routes.shapes)
         outputs = [self.model(int(shape)).run(feed)[0] for shape, feed in zip(routes.shapes, feeds, strict=True)]
         return np.stack(outputs)
+
+
+def engine_cache_folder(options: dict[str, str]) -> str:
+    """The engine-cache subfolder of bundles loaded with these engine options.
+
+    OpenVINO 2026.4's cache key leaves INFERENCE_PRECISION_HINT out: an f32 and a bf16 compile of one model in one
+    CACHE_DIR share a blob, so the second silently runs the first's graph (and on a free axis crashes the process).
+    """
+    return "_".join(f"{key}-{value}" for key, value in sorted(options.items())) or "default"
 
 
 def engine_options(folder: Path, manifest: Manifest) -> dict[str, str]:

@@ -259,6 +259,13 @@ def test_an_engine_precision_is_a_bundle_of_its_own_timed_and_scored_beside_host
     assert read_manifest(out / "host_bf16").engine_options == {"inference_precision": "bf16"}
     deployed = Bundle.load(out / "host_bf16", threads=1)
     assert deployed.precision == rows["host_bf16"]["precision"]
+    # Both loaded with one engine cache: OpenVINO would hand the bf16 compile the f32 blob (f32's outputs, or a crash
+    # on the free axis); each set of engine options gets a cache folder of its own.
+    cache = tmp_path / "engine-cache"
+    shared = [Bundle.load(out / target, threads=1, cache_dir=cache) for target in ("host", "host_bf16")]
+    assert sorted(p.name for p in cache.iterdir()) == ["default", "inference_precision-bf16"]
+    texts = ["a short one", "a somewhat longer sentence, with a clause or two, to embed"]
+    np.testing.assert_array_equal(shared[1].run(texts), deployed.run(texts))
     f32, bf16 = np.load(out / "outputs-host.npy"), np.load(out / "outputs-host_bf16.npy")
     flags = (host_cpu()[1] or "").split()
     if "avx512_bf16" in flags or "amx_bf16" in flags:
