@@ -1,8 +1,9 @@
 """Peer comparison: what a run recommends per CPU engine against other tools' exports of the same model.
 
 A CPU user could take sentence-transformers' ONNX or OpenVINO export, or Olive's, instead of edgeopt's artifact.
-`edgeopt peers` answers whether they should, on this machine: each engine's deployment chosen by the run
-(`summary.json` -> `shape_choice`, its bundle as deployed: buckets, dynamic or one static length) and every peer
+`edgeopt peers` answers whether they should, on this machine: each engine's deployments chosen by the run (one
+per compile target, e.g. f32 and bf16: `summary.json` -> `shape_choice`, each bundle as deployed: buckets, dynamic
+or one static length) and every peer
 export of that engine (a folder per export with a `peer.json`: `infra/peers/` builds them) run the same inputs
 (every evaluation set's; latency over the first set's), interleaved input by input in one worker process per
 engine (engines sharing a process skew each other), on the benchmark's threads. Peer exports are fed each input
@@ -100,23 +101,25 @@ def read_peers(folder: Path) -> list[Peer]:
     return peers
 
 
-def recommended(summary: dict, outputs: Catalog, device: str) -> tuple[dict, int]:
-    """The worker arm of the run's choice for `device` (its bundle folder and shape policy) and the longest input
-    it takes whole."""
+def recommended(summary: dict, outputs: Catalog, device: str) -> list[tuple[dict, int]]:
+    """The worker arm of each of the run's choices for `device` (one per compile target, e.g. host and host_bf16:
+    its bundle folder and shape policy), fastest on the user's inputs first, with the longest input it takes whole."""
     picks = {k: v for k, v in summary.get("shape_choice", {}).items() if k.split("/", 1)[0] == device}
     if not picks:
         raise InputError(f"summary.json has no shape_choice for {device}; run a job whose targets include {device} "
                          "(e.g. --params params.buckets.yaml)")
-    # One choice per compile target (e.g. host and host_bf16): the fastest on the user's inputs goes up against the peers.
-    key, pick = min(sorted(picks.items()), key=lambda kv: kv[1]["latency_mix_mean_ms"])
-    target = key.split("/", 1)[1]
-    folder = outputs.bundle_dir(pick["model"], pick["variant"], device) / target
-    read_manifest(folder)  # one line when the bundle is gone
-    policy = int(pick["shapes"]) if pick["policy"] == STATIC else "buckets"
-    # A dynamic row of a pinned bundle is its artifact at each input's own length, i.e. the bundle loaded unpinned.
-    at = "" if target == HOST else f" {target}"
-    return ({"label": f"{EDGEOPT} {pick['model']}/{pick['variant']}{at} {pick['policy']} {pick['shapes']}",
-             "bundle": str(folder.resolve()), "policy": policy, "pinned": pick["policy"] != DYNAMIC}, max(int(s) for s in pick["shapes"].removeprefix("<=").split("/")))
+    arms = []
+    for key, pick in sorted(picks.items(), key=lambda kv: (kv[1]["latency_mix_mean_ms"], kv[0])):
+        target = key.split("/", 1)[1]
+        folder = outputs.bundle_dir(pick["model"], pick["variant"], device) / target
+        read_manifest(folder)  # one line when the bundle is gone
+        policy = int(pick["shapes"]) if pick["policy"] == STATIC else "buckets"
+        # A dynamic row of a pinned bundle is its artifact at each input's own length, i.e. the bundle loaded unpinned.
+        at = "" if target == HOST else f" {target}"
+        arms.append(({"label": f"{EDGEOPT} {pick['model']}/{pick['variant']}{at} {pick['policy']} {pick['shapes']}",
+                      "bundle": str(folder.resolve()), "policy": policy, "pinned": pick["policy"] != DYNAMIC},
+                     max(int(s) for s in pick["shapes"].removeprefix("<=").split("/"))))
+    return arms
 
 
 def compare(arms: dict[str, list[dict]], preprocessor: Path, family: str, scorer: evaluation.Scorer, *, threads: int,
@@ -192,14 +195,15 @@ def summarise(rounds: pd.DataFrame, scores: dict[str, list[dict]], kinds: dict[s
 
 def arms_for(cfg: EdgeoptConfig, outputs: Catalog, peers: list[Peer], summary: dict, max_tokens: int | None
              ) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """Device -> worker arms (the run's choice first, then that engine's peer exports, truncating inputs where the
-    choice does unless `max_tokens` says otherwise), and each arm's kind."""
+    """Device -> worker arms (the run's choices first, one per compile target, then that engine's peer exports,
+    truncating inputs where the choices do unless `max_tokens` says otherwise), and each arm's kind."""
     arms, kinds = {}, {}
     for device in sorted({p.device for p in peers}):
-        mine, longest = recommended(summary, outputs, device)
-        cap = max_tokens or longest
-        arms[device] = [mine]
-        kinds[mine["label"]] = {"kind": EDGEOPT, "tool": EDGEOPT, "int8": False, "precision": ""}
+        mine = recommended(summary, outputs, device)
+        cap = max_tokens or min(longest for _, longest in mine)
+        arms[device] = [arm for arm, _ in mine]
+        for arm, _ in mine:
+            kinds[arm["label"]] = {"kind": EDGEOPT, "tool": EDGEOPT, "int8": False, "precision": ""}
         for peer in (p for p in peers if p.device == device):
             label = f"{peer.name} ({peer.tool})"
             arms[device].append({"label": label, "device": device, "artifact": str(peer.artifact.resolve()),

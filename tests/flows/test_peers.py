@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.peers import read_peers, summarise
+from flows.peers import read_peers, recommended, summarise
+from tasks.core.catalog import Catalog
 from tasks.core.errors import InputError
 from tasks.runtime.peer_worker import mean_pool_normalise
 
@@ -61,3 +62,32 @@ def test_speed_ups_are_per_round_ratios_against_the_fastest_int8_peer_of_the_sam
     assert table.loc["mine_ov", "speedup_vs_fastest_int8_peer"] == pytest.approx(np.median([1.5 / 2.0, 1.65 / 1.0]))
     assert table.loc["mine_ort", "speedup_vs_same_engine_int8_peer"] == pytest.approx(1.5)
     assert table.loc["mine_ort", "stsb_spearman"] == 80.0
+
+
+def test_every_compile_target_the_run_chose_for_an_engine_is_an_arm_fastest_first(tmp_path):
+    """A run chooses per compile target (OpenVINO at f32 and at bf16): both go up against the peers, so a slower choice
+    that scores higher is measured beside them too."""
+    outputs = Catalog(tmp_path)
+    choices = {"openvino_cpu/host": ("pruned", "ov_int8", "pinned", "8/16", 1.4),
+               "openvino_cpu/host_bf16": ("pruned", "fp32_dyn", "dynamic", "<=128", 1.8),
+               "ort_cpu/host": ("dense", "fp32", "static", "128", 9.0)}
+    summary = {"shape_choice": {}}
+    for key, (model, variant, policy, shapes, ms) in choices.items():
+        device, target = key.split("/")
+        folder = outputs.bundle_dir(model, variant, device) / target
+        folder.mkdir(parents=True)
+        manifest = {"family": "sentence_encoder", "device": device, "target": target, "dynamic": policy != "static",
+                    "buckets": [{"shape": 16 if policy == "pinned" else 128, "artifact": "model.xml"}]}
+        if policy == "pinned":
+            manifest["pinned"] = [8, 16]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        summary["shape_choice"][key] = {"model": model, "variant": variant, "policy": policy, "shapes": shapes,
+                                        "latency_mix_mean_ms": ms}
+    arms = recommended(summary, outputs, "openvino_cpu")
+    assert [arm["label"] for arm, _ in arms] == ["edgeopt pruned/ov_int8 pinned 8/16",
+                                                 "edgeopt pruned/fp32_dyn host_bf16 dynamic <=128"]
+    assert [(arm["pinned"], longest) for arm, longest in arms] == [(True, 16), (False, 128)]
+    ((static, longest),) = recommended(summary, outputs, "ort_cpu")
+    assert static["policy"] == 128 and longest == 128
+    with pytest.raises(InputError, match="summary.json has no shape_choice for qnn_htp"):
+        recommended(summary, outputs, "qnn_htp")
