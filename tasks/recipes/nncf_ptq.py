@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.core.errors import InputError
 from tasks.core.onnx_graph import port_name
@@ -22,6 +23,19 @@ class NncfPtqSettings(RecipeSettings):
     subset_size: int = Field(300, ge=1, description="calibration rows used (capped at the rows in the npz)")
     fast_bias_correction: bool = True
     ignored_types: list[str] = Field([], description="OpenVINO op types to keep in float")
+    ignored_patterns: list[str] = Field(
+        [], description="regular expressions over op names (the ONNX node names) to keep in float, e.g. "
+                        "'.*layer\\.\\d+/output/dense/MatMul' for a BERT's FFN output layers")
+
+    @field_validator("ignored_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return patterns
 
 
 def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
@@ -35,7 +49,8 @@ def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
         raise InputError(f"calibration npz lacks OpenVINO model input(s) {missing}")
     n_rows = rows(feeds)
     dataset = nncf.Dataset(range(n_rows), lambda i: {n: v for n, v in row(feeds, i).items() if n in names})
-    ignored = nncf.IgnoredScope(types=list(s.ignored_types)) if s.ignored_types else None
+    ignored = (nncf.IgnoredScope(types=list(s.ignored_types), patterns=list(s.ignored_patterns))
+               if s.ignored_types or s.ignored_patterns else None)
     try:
         quantized = nncf.quantize(
             ov_model,
@@ -46,8 +61,9 @@ def _nncf_ptq(model: Path, feeds, s: NncfPtqSettings, out: Path) -> int:
             fast_bias_correction=s.fast_bias_correction,
             **({"ignored_scope": ignored} if ignored else {}),
         )
-    except nncf.ValidationError as exc:  # e.g. an ignored type that the model does not contain
-        raise InputError(f"quantize.variants (nncf_ptq): {str(exc).splitlines()[0][:300]}; fix ignored_types") from exc
+    except nncf.ValidationError as exc:  # e.g. an ignored type or pattern that the model does not contain
+        raise InputError(f"quantize.variants (nncf_ptq): {str(exc).splitlines()[0][:300]}; "
+                         "fix ignored_types / ignored_patterns") from exc
     save_ir(quantized, out)
     return min(s.subset_size, n_rows)
 

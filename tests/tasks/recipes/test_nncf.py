@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pytest
 from helpers import matches_reference, ort_embed, quantize_variant
 
+from tasks.core.errors import InputError
 from tasks.recipes.nncf_ptq import NncfPtqSettings
 from tasks.recipes.nncf_weights import NncfWeightsSettings
 
@@ -28,3 +31,39 @@ def test_nncf_ptq_and_weight_compression(tmp_path, tiny_onnx, calib, eval_feeds)
     _, w4 = quantize_variant(tmp_path, tiny_onnx, None, "w4", NncfWeightsSettings(mode="int4_sym", group_size=16, ratio=1.0))
     assert w4["low_bit_weight_constants"].get("i4", 0) > 0
     assert w4["size_mb"] < w8["size_mb"] < payload["size_mb"] * 1.01
+
+
+FFN_OUTPUT = r".*layer\.\d+/output/dense/MatMul"
+
+
+def _float_matmuls(xml) -> set[str]:
+    """MatMuls of an IR whose inputs carry no FakeQuantize (kept float)."""
+    import openvino as ov
+
+    def quantized(port) -> bool:
+        source = port.get_source_output().get_node()
+        while source.get_type_name() in ("Convert", "Reshape", "Transpose"):
+            source = source.input(0).get_source_output().get_node()
+        return source.get_type_name() == "FakeQuantize" or source.get_output_element_type(0).get_type_name() == "i8"
+
+    model = ov.Core().read_model(str(xml))
+    return {op.get_friendly_name() for op in model.get_ops()
+            if op.get_type_name() == "MatMul" and not any(quantized(port) for port in op.inputs())}
+
+
+def test_nncf_ptq_keeps_the_layers_named_by_ignored_patterns_float(tmp_path, tiny_onnx, calib):
+    base, plain = quantize_variant(tmp_path, tiny_onnx, calib, "plain", NncfPtqSettings(subset_size=12))
+    kept, payload = quantize_variant(tmp_path, tiny_onnx, calib, "kept",
+                                     NncfPtqSettings(subset_size=12, ignored_patterns=[FFN_OUTPUT]))
+    floats = _float_matmuls(kept / "model.xml") - _float_matmuls(base / "model.xml")
+    assert floats and all(re.fullmatch(FFN_OUTPUT, name) for name in floats)
+    assert payload["fake_quantize_ops"] < plain["fake_quantize_ops"]
+    assert payload["settings"]["ignored_patterns"] == [FFN_OUTPUT]
+
+
+def test_nncf_ptq_refuses_a_pattern_that_names_no_op(tmp_path, tiny_onnx, calib):
+    with pytest.raises(InputError, match=r"nncf_ptq.*fix ignored_types / ignored_patterns"):
+        quantize_variant(tmp_path, tiny_onnx, calib, "none", NncfPtqSettings(ignored_patterns=[".*no_such_layer.*"]))
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match="not a regular expression"):
+        NncfPtqSettings(ignored_patterns=["layer.("])
